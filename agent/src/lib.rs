@@ -1,0 +1,1 @@
+//! `agent` — the pagewise CLI and, later, host-to-host migration.

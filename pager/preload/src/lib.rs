@@ -1,0 +1,1 @@
+//! LD_PRELOAD attach library (filled by the QEMU issue).

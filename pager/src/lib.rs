@@ -1,0 +1,3 @@
+//! `pager` — pages in motion into a live address space, through userfaultfd.
+
+pub mod attach;

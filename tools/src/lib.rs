@@ -1,0 +1,1 @@
+//! pagewise lab tools.
