@@ -1,3 +1,59 @@
-fn main() {
-    println!("pagewise");
+//! `pagewise` — the one CLI binary. Each subcommand group lives in its own module under
+//! `cli/`; this file only parses arguments, sets up logging and dispatches.
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pagewise",
+    version,
+    about = "Kernel-assisted userspace paging for VMs: swap devices, userfaultfd pager, agile migration"
+)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, inspect, check and move swap devices.
+    Swapdev(cli::swapdev::SwapdevArgs),
+    /// Benchmarks that print a table against a baseline measured in the same run.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Swapdev(args) => cli::swapdev::run(args),
+        Command::Bench(args) => cli::bench::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pagewise: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,3 +1,4 @@
 //! `pager` — pages in motion into a live address space, through userfaultfd.
 
 pub mod attach;
+pub mod page_state;

@@ -84,3 +84,7 @@ pub trait Backend: Send {
     /// A short human description, e.g. "file /var/lib/pw/vm1.swap (io_uring, O_DIRECT)".
     fn describe(&self) -> String;
 }
+
+pub mod file;
+pub mod nbd;
+pub mod spec;

@@ -1,0 +1,4 @@
+//! One module per subcommand group of the `pagewise` binary.
+
+pub mod bench;
+pub mod swapdev;
