@@ -3,3 +3,4 @@
 pub mod attach;
 pub mod dirty;
 pub mod page_state;
+pub mod prefetch;
