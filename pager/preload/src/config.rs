@@ -1,0 +1,217 @@
+//! Configuration from the environment (read once, by the load-time constructor).
+//!
+//! | variable            | meaning                                                          |
+//! |---------------------|------------------------------------------------------------------|
+//! | `PAGEWISE_MEM_PATH` | the guest memory file to catch (QEMU's `mem-path=`); required    |
+//! | `PAGEWISE_SOCKET`   | the pager's attach socket (`pagewise serve --socket`); required  |
+//! | `PAGEWISE_VM`       | VM name sent in the handshake; default: the memory file's name   |
+//! | `PAGEWISE_MODES`    | uffd registration modes, comma separated: `missing`, `wp`, `minor`; default `missing,wp` |
+//! | `PAGEWISE_TIMEOUT_SECS` | how long to wait for the pager's reply; default 30           |
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use uffd::RegisterMode;
+
+/// The variables, by name.
+pub const ENV_MEM_PATH: &str = "PAGEWISE_MEM_PATH";
+pub const ENV_SOCKET: &str = "PAGEWISE_SOCKET";
+pub const ENV_VM: &str = "PAGEWISE_VM";
+pub const ENV_MODES: &str = "PAGEWISE_MODES";
+pub const ENV_TIMEOUT: &str = "PAGEWISE_TIMEOUT_SECS";
+
+/// What the library does, parsed and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The memory file, with its directory resolved (symlinks, `..`), as `/proc/self/fd/N`
+    /// shows it.
+    pub mem_path: PathBuf,
+    pub socket: PathBuf,
+    pub vm: String,
+    /// Mode names in the order given (sent to the pager).
+    pub mode_names: Vec<String>,
+    pub modes: RegisterMode,
+    pub timeout: Duration,
+}
+
+/// Look up one variable; `None` when unset or empty.
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Parse the configuration; every error names the variable and what is wrong with it.
+pub fn from_env(get: Lookup<'_>) -> Result<Config, String> {
+    let mem = get(ENV_MEM_PATH).ok_or_else(|| {
+        format!(
+            "{ENV_MEM_PATH} is not set: set it to the guest memory file (QEMU's \
+             memory-backend-file mem-path=), or remove libpagewise_preload.so from LD_PRELOAD"
+        )
+    })?;
+    let mem_path = resolve_mem_path(Path::new(&mem))?;
+    let socket = get(ENV_SOCKET).ok_or_else(|| {
+        format!(
+            "{ENV_SOCKET} is not set: set it to the pager's socket (pagewise serve --socket PATH)"
+        )
+    })?;
+    let vm = match get(ENV_VM) {
+        Some(vm) => vm,
+        None => mem_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    if vm.is_empty() || vm.len() > 255 || vm.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "{ENV_VM}={vm:?}: a VM name must be 1..255 characters without control characters"
+        ));
+    }
+    let modes_text = get(ENV_MODES).unwrap_or_else(|| "missing,wp".to_string());
+    let (mode_names, modes) = parse_modes(&modes_text)?;
+    let timeout = match get(ENV_TIMEOUT) {
+        None => Duration::from_secs(30),
+        Some(t) => match t.parse::<u64>() {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs),
+            _ => {
+                return Err(format!(
+                    "{ENV_TIMEOUT}={t:?} is not a positive number of seconds"
+                ))
+            }
+        },
+    };
+    Ok(Config {
+        mem_path,
+        socket: PathBuf::from(socket),
+        vm,
+        mode_names,
+        modes,
+        timeout,
+    })
+}
+
+/// The path as the kernel will report it for an open fd: absolute, directory canonicalized.
+/// The file itself may not exist yet (QEMU creates it).
+fn resolve_mem_path(path: &Path) -> Result<PathBuf, String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{ENV_MEM_PATH}={}: names no file", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = std::fs::canonicalize(&dir).map_err(|e| {
+        format!(
+            "{ENV_MEM_PATH}={}: directory {} is not usable: {e}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let full = dir.join(name);
+    if full.is_dir() {
+        return Err(format!(
+            "{ENV_MEM_PATH}={} is a directory: QEMU would create a hidden temporary file there; \
+             give mem-path= and {ENV_MEM_PATH} a file path such as /dev/shm/vm1",
+            path.display()
+        ));
+    }
+    Ok(full)
+}
+
+/// Parse `missing,wp,minor` (any order, at least one).
+pub fn parse_modes(text: &str) -> Result<(Vec<String>, RegisterMode), String> {
+    let mut bits = 0;
+    let mut names = Vec::new();
+    for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let mode = RegisterMode::from_name(word).ok_or_else(|| {
+            format!("{ENV_MODES}={text:?}: unknown mode {word:?} (known: missing, wp, minor)")
+        })?;
+        if bits & mode.bits() == 0 {
+            bits |= mode.bits();
+            names.push(word.to_string());
+        }
+    }
+    if bits == 0 {
+        return Err(format!("{ENV_MODES}={text:?}: names no mode"));
+    }
+    Ok((names, RegisterMode(bits)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_and_resolution() {
+        let dir = std::env::temp_dir();
+        let mem = dir.join("pw-preload-cfg-test");
+        let get = env(&[
+            (ENV_MEM_PATH, mem.to_str().unwrap()),
+            (ENV_SOCKET, "/run/pw.sock"),
+        ]);
+        let cfg = from_env(&get).unwrap();
+        assert_eq!(
+            cfg.mem_path,
+            std::fs::canonicalize(&dir)
+                .unwrap()
+                .join("pw-preload-cfg-test")
+        );
+        assert_eq!(cfg.vm, "pw-preload-cfg-test");
+        assert_eq!(cfg.mode_names, ["missing", "wp"]);
+        assert_eq!(
+            cfg.modes.bits(),
+            RegisterMode::MISSING.bits() | RegisterMode::WP.bits()
+        );
+        assert_eq!(cfg.timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn every_error_names_its_variable() {
+        let e = from_env(&env(&[(ENV_SOCKET, "/s")])).unwrap_err();
+        assert!(e.contains(ENV_MEM_PATH), "{e}");
+        let e = from_env(&env(&[(ENV_MEM_PATH, "/dev/shm/x")])).unwrap_err();
+        assert!(e.contains(ENV_SOCKET), "{e}");
+        let e = from_env(&env(&[
+            (ENV_MEM_PATH, "/nonexistent-dir/x"),
+            (ENV_SOCKET, "/s"),
+        ]))
+        .unwrap_err();
+        assert!(e.contains("/nonexistent-dir"), "{e}");
+        let e = from_env(&env(&[(ENV_MEM_PATH, "/tmp"), (ENV_SOCKET, "/s")])).unwrap_err();
+        assert!(e.contains("is a directory"), "{e}");
+        let e = from_env(&env(&[
+            (ENV_MEM_PATH, "/dev/shm/x"),
+            (ENV_SOCKET, "/s"),
+            (ENV_MODES, "missing,dirty"),
+        ]))
+        .unwrap_err();
+        assert!(e.contains("\"dirty\""), "{e}");
+        let e = from_env(&env(&[
+            (ENV_MEM_PATH, "/dev/shm/x"),
+            (ENV_SOCKET, "/s"),
+            (ENV_TIMEOUT, "0"),
+        ]))
+        .unwrap_err();
+        assert!(e.contains(ENV_TIMEOUT), "{e}");
+        let e = from_env(&env(&[
+            (ENV_MEM_PATH, "/dev/shm/x"),
+            (ENV_SOCKET, "/s"),
+            (ENV_VM, "a\nb"),
+        ]))
+        .unwrap_err();
+        assert!(e.contains(ENV_VM), "{e}");
+    }
+
+    #[test]
+    fn modes_parse() {
+        let (names, m) = parse_modes("wp, missing,wp").unwrap();
+        assert_eq!(names, ["wp", "missing"]);
+        assert_eq!(m.bits(), 3);
+        assert!(parse_modes(",").is_err());
+    }
+}

@@ -1,0 +1,234 @@
+//! The pagewise attach handshake, client side, written by hand (no serde inside QEMU).
+//! Format (see `pager::attach::protocol`): `b"PWHS"`, `u32` LE version 1, `u32` LE body
+//! length, JSON `AttachRequest`; fds `[uffd, memory file]` as SCM_RIGHTS on the same sendmsg.
+//! Reply: `b"PWHR"`, version, length, JSON `AttachReply {ok, error, swapdev}`.
+
+use std::io::Read;
+
+pub const REQUEST_MAGIC: &[u8; 4] = b"PWHS";
+pub const REPLY_MAGIC: &[u8; 4] = b"PWHR";
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest reply body accepted.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+
+/// One mapped region of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub host_addr: u64,
+    pub size: u64,
+    /// Byte offset of the region in the memory file.
+    pub file_offset: u64,
+    pub page_size: u64,
+}
+
+/// What the library tells the pager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub vm: &'a str,
+    pub region: Region,
+    pub uffd_features: u64,
+    pub modes: &'a [String],
+}
+
+/// A JSON string literal with the escapes JSON requires.
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The JSON body of an `AttachRequest` with `memory_file: true`.
+pub fn request_body(req: &Request<'_>) -> String {
+    let r = req.region;
+    let modes: Vec<String> = req.modes.iter().map(|m| json_string(m)).collect();
+    format!(
+        "{{\"vm\":{},\"regions\":[{{\"base_host_virt_addr\":{},\"size\":{},\"offset\":{},\
+         \"page_size\":{},\"page_size_kib\":{}}}],\"memory_file\":true,\"uffd_features\":{},\
+         \"modes\":[{}]}}",
+        json_string(req.vm),
+        r.host_addr,
+        r.size,
+        r.file_offset,
+        r.page_size,
+        r.page_size,
+        req.uffd_features,
+        modes.join(",")
+    )
+}
+
+/// Magic, version, length, body.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(12 + body.len());
+    msg.extend_from_slice(REQUEST_MAGIC);
+    msg.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// The pager's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted { swapdev: Option<String> },
+    Refused { error: String },
+}
+
+/// Read and decode one reply frame.
+pub fn read_reply(stream: &mut impl Read) -> Result<Verdict, String> {
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .map_err(|e| format!("no reply from the pager: {e}"))?;
+    if &head[..4] != REPLY_MAGIC {
+        return Err(format!(
+            "the peer answered {:02x?}, not a pagewise reply (is the socket a pagewise pager?)",
+            &head[..4]
+        ));
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if version != PROTOCOL_VERSION {
+        return Err(format!(
+            "the pager speaks handshake version {version}, this library {PROTOCOL_VERSION}"
+        ));
+    }
+    let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    if len > MAX_REPLY_BYTES {
+        return Err(format!(
+            "the pager's reply claims {len} bytes, more than {MAX_REPLY_BYTES}"
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .map_err(|e| format!("truncated reply from the pager: {e}"))?;
+    let text = String::from_utf8(body).map_err(|_| "the pager's reply is not UTF-8".to_string())?;
+    parse_reply(&text)
+}
+
+/// Decode the reply JSON: `ok` (bool), `error` and `swapdev` (string or null).
+pub fn parse_reply(text: &str) -> Result<Verdict, String> {
+    let ok = match value_after_key(text, "ok") {
+        Some(v) if v.starts_with("true") => true,
+        Some(v) if v.starts_with("false") => false,
+        _ => return Err(format!("the pager's reply has no boolean \"ok\": {text}")),
+    };
+    if ok {
+        Ok(Verdict::Accepted {
+            swapdev: value_after_key(text, "swapdev").and_then(string_literal),
+        })
+    } else {
+        let error = value_after_key(text, "error")
+            .and_then(string_literal)
+            .unwrap_or_else(|| format!("(no reason given: {text})"));
+        Ok(Verdict::Refused { error })
+    }
+}
+
+/// The text right after `"key":` (whitespace skipped), for a top-level key of a flat object.
+fn value_after_key<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let quoted = format!("\"{key}\"");
+    let mut from = 0;
+    while let Some(pos) = text[from..].find(&quoted) {
+        let after = text[from + pos + quoted.len()..].trim_start();
+        if let Some(rest) = after.strip_prefix(':') {
+            return Some(rest.trim_start());
+        }
+        from += pos + quoted.len();
+    }
+    None
+}
+
+/// Decode a JSON string literal at the start of `text` (`null` and anything else: `None`).
+fn string_literal(text: &str) -> Option<String> {
+    let mut chars = text.strip_prefix('"')?.chars();
+    let mut out = String::new();
+    loop {
+        match chars.next()? {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_is_the_json_the_pager_expects() {
+        let modes = vec!["missing".to_string(), "wp".to_string()];
+        let body = request_body(&Request {
+            vm: "vm \"1\"",
+            region: Region {
+                host_addr: 0x7f00_0000_0000,
+                size: 1 << 30,
+                file_offset: 0,
+                page_size: 4096,
+            },
+            uffd_features: 0x3028,
+            modes: &modes,
+        });
+        assert_eq!(
+            body,
+            "{\"vm\":\"vm \\\"1\\\"\",\"regions\":[{\"base_host_virt_addr\":139637976727552,\
+             \"size\":1073741824,\"offset\":0,\"page_size\":4096,\"page_size_kib\":4096}],\
+             \"memory_file\":true,\"uffd_features\":12328,\"modes\":[\"missing\",\"wp\"]}"
+        );
+        let framed = frame(body.as_bytes());
+        assert_eq!(&framed[..4], b"PWHS");
+        assert_eq!(
+            u32::from_le_bytes(framed[8..12].try_into().unwrap()) as usize,
+            body.len()
+        );
+    }
+
+    #[test]
+    fn replies_decode() {
+        assert_eq!(
+            parse_reply("{\"ok\":true,\"error\":null,\"swapdev\":\"/var/pw/vm1.swap\"}"),
+            Ok(Verdict::Accepted {
+                swapdev: Some("/var/pw/vm1.swap".into())
+            })
+        );
+        assert_eq!(
+            parse_reply("{ \"ok\" : false, \"error\": \"region \\\"0\\\" beyond capacity\\n\" }"),
+            Ok(Verdict::Refused {
+                error: "region \"0\" beyond capacity\n".into()
+            })
+        );
+        assert!(parse_reply("{\"okay\":true}").is_err());
+        let mut framed = b"PWHR".to_vec();
+        framed.extend_from_slice(&1u32.to_le_bytes());
+        let body = b"{\"ok\":true}";
+        framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        framed.extend_from_slice(body);
+        assert_eq!(
+            read_reply(&mut &framed[..]),
+            Ok(Verdict::Accepted { swapdev: None })
+        );
+        assert!(read_reply(&mut &b"HTTP/1.1 200 OK\r\n"[..]).is_err());
+        assert!(read_reply(&mut &framed[..14]).is_err());
+    }
+}
