@@ -1,0 +1,474 @@
+//! Handshake and transmission tests against a scripted server on a socketpair.
+
+use super::proto::*;
+use super::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+
+/// The server side of a socketpair, with helpers to play a scripted NBD server.
+struct Script {
+    s: UnixStream,
+}
+
+impl Script {
+    fn greet(&mut self, hs_flags: u16) {
+        self.s.write_all(&NBD_MAGIC.to_be_bytes()).unwrap();
+        self.s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        self.s.write_all(&hs_flags.to_be_bytes()).unwrap();
+    }
+
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.s.read_exact(&mut v).unwrap();
+        v
+    }
+
+    fn client_flags(&mut self) -> u32 {
+        u32::from_be_bytes(self.read_n(4).try_into().unwrap())
+    }
+
+    /// Read one option; returns (option, data).
+    fn option(&mut self) -> (u32, Vec<u8>) {
+        let h = self.read_n(16);
+        assert_eq!(&h[0..8], b"IHAVEOPT");
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        (opt, self.read_n(len as usize))
+    }
+
+    fn reply(&mut self, opt: u32, rep: u32, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&rep.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).unwrap();
+    }
+
+    fn info_export(&mut self, size: u64, flags: u16) {
+        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+        d.extend_from_slice(&size.to_be_bytes());
+        d.extend_from_slice(&flags.to_be_bytes());
+        self.reply(OPT_GO, REP_INFO, &d);
+    }
+
+    fn info_block_size(&mut self, min: u32, pref: u32, max: u32) {
+        let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [min, pref, max] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        self.reply(OPT_GO, REP_INFO, &d);
+    }
+}
+
+/// Run `server` on one end of a socketpair and the handshake on the other.
+fn handshake_with(
+    export: &str,
+    server: impl FnOnce(&mut Script) + Send + 'static,
+) -> Result<ExportInfo, BackendError> {
+    let (mut client, srv) = UnixStream::pair().unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let t = thread::spawn(move || {
+        let mut script = Script { s: srv };
+        server(&mut script);
+        // Dropping the script closes the server side.
+    });
+    let res = handshake::negotiate(&mut client, export, "test-server");
+    drop(client);
+    t.join().expect("scripted server panicked");
+    res
+}
+
+const FLAGS_RW: u16 = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM;
+
+#[test]
+fn go_with_info_and_block_size() {
+    let info = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        assert_eq!(s.client_flags(), CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+        let (opt, data) = s.option();
+        assert_eq!(opt, OPT_GO);
+        assert_eq!(data, encode_go_data("swap", &[INFO_BLOCK_SIZE]));
+        s.info_export(1 << 30, FLAGS_RW);
+        s.info_block_size(512, 4096, 1 << 20);
+        s.reply(OPT_GO, 2 /* NBD_REP_SERVER: ignored */ + 1000, b"");
+    });
+    // An unknown non-error reply type is a protocol error, not silently accepted.
+    let err = info.unwrap_err();
+    assert!(
+        err.to_string().contains("unexpected option reply type"),
+        "{err}"
+    );
+
+    let info = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        s.client_flags();
+        s.option();
+        s.info_export(1 << 30, FLAGS_RW);
+        s.info_block_size(512, 4096, 1 << 20);
+        s.reply(OPT_GO, REP_ACK, b"");
+    })
+    .unwrap();
+    assert_eq!(info.size, 1 << 30);
+    assert!(info.can_flush() && info.can_trim() && !info.read_only());
+    assert_eq!(
+        (info.min_block, info.preferred_block, info.max_block),
+        (512, 4096, 1 << 20)
+    );
+}
+
+#[test]
+fn bad_greeting_magic() {
+    let err = handshake_with("swap", |s| {
+        s.s.write_all(b"HTTP/1.1 400 Bad Request\r\n").unwrap();
+    })
+    .unwrap_err();
+    assert!(matches!(err, BackendError::Protocol(_)), "{err:?}");
+    assert!(err.to_string().contains("not an NBD server"), "{err}");
+}
+
+#[test]
+fn oldstyle_server_is_refused() {
+    let err = handshake_with("swap", |s| {
+        s.s.write_all(&NBD_MAGIC.to_be_bytes()).unwrap();
+        s.s.write_all(&OLDSTYLE_MAGIC.to_be_bytes()).unwrap();
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("oldstyle"), "{err}");
+}
+
+#[test]
+fn server_without_fixed_newstyle() {
+    let err = handshake_with("swap", |s| s.greet(0)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("server does not support fixed newstyle"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_option_reply() {
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        // Half an option reply header, then hang up.
+        s.s.write_all(&OPT_REPLY_MAGIC.to_be_bytes()).unwrap();
+        s.s.write_all(&OPT_GO.to_be_bytes()[..2]).unwrap();
+    })
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("closed the connection while reading the NBD_OPT_GO reply"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_option_reply_magic_and_wrong_info_length() {
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.s.write_all(&[0xAA; 20]).unwrap();
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("option reply has bad magic"),
+        "{err}"
+    );
+
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_INFO, &[0, 0, 1, 2, 3]);
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("NBD_INFO_EXPORT has 5 bytes"),
+        "{err}"
+    );
+
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.info_block_size(3, 4096, 1 << 20);
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("inconsistent block sizes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ack_without_export_info() {
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_ACK, b"");
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("without NBD_INFO_EXPORT"), "{err}");
+}
+
+#[test]
+fn unknown_export_and_other_errors() {
+    let err = handshake_with("nope", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_ERR_UNKNOWN, b"Export 'nope' not present");
+    })
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("export 'nope' not found on server"), "{msg}");
+    assert!(msg.contains("not present"), "{msg}");
+
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_ERR_TLS_REQD, b"");
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("requires TLS"), "{err}");
+
+    let err = handshake_with("swap", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_ERR_POLICY, b"go away");
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("NBD_REP_ERR_POLICY"), "{err}");
+}
+
+#[test]
+fn go_unsupported_falls_back_to_export_name() {
+    let info = handshake_with("old", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE); // no NO_ZEROES: 124 zero bytes follow the reply
+        assert_eq!(s.client_flags(), CLIENT_FIXED_NEWSTYLE);
+        let (opt, _) = s.option();
+        assert_eq!(opt, OPT_GO);
+        s.reply(OPT_GO, REP_ERR_UNSUP, b"");
+        let (opt, name) = s.option();
+        assert_eq!((opt, name.as_slice()), (OPT_EXPORT_NAME, &b"old"[..]));
+        s.s.write_all(&(8u64 << 20).to_be_bytes()).unwrap();
+        s.s.write_all(&(TFLAG_HAS_FLAGS | TFLAG_READ_ONLY).to_be_bytes())
+            .unwrap();
+        s.s.write_all(&[0u8; EXPORT_NAME_ZEROES]).unwrap();
+    })
+    .unwrap();
+    assert_eq!(info.size, 8 << 20);
+    assert!(info.read_only() && !info.can_flush());
+
+    let err = handshake_with("old", |s| {
+        s.greet(FLAG_FIXED_NEWSTYLE);
+        s.client_flags();
+        s.option();
+        s.reply(OPT_GO, REP_ERR_UNSUP, b"");
+        s.option();
+        // Unknown export with EXPORT_NAME: the server just hangs up.
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("export 'old' not found"), "{err}");
+}
+
+#[test]
+fn invalid_export_name_is_refused_before_sending() {
+    let (mut client, _srv) = UnixStream::pair().unwrap();
+    let err = handshake::negotiate(&mut client, "a\0b", "x").unwrap_err();
+    assert!(err.to_string().contains("invalid NBD export name"), "{err}");
+}
+
+/// A scripted transmission-phase server over `size` bytes of memory: it reads `batch`
+/// requests, then answers them in reverse order. Returns the final memory.
+fn serve_reversed(mut s: UnixStream, size: usize, batch: usize) -> Vec<u8> {
+    let mut mem = vec![0u8; size];
+    let mut pending = Vec::new();
+    loop {
+        let mut h = [0u8; REQUEST_LEN];
+        if s.read_exact(&mut h).is_err() {
+            return mem;
+        }
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            REQUEST_MAGIC
+        );
+        let cmd = u16::from_be_bytes(h[6..8].try_into().unwrap());
+        let cookie = &h[8..16];
+        let off = u64::from_be_bytes(h[16..24].try_into().unwrap()) as usize;
+        let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+        let mut reply = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        reply.extend_from_slice(&0u32.to_be_bytes());
+        reply.extend_from_slice(cookie);
+        match cmd {
+            0 => reply.extend_from_slice(&mem[off..off + len]),
+            1 => s.read_exact(&mut mem[off..off + len]).unwrap(),
+            2 => return mem,
+            3 => {}
+            4 => mem[off..off + len].fill(0),
+            other => panic!("unexpected command {other}"),
+        }
+        pending.push(reply);
+        if pending.len() >= batch {
+            for r in pending.drain(..).rev() {
+                s.write_all(&r).unwrap();
+            }
+        }
+    }
+}
+
+fn scripted_backend(
+    size: u64,
+    max_block: u32,
+    batch: usize,
+) -> (NbdBackend, thread::JoinHandle<Vec<u8>>) {
+    let (client, srv) = UnixStream::pair().unwrap();
+    let t = thread::spawn(move || serve_reversed(srv, size as usize, batch));
+    client.set_nonblocking(true).unwrap();
+    let mut info = ExportInfo {
+        name: "mem".into(),
+        size,
+        flags: FLAGS_RW,
+        min_block: 1,
+        preferred_block: 4096,
+        max_block,
+    };
+    info.flags |= TFLAG_HAS_FLAGS;
+    let b = NbdBackend::with_stream(
+        NbdAddress::Unix("scripted".into()),
+        info,
+        NbdOptions::default(),
+        Stream::Unix(client),
+    );
+    (b, t)
+}
+
+#[test]
+fn out_of_order_replies_and_split_requests() {
+    // max_block 4096 splits each 16 KiB request into 4 commands; replies come reversed.
+    let (mut b, t) = scripted_backend(1 << 20, 4096, 4);
+    for i in 0..8u64 {
+        let buf = AlignedBuf::from_slice(&vec![i as u8 + 1; 16384]);
+        b.submit(IoRequest {
+            tag: i,
+            offset: i * 16384,
+            op: IoOp::Write { buf },
+        })
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    b.complete(&mut out, 8).unwrap();
+    assert_eq!(out.len(), 8);
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    out.clear();
+    for i in 0..8u64 {
+        let op = IoOp::Read {
+            buf: AlignedBuf::new(16384),
+        };
+        b.submit(IoRequest {
+            tag: i,
+            offset: i * 16384,
+            op,
+        })
+        .unwrap();
+    }
+    b.complete(&mut out, 8).unwrap();
+    for c in &out {
+        let buf = c.result.as_ref().unwrap().as_ref().unwrap();
+        assert!(
+            buf.iter().all(|&x| x == c.tag as u8 + 1),
+            "request {}",
+            c.tag
+        );
+    }
+    assert_eq!(b.in_flight(), 0);
+    drop(b); // sends NBD_CMD_DISC; the scripted server returns its memory.
+    let mem = t.join().unwrap();
+    assert!(mem[..16384].iter().all(|&x| x == 1));
+}
+
+#[test]
+fn server_hangup_fails_outstanding_requests() {
+    let (client, srv) = UnixStream::pair().unwrap();
+    client.set_nonblocking(true).unwrap();
+    let info = ExportInfo {
+        name: "mem".into(),
+        size: 1 << 20,
+        flags: FLAGS_RW,
+        min_block: 1,
+        preferred_block: 4096,
+        max_block: 1 << 20,
+    };
+    let mut b = NbdBackend::with_stream(
+        NbdAddress::Unix("scripted".into()),
+        info,
+        NbdOptions::default(),
+        Stream::Unix(client),
+    );
+    let t = thread::spawn(move || {
+        let mut s = srv;
+        let mut h = [0u8; REQUEST_LEN];
+        s.read_exact(&mut h).unwrap();
+        // Hang up without replying.
+    });
+    b.submit(IoRequest {
+        tag: 5,
+        offset: 0,
+        op: IoOp::Read {
+            buf: AlignedBuf::new(4096),
+        },
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    b.complete(&mut out, 1).unwrap();
+    t.join().unwrap();
+    assert_eq!(out[0].tag, 5);
+    let err = out[0].result.as_ref().unwrap_err().to_string();
+    assert!(err.contains("closed the connection"), "{err}");
+    let err = b
+        .submit(IoRequest {
+            tag: 6,
+            offset: 0,
+            op: IoOp::Flush,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("closed the connection"), "{err}");
+}
+
+#[test]
+fn requests_outside_the_export_are_refused() {
+    let (mut b, t) = scripted_backend(8192, 4096, 1);
+    let err = b
+        .submit(IoRequest {
+            tag: 1,
+            offset: 4096,
+            op: IoOp::Read {
+                buf: AlignedBuf::new(8192),
+            },
+        })
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("past the end of NBD export 'mem' (8192 bytes)"),
+        "{msg}"
+    );
+    let err = b.grow(1 << 20).unwrap_err();
+    assert!(
+        err.to_string().contains("fixed size of 8192 bytes"),
+        "{err}"
+    );
+    assert!(b.grow(8192).is_ok());
+    drop(b);
+    t.join().unwrap();
+}
