@@ -2,5 +2,14 @@
 
 pub mod attach;
 pub mod dirty;
+pub mod fault_loop;
+pub mod evict;
 pub mod page_state;
+pub mod wss;
 pub mod prefetch;
+pub mod metrics;
+pub mod source;
+pub mod vm;
+
+/// The userfaultfd layer, re-exported for users of the pager.
+pub use uffd;

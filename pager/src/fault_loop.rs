@@ -1,0 +1,339 @@
+//! The fault loop: one thread per VM serving its userfaultfd.
+//!
+//! Life of a fault: the kernel queues a uffd message -> the loop (blocked in `poll(2)` on the
+//! non-blocking uffd, the page source's completion eventfd, a stop eventfd and the VMM's
+//! attach connection) reads messages in batches and handles them in order ([`events`]) ->
+//! page-state lookup: Removed/Zero -> UFFDIO_ZEROPAGE; Present -> UFFDIO_WAKE; InFlight ->
+//! record the waiter; Evicting -> leave it to the evictor; Missing/Evicted -> claim InFlight,
+//! ask the prefetch policy for more, submit reads -> completion -> UFFDIO_COPY per contiguous
+//! run ([`place`]) -> Present -> latency recorded. Many reads are in flight at once, so a slow
+//! read never holds up other faults; the loop never spins when idle.
+
+mod events;
+mod place;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
+use uffd::Event;
+
+use crate::metrics::VmMetrics;
+use crate::page_state::PageState;
+use crate::prefetch::PrefetchPolicy;
+use crate::source::{PageCompletion, PageSource, SourceError};
+use crate::vm::Vm;
+
+/// Tunables of one VM's fault loop.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultLoopConfig {
+    /// Most page reads in flight (demand + prefetch).
+    pub max_inflight: usize,
+    /// Most pages the prefetch policy may add per demand fault.
+    pub prefetch_per_fault: usize,
+    /// Attempts for one page read before giving up on it.
+    pub read_attempts: u64,
+}
+
+impl Default for FaultLoopConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight: 64,
+            prefetch_per_fault: 16,
+            read_attempts: 3,
+        }
+    }
+}
+
+/// Why a fault loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoopExit {
+    /// Asked to stop (daemon shutdown / detach).
+    Stopped,
+    /// The VMM closed its attach connection (it exited or detached).
+    PeerHangup,
+    /// The VMM's address space is gone (ESRCH from the kernel).
+    ProcessGone,
+}
+
+/// A fault loop failed; the VM is torn down, other VMs are unaffected.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultLoopError {
+    #[error("userfaultfd: {0}")]
+    Uffd(#[from] uffd::UffdError),
+    #[error("placing page {page}: {source}")]
+    Place {
+        page: u64,
+        #[source]
+        source: uffd::CopyError,
+    },
+    #[error("page source: {0}")]
+    Source(#[from] SourceError),
+    #[error("page {page} could not be read after {attempts} attempts, a guest thread waits on it: {source}")]
+    ReadFailed {
+        page: u64,
+        attempts: u64,
+        #[source]
+        source: SourceError,
+    },
+    #[error("poll: {0}")]
+    Poll(#[from] nix::Error),
+    #[error("the VMM remapped guest memory ({len:#x} bytes {from:#x} -> {to:#x}); mremap of guest RAM is not supported")]
+    Remapped { from: u64, to: u64, len: u64 },
+}
+
+/// Page-fault loop state for one VM.
+pub struct FaultLoop {
+    vm: Arc<Vm>,
+    source: Box<dyn PageSource>,
+    prefetch: Box<dyn PrefetchPolicy>,
+    config: FaultLoopConfig,
+    stop: Arc<EventFd>,
+    /// The VMM's attach connection: HUP on it means the VMM is gone.
+    connection: Option<OwnedFd>,
+    /// Demand faults waiting for an in-flight page: page -> times their messages were read.
+    waiters: HashMap<u64, Vec<Instant>>,
+    /// In-flight pages whose read the prefetch policy started.
+    prefetched: HashSet<u64>,
+    /// Read attempts per in-flight page beyond the first.
+    retries: HashMap<u64, u64>,
+    events: Vec<Event>,
+    completions: Vec<PageCompletion>,
+    candidates: Vec<u64>,
+    staging: Vec<u8>,
+}
+
+impl FaultLoop {
+    pub fn new(
+        vm: Arc<Vm>,
+        source: Box<dyn PageSource>,
+        prefetch: Box<dyn PrefetchPolicy>,
+        config: FaultLoopConfig,
+        stop: Arc<EventFd>,
+        connection: Option<OwnedFd>,
+    ) -> Self {
+        Self {
+            vm,
+            source,
+            prefetch,
+            config,
+            stop,
+            connection,
+            waiters: HashMap::new(),
+            prefetched: HashSet::new(),
+            retries: HashMap::new(),
+            events: Vec::with_capacity(64),
+            completions: Vec::with_capacity(64),
+            candidates: Vec::new(),
+            staging: Vec::new(),
+        }
+    }
+
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    fn metrics(&self) -> &VmMetrics {
+        &self.vm.metrics
+    }
+
+    /// Serve faults until stopped, the VMM goes away, or an error makes serving impossible.
+    pub fn run(mut self) -> Result<LoopExit, FaultLoopError> {
+        tracing::info!(vm = %self.vm.name, source = %self.source.describe(),
+            prefetch = self.prefetch.name(), "fault loop started");
+        let result = self.serve();
+        tracing::info!(vm = %self.vm.name, ?result, "fault loop ended");
+        result
+    }
+
+    fn serve(&mut self) -> Result<LoopExit, FaultLoopError> {
+        loop {
+            let (uffd_ready, source_ready, stop, hangup) = self.wait()?;
+            if stop {
+                return Ok(LoopExit::Stopped);
+            }
+            let mut saw_faults = false;
+            if uffd_ready {
+                saw_faults = self.drain_events()? > 0;
+            }
+            if source_ready || self.source.in_flight() > 0 {
+                self.drain_completions()?;
+            }
+            if hangup {
+                return Ok(LoopExit::PeerHangup);
+            }
+            if !saw_faults {
+                self.idle_prefetch()?;
+            }
+            self.metrics().inflight.store(
+                self.source.in_flight() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Block until something needs doing. Returns (uffd, source, stop, hangup) readiness.
+    fn wait(&mut self) -> Result<(bool, bool, bool, bool), FaultLoopError> {
+        let uffd_fd: BorrowedFd<'_> = self.vm.uffd.as_fd();
+        let mut fds = vec![
+            PollFd::new(uffd_fd, PollFlags::POLLIN),
+            PollFd::new(self.source.completion_fd(), PollFlags::POLLIN),
+            PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+        ];
+        if let Some(c) = &self.connection {
+            fds.push(PollFd::new(
+                c.as_fd(),
+                PollFlags::from_bits_retain(libc::POLLRDHUP),
+            ));
+        }
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let ready = |i: usize| {
+            fds.get(i)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        Ok((ready(0), ready(1), ready(2), ready(3)))
+    }
+
+    /// Read and handle every pending uffd message, in order. Returns how many page faults
+    /// were among them.
+    fn drain_events(&mut self) -> Result<usize, FaultLoopError> {
+        let mut faults = 0;
+        loop {
+            let mut events = std::mem::take(&mut self.events);
+            let n = self.vm.uffd.read_events(&mut events, 64)?;
+            let read_at = Instant::now();
+            for ev in events.drain(..) {
+                if matches!(ev, Event::PageFault { .. }) {
+                    faults += 1;
+                }
+                self.handle_event(ev, read_at)?;
+            }
+            self.events = events;
+            if n == 0 {
+                return Ok(faults);
+            }
+        }
+    }
+
+    /// Claim `page` for a fetch (Missing/Evicted -> InFlight) and submit its read.
+    fn fetch(&mut self, page: u64, prefetch: bool) -> Result<bool, FaultLoopError> {
+        let claimed = [PageState::Missing, PageState::Evicted]
+            .into_iter()
+            .any(|from| {
+                self.vm
+                    .states
+                    .transition(page, from, PageState::InFlight)
+                    .is_ok()
+            });
+        if !claimed {
+            return Ok(false);
+        }
+        if let Err(e) = self.source.submit(page, 0) {
+            self.vm.states.set(page, PageState::Missing);
+            return Err(e.into());
+        }
+        if prefetch {
+            self.prefetched.insert(page);
+            VmMetrics::add(&self.metrics().pages_prefetched, 1);
+        }
+        Ok(true)
+    }
+
+    fn room(&self) -> usize {
+        self.config
+            .max_inflight
+            .saturating_sub(self.source.in_flight())
+    }
+
+    /// After a demand fault on `page`: let the policy pick more pages, within the budget.
+    fn prefetch_around(&mut self, page: u64) -> Result<(), FaultLoopError> {
+        let budget = self.config.prefetch_per_fault.min(self.room());
+        if budget == 0 {
+            return Ok(());
+        }
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        self.prefetch
+            .on_fault(page, &self.vm.states, budget, &mut candidates);
+        let result = self.fetch_candidates(&candidates, budget);
+        self.candidates = candidates;
+        result
+    }
+
+    /// The fetcher has room and no faults are pending: background prefetch.
+    fn idle_prefetch(&mut self) -> Result<(), FaultLoopError> {
+        let budget = self.room();
+        if budget == 0 {
+            return Ok(());
+        }
+        let mut candidates = std::mem::take(&mut self.candidates);
+        candidates.clear();
+        self.prefetch
+            .on_idle(&self.vm.states, budget, &mut candidates);
+        let result = self.fetch_candidates(&candidates, budget);
+        self.candidates = candidates;
+        result
+    }
+
+    fn fetch_candidates(&mut self, pages: &[u64], budget: usize) -> Result<(), FaultLoopError> {
+        let limit = self.vm.layout.pages();
+        for &p in pages.iter().take(budget) {
+            if p < limit && self.vm.layout.addr_of_page(p).is_some() {
+                self.fetch(p, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collect finished reads and place them.
+    fn drain_completions(&mut self) -> Result<(), FaultLoopError> {
+        let mut done = std::mem::take(&mut self.completions);
+        done.clear();
+        self.source.poll(&mut done, 0)?;
+        let result = self.place_completions(&mut done);
+        done.clear();
+        self.completions = done;
+        result
+    }
+
+    /// A read failed: retry it, or give up (fatal only if a guest thread waits on it).
+    fn read_failed(&mut self, page: u64, error: SourceError) -> Result<(), FaultLoopError> {
+        VmMetrics::add(&self.metrics().read_errors, 1);
+        let attempts = self.retries.entry(page).or_insert(1);
+        *attempts += 1;
+        let attempts = *attempts;
+        if attempts <= self.config.read_attempts {
+            tracing::warn!(vm = %self.vm.name, page, attempts, %error, "page read failed, retrying");
+            self.source.submit(page, 0)?;
+            return Ok(());
+        }
+        self.retries.remove(&page);
+        self.prefetched.remove(&page);
+        if self.waiters.contains_key(&page) {
+            return Err(FaultLoopError::ReadFailed {
+                page,
+                attempts,
+                source: error,
+            });
+        }
+        tracing::warn!(vm = %self.vm.name, page, %error, "prefetch read failed; page left for a later fault");
+        let _ = self
+            .vm
+            .states
+            .transition(page, PageState::InFlight, PageState::Missing);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,68 @@
+//! Page sources: "give me these pages" -> completions.
+//!
+//! The fault loop asks a [`PageSource`] for guest pages by index and collects the answers when
+//! the source's [`PageSource::completion_fd`] becomes readable. It never knows which
+//! implementation answers: a swap device ([`swapdev_source`]), a raw memory image
+//! ([`image`], e.g. a Firecracker snapshot memory file), later a migration source host.
+
+pub mod image;
+
+use std::os::fd::BorrowedFd;
+
+use swapdev::AlignedBuf;
+
+pub use image::ImageFileSource;
+
+/// The content of one guest page.
+#[derive(Debug)]
+pub enum PageContent {
+    /// All zero: placed with UFFDIO_ZEROPAGE, no bytes move.
+    Zero,
+    /// Exactly one page of bytes.
+    Data(AlignedBuf),
+}
+
+/// The answer to one [`PageSource::submit`].
+#[derive(Debug)]
+pub struct PageCompletion {
+    pub page: u64,
+    pub tag: u64,
+    pub result: Result<PageContent, SourceError>,
+}
+
+/// A page source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("page {page} is beyond the source's {capacity} pages")]
+    OutOfRange { page: u64, capacity: u64 },
+    #[error("reading page {page} failed: {source}")]
+    Read {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("page {page}: {why}")]
+    Page { page: u64, why: String },
+    #[error("page source {name}: {why}")]
+    Source { name: String, why: String },
+}
+
+/// Something that fetches guest pages asynchronously.
+pub trait PageSource: Send {
+    /// Bytes per page (the guest page size this source serves).
+    fn page_size(&self) -> usize;
+    /// How many guest pages the source can answer for.
+    fn capacity_pages(&self) -> u64;
+    /// Start fetching `page`; its completion carries `tag`.
+    fn submit(&mut self, page: u64, tag: u64) -> Result<(), SourceError>;
+    /// Append completed fetches to `out`, waiting until at least `min` arrived (`0`: only
+    /// what is ready). Returns how many were appended.
+    fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError>;
+    /// Submitted but not yet returned by `poll`.
+    fn in_flight(&self) -> usize;
+    /// Readable when `poll(.., 0)` may return completions (an eventfd; the caller does not
+    /// read it, `poll` resets it).
+    fn completion_fd(&self) -> BorrowedFd<'_>;
+    /// A short description for logs and stats, e.g. "swapdev /var/lib/pw/vm1.swap".
+    fn describe(&self) -> String;
+}
