@@ -28,7 +28,7 @@ fi
 # 1. Kernel (cached).
 if [ ! -s "$out/vmlinuz" ]; then
   work=$(mktemp -d)
-  chmod 755 "$work"  # apt-get download drops privileges to _apt
+  chmod 1777 "$work"  # apt-get download drops privileges to _apt when it can
   trap 'rm -rf "$work"' EXIT
   (
     cd "$work"
@@ -37,7 +37,7 @@ if [ ! -s "$out/vmlinuz" ]; then
     pkg=$(dpkg-deb -f "$meta" Depends | tr ',|' '\n\n' | sed 's/(.*//; s/ //g' | grep -E '^linux-image-[0-9].*-amd64$' | head -1)
     [ -n "$pkg" ] || { echo "build.sh: cannot find the kernel package in $meta's Depends: $(dpkg-deb -f "$meta" Depends)" >&2; exit 1; }
     echo "build.sh: kernel package $pkg" >&2
-    apt-get download "$pkg" >/dev/null
+    apt-get download "$pkg" >apt.log 2>&1 || { cat apt.log >&2; exit 1; }
     dpkg-deb -x "$pkg"_*.deb root
     kernel=$(ls root/boot/vmlinuz-* | head -1)
     [ -s "$kernel" ] || { echo "build.sh: $pkg holds no boot/vmlinuz-*" >&2; exit 1; }
