@@ -140,33 +140,30 @@ impl FaultLoop {
         }
     }
 
-    /// Write-protect fault (synchronous WP; see docs/pager.md and the evictor).
+    /// Write-protect fault (synchronous WP; see docs/pager.md and the evictor). The protocol
+    /// lives in `evict::resolve_write_fault`: `Evicting` -> leave the writer to the evictor;
+    /// `Present` -> claim it (`Present -> InFlight`) so the evictor cannot protect and read it
+    /// while we make it writable, mark it dirty, un-protect (wakes the writer), `Present`
+    /// again; anything else -> un-protect + wake.
     fn write_fault(&mut self, page: u64) -> Result<(), FaultLoopError> {
         VmMetrics::add(&self.metrics().wp_faults, 1);
         let addr = self.page_addr(page);
-        let ps = self.vm.page_size();
-        match self.vm.states.get(page) {
-            // The evictor wakes the writer after punching the hole (it re-faults as MISSING
-            // and gets the stored content) or un-protects if it abandons the eviction.
-            PageState::Evicting => Ok(()),
-            PageState::Present => {
-                self.vm.dirty.mark(page);
-                self.unprotect(addr, ps);
-                Ok(())
+        let vm = &self.vm;
+        match crate::evict::resolve_write_fault(
+            &vm.uffd,
+            &vm.states,
+            &vm.dirty,
+            page,
+            addr,
+            vm.page_size(),
+        ) {
+            Ok(crate::evict::WriteFaultAction::Released(other)) => {
+                tracing::debug!(vm = %vm.name, page, ?other, "WP fault on a page in an unexpected state; un-protected");
             }
-            other => {
-                tracing::debug!(vm = %self.vm.name, page, ?other, "WP fault on a page in an unexpected state; un-protecting");
-                self.unprotect(addr, ps);
-                Ok(())
-            }
+            Ok(_) => {}
+            // The range was unmapped meanwhile: the writer, if any, is gone with its mapping.
+            Err(e) => tracing::warn!(vm = %vm.name, %e, "un-protecting after a WP fault failed"),
         }
-    }
-
-    /// Clear write protection and wake the writer. A failure (range unmapped meanwhile) is
-    /// logged: the writer, if any, is gone with its mapping.
-    fn unprotect(&self, addr: u64, len: u64) {
-        if let Err(e) = self.vm.uffd.write_protect(addr, len, false, false) {
-            tracing::warn!(vm = %self.vm.name, %e, "un-protecting after a WP fault failed");
-        }
+        Ok(())
     }
 }
