@@ -1,1 +1,8 @@
-//! pagewise lab tools.
+//! pagewise lab tools: verifiable RAM images, access patterns, memhog (a process that
+//! attaches memory to a pager like a VMM), a minimal in-process fault handler, and a tiny
+//! KVM guest.
+
+pub mod image;
+pub mod memhog;
+pub mod minipager;
+pub mod pattern;
