@@ -1,0 +1,412 @@
+//! The NBD backend against a real qemu-nbd (Unix socket and TCP on loopback).
+//!
+//! Run: `cargo test -p pagewise-tests --test nbd_backend`
+//! Bench (ignored by default): `cargo test --release -p pagewise-tests --test nbd_backend
+//! -- --ignored --nocapture`
+
+#[path = "common/nbd_server.rs"]
+mod nbd_server;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nbd_server::{free_port, require_qemu_nbd, NbdServer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use swapdev::backend::nbd::{NbdAddress, NbdBackend, NbdOptions};
+use swapdev::backend::spec::{open_backend, SpecOptions};
+use swapdev::backend::{Backend, BackendError, IoCompletion, IoOp, IoRequest};
+use swapdev::AlignedBuf;
+
+const PAGE: usize = 4096;
+
+/// A temporary directory holding a sparse backing file of `size` bytes.
+fn backing(size: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("export.img");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(size))
+        .expect("backing file");
+    (dir, file)
+}
+
+fn unix_server(dir: &Path, file: &Path, extra: &[&str]) -> NbdServer {
+    NbdServer::unix(file, &dir.join("nbd.sock"), "swap", extra)
+}
+
+fn connect(server: &NbdServer) -> Box<dyn Backend> {
+    open_backend(&server.spec(), &SpecOptions::default()).expect("connect to qemu-nbd")
+}
+
+fn page_of(seed: u64) -> AlignedBuf {
+    let mut buf = AlignedBuf::new(PAGE);
+    StdRng::seed_from_u64(seed).fill(buf.as_mut_slice());
+    buf
+}
+
+fn run_one(b: &mut dyn Backend, offset: u64, op: IoOp) -> Result<Option<AlignedBuf>, BackendError> {
+    b.submit(IoRequest { tag: 1, offset, op })?;
+    let mut out = Vec::new();
+    b.complete(&mut out, 1)?;
+    assert_eq!(out.len(), 1);
+    out.pop().unwrap().result
+}
+
+fn read_page(b: &mut dyn Backend, page: u64) -> AlignedBuf {
+    let op = IoOp::Read {
+        buf: AlignedBuf::new(PAGE),
+    };
+    run_one(b, page * PAGE as u64, op).unwrap().unwrap()
+}
+
+/// `count` random distinct pages of `pages` written then read back with up to `qd` in flight.
+fn pipelined_round_trip(b: &mut dyn Backend, pages: u64, count: usize, qd: usize) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut targets: Vec<u64> = (0..pages).collect();
+    for i in 0..count {
+        let j = rng.random_range(i..targets.len());
+        targets.swap(i, j);
+    }
+    targets.truncate(count);
+    let mut out: Vec<IoCompletion> = Vec::new();
+    for &page in &targets {
+        if b.in_flight() >= qd {
+            b.complete(&mut out, 1).unwrap();
+        }
+        let op = IoOp::Write { buf: page_of(page) };
+        b.submit(IoRequest {
+            tag: page,
+            offset: page * PAGE as u64,
+            op,
+        })
+        .unwrap();
+    }
+    b.complete(&mut out, b.in_flight()).unwrap();
+    assert_eq!(out.len(), count);
+    for c in &out {
+        assert!(c.result.is_ok(), "write {}: {:?}", c.tag, c.result);
+    }
+    out.clear();
+    for &page in &targets {
+        if b.in_flight() >= qd {
+            b.complete(&mut out, 1).unwrap();
+        }
+        let op = IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        };
+        b.submit(IoRequest {
+            tag: page,
+            offset: page * PAGE as u64,
+            op,
+        })
+        .unwrap();
+    }
+    b.complete(&mut out, b.in_flight()).unwrap();
+    assert_eq!(out.len(), count);
+    for c in out {
+        let buf = c.result.unwrap().unwrap();
+        assert!(
+            buf.as_slice() == page_of(c.tag).as_slice(),
+            "page {} differs",
+            c.tag
+        );
+    }
+}
+
+#[test]
+fn qemu_nbd_is_installed_and_recent() {
+    let version = require_qemu_nbd();
+    assert!(version.starts_with("qemu-nbd "), "{version}");
+}
+
+#[test]
+fn unix_pipelined_round_trip_and_data_reaches_the_file() {
+    let pages = 1024u64;
+    let (dir, file) = backing(pages * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    assert_eq!(b.size().unwrap(), pages * PAGE as u64);
+    assert!(
+        b.describe().contains("nbd export 'swap'"),
+        "{}",
+        b.describe()
+    );
+    pipelined_round_trip(b.as_mut(), pages, 512, 64);
+    run_one(b.as_mut(), 0, IoOp::Flush).unwrap();
+    // After the flush, the backing file itself holds the data.
+    let mut raw = vec![0u8; PAGE];
+    let f = std::fs::File::open(&file).unwrap();
+    let written: Vec<u64> = (0..pages)
+        .filter(|&p| {
+            f.read_exact_at(&mut raw, p * PAGE as u64).unwrap();
+            raw.iter().any(|&x| x != 0)
+        })
+        .collect();
+    assert_eq!(written.len(), 512);
+    for p in written {
+        f.read_exact_at(&mut raw, p * PAGE as u64).unwrap();
+        assert!(raw == page_of(p).as_slice(), "file page {p}");
+    }
+}
+
+#[test]
+fn tcp_pipelined_round_trip() {
+    let pages = 256u64;
+    let (_dir, file) = backing(pages * PAGE as u64);
+    let server = NbdServer::tcp(&file, "swap", &[]);
+    assert!(server.spec().starts_with("nbd://127.0.0.1:"));
+    let mut b = connect(&server);
+    pipelined_round_trip(b.as_mut(), pages, 200, 32);
+}
+
+#[test]
+fn large_requests_are_split_and_bounded() {
+    // 40 MiB in one request exceeds qemu-nbd's 32 MiB payload limit: it must be split.
+    let size = 64u64 << 20;
+    let (dir, file) = backing(size);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    let mut big = AlignedBuf::new(40 << 20);
+    StdRng::seed_from_u64(3).fill(big.as_mut_slice());
+    let expect = big.as_slice().to_vec();
+    let back = run_one(b.as_mut(), 8 << 20, IoOp::Write { buf: big })
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), 40 << 20);
+    let got = run_one(
+        b.as_mut(),
+        8 << 20,
+        IoOp::Read {
+            buf: AlignedBuf::new(40 << 20),
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert!(got.as_slice() == expect.as_slice());
+    // Many 1 MiB writes queued at once exceed the 8 MiB in-flight bound.
+    for i in 0..48u64 {
+        let buf = AlignedBuf::from_slice(&vec![i as u8; 1 << 20]);
+        let op = IoOp::Write { buf };
+        b.submit(IoRequest {
+            tag: i,
+            offset: i << 20,
+            op,
+        })
+        .unwrap();
+    }
+    let mut out = Vec::new();
+    b.complete(&mut out, b.in_flight()).unwrap();
+    assert_eq!(out.len(), 48);
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    let p = read_page(b.as_mut(), (47 << 20) / PAGE as u64);
+    assert!(p.iter().all(|&x| x == 47));
+}
+
+#[test]
+fn flush_and_trim() {
+    let (dir, file) = backing(64 * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    let desc = b.describe();
+    assert!(desc.contains("flush") && desc.contains("trim"), "{desc}");
+    for p in 0..8u64 {
+        let op = IoOp::Write { buf: page_of(p) };
+        b.submit(IoRequest {
+            tag: p,
+            offset: p * PAGE as u64,
+            op,
+        })
+        .unwrap();
+    }
+    // The flush is queued behind the writes; it must complete after all of them.
+    b.submit(IoRequest {
+        tag: 100,
+        offset: 0,
+        op: IoOp::Flush,
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    b.complete(&mut out, 9).unwrap();
+    assert_eq!(
+        out.last().unwrap().tag,
+        100,
+        "flush completed before a write"
+    );
+    assert!(out.iter().all(|c| c.result.is_ok()));
+
+    let trim = IoOp::Trim {
+        len: 2 * PAGE as u64,
+    };
+    assert!(run_one(b.as_mut(), 2 * PAGE as u64, trim)
+        .unwrap()
+        .is_none());
+    for p in 0..8u64 {
+        let got = read_page(b.as_mut(), p);
+        if p == 2 || p == 3 {
+            assert!(got.iter().all(|&x| x == 0), "trimmed page {p} not zero");
+        } else {
+            assert!(got.as_slice() == page_of(p).as_slice(), "page {p}");
+        }
+    }
+}
+
+#[test]
+fn wrong_export_name_is_a_clear_error() {
+    let (dir, file) = backing(1 << 20);
+    let server = unix_server(dir.path(), &file, &[]);
+    let nbd_server::Listen::Unix(sock) = server.listen.clone() else {
+        unreachable!()
+    };
+    let err = NbdBackend::connect(NbdAddress::Unix(sock), "nope", NbdOptions::default())
+        .err()
+        .expect("unknown export must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("export 'nope' not found on server"), "{msg}");
+    // The server still serves the right name afterwards.
+    let mut b = connect(&server);
+    assert_eq!(read_page(b.as_mut(), 0).len(), PAGE);
+}
+
+#[test]
+fn unreachable_servers_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("absent.sock");
+    let spec = format!("nbd+unix:///swap?socket={}", sock.display());
+    let err = open_backend(&spec, &SpecOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "cannot connect to NBD server at unix socket {}",
+            sock.display()
+        )),
+        "{err}"
+    );
+    let port = free_port();
+    let err = open_backend(
+        &format!("nbd://127.0.0.1:{port}/swap"),
+        &SpecOptions::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains(&format!(
+            "cannot connect to NBD server at tcp 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_clients_on_a_shared_export_see_flushed_writes() {
+    let (dir, file) = backing(32 * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut a = connect(&server);
+    let mut b = connect(&server);
+    for p in 0..16u64 {
+        run_one(a.as_mut(), p * PAGE as u64, IoOp::Write { buf: page_of(p) }).unwrap();
+    }
+    run_one(a.as_mut(), 0, IoOp::Flush).unwrap();
+    for p in 0..16u64 {
+        assert!(
+            read_page(b.as_mut(), p).as_slice() == page_of(p).as_slice(),
+            "page {p}"
+        );
+    }
+    // And the other way round.
+    run_one(
+        b.as_mut(),
+        20 * PAGE as u64,
+        IoOp::Write { buf: page_of(99) },
+    )
+    .unwrap();
+    run_one(b.as_mut(), 0, IoOp::Flush).unwrap();
+    assert!(read_page(a.as_mut(), 20).as_slice() == page_of(99).as_slice());
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let (dir, file) = backing(16 * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &["-r"]);
+    let mut b = connect(&server);
+    assert!(b.describe().contains("read-only"), "{}", b.describe());
+    let err = b
+        .submit(IoRequest {
+            tag: 1,
+            offset: 0,
+            op: IoOp::Write { buf: page_of(1) },
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("is read-only"), "{err}");
+    assert_eq!(read_page(b.as_mut(), 3).len(), PAGE);
+}
+
+#[test]
+fn export_cannot_grow_or_be_read_past_its_end() {
+    let (dir, file) = backing(16 * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    b.grow(16 * PAGE as u64).unwrap();
+    let err = b.grow(1 << 30).unwrap_err().to_string();
+    assert!(err.contains("fixed size of 65536 bytes"), "{err}");
+    let err = b
+        .submit(IoRequest {
+            tag: 1,
+            offset: 16 * PAGE as u64,
+            op: IoOp::Read {
+                buf: AlignedBuf::new(PAGE),
+            },
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("past the end of NBD export 'swap'"),
+        "{err}"
+    );
+}
+
+/// QD32 4 KiB random reads over a 256 MiB export on a Unix socket; prints IOPS.
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn bench_unix_qd32_random_read() {
+    let pages = 65536u64;
+    let (dir, file) = backing(pages * PAGE as u64);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        let chunk = vec![0xA5u8; 1 << 20];
+        for i in 0..(pages * PAGE as u64) >> 20 {
+            f.write_all_at(&chunk, i << 20).unwrap();
+        }
+    }
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    let mut rng = StdRng::seed_from_u64(1);
+    let total = 100_000u64;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    for i in 0..total {
+        if b.in_flight() >= 32 {
+            out.clear();
+            b.complete(&mut out, 1).unwrap();
+        }
+        let page = rng.random_range(0..pages);
+        let op = IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        };
+        b.submit(IoRequest {
+            tag: i,
+            offset: page * PAGE as u64,
+            op,
+        })
+        .unwrap();
+    }
+    b.complete(&mut out, b.in_flight()).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "nbd unix QD32 4KiB random read: {total} reads in {secs:.2} s = {:.0} IOPS",
+        total as f64 / secs
+    );
+}
