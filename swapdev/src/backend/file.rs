@@ -249,7 +249,7 @@ impl FileBackend {
     fn push_slot(&mut self, idx: usize, may_reap: bool) -> Result<(), BackendError> {
         while may_reap && self.in_ring >= self.cq_capacity {
             self.enter(1)?;
-            self.reap()?;
+            self.reap();
         }
         let entry = self.entry_for(idx);
         loop {
@@ -284,7 +284,7 @@ impl FileBackend {
     }
 
     /// Move every available CQE into `ready` (or resubmit the remainder of short transfers).
-    fn reap(&mut self) -> Result<(), BackendError> {
+    fn reap(&mut self) {
         let mut reaped = std::mem::take(&mut self.reaped);
         reaped.clear();
         reaped.extend(
@@ -292,18 +292,14 @@ impl FileBackend {
                 .completion()
                 .map(|cqe| (cqe.user_data(), cqe.result())),
         );
-        let mut result = Ok(());
         for &(user_data, res) in &reaped {
             self.in_ring -= 1;
-            if let Err(e) = self.finish_cqe(user_data as usize, res) {
-                result = Err(e);
-            }
+            self.finish_cqe(user_data as usize, res);
         }
         self.reaped = reaped;
-        result
     }
 
-    fn finish_cqe(&mut self, idx: usize, res: i32) -> Result<(), BackendError> {
+    fn finish_cqe(&mut self, idx: usize, res: i32) {
         let slot = self.slots[idx].as_mut().expect("CQE for a live slot");
         let op = slot.op.name();
         if res < 0 {
@@ -313,19 +309,19 @@ impl FileBackend {
                 source: io::Error::from_raw_os_error(-res),
             };
             self.finish_slot(idx, Err(err));
-            return Ok(());
+            return;
         }
         let len = match &slot.op {
             SlotOp::Read(b) | SlotOp::Write(b) => b.len(),
             SlotOp::Flush | SlotOp::Trim(_) => {
                 self.finish_slot(idx, Ok(()));
-                return Ok(());
+                return;
             }
         };
         slot.done += res as usize;
         if slot.done == len {
             self.finish_slot(idx, Ok(()));
-            return Ok(());
+            return;
         }
         let (offset, done) = (slot.offset, slot.done);
         let misaligned = self.direct && !done.is_multiple_of(self.alignment);
@@ -337,7 +333,7 @@ impl FileBackend {
                 len,
             };
             self.finish_slot(idx, Err(err));
-            return Ok(());
+            return;
         }
         tracing::trace!(
             op,
@@ -346,7 +342,9 @@ impl FileBackend {
             len,
             "short transfer, resubmitting remainder"
         );
-        self.push_slot(idx, false)
+        if let Err(e) = self.push_slot(idx, false) {
+            self.finish_slot(idx, Err(e));
+        }
     }
 
     fn at_eof(&self, pos: u64) -> bool {
@@ -495,7 +493,7 @@ impl Backend for FileBackend {
         loop {
             let missing = target.saturating_sub(appended + self.ready.len());
             self.enter(missing.min(self.in_ring))?;
-            self.reap()?;
+            self.reap();
             let n = self.ready.len();
             out.extend(self.ready.drain(..));
             self.in_flight -= n;
@@ -575,7 +573,8 @@ impl Drop for FileBackend {
     fn drop(&mut self) {
         // The kernel may still write into slot buffers: wait for every outstanding CQE.
         while self.in_ring > 0 {
-            let waited = self.enter(self.in_ring).and_then(|()| self.reap());
+            let waited = self.enter(self.in_ring);
+            self.reap();
             if let Err(e) = waited {
                 tracing::error!(error = %e, "cannot drain io_uring; leaking in-flight buffers");
                 std::mem::forget(std::mem::take(&mut self.slots));

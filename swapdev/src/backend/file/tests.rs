@@ -459,3 +459,58 @@ fn backend_is_send() {
     fn assert_send<T: Send>() {}
     assert_send::<FileBackend>();
 }
+
+/// QD32 4 KiB random reads over a 256 MiB file; prints IOPS for O_DIRECT and buffered I/O on
+/// the disk filesystem and for tmpfs. Run:
+/// `cargo test --release -p swapdev --lib bench_file_qd32 -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run with --ignored --nocapture"]
+fn bench_file_qd32_random_read() {
+    let pages = 65536u64;
+    for (dir, mode) in [
+        (DISK_DIR, DirectMode::Always),
+        (DISK_DIR, DirectMode::Never),
+        (TMPFS_DIR, DirectMode::Auto),
+    ] {
+        let (_tmp, mut b) = open_in(dir, mode, 64);
+        {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(b.path())
+                .unwrap();
+            let chunk = vec![0xA5u8; 1 << 20];
+            for i in 0..(pages * PAGE as u64) >> 20 {
+                std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).unwrap();
+            }
+            f.sync_all().unwrap();
+        }
+        let mut rng = StdRng::seed_from_u64(1);
+        let total = 200_000u64;
+        let mut out = Vec::new();
+        let start = std::time::Instant::now();
+        for i in 0..total {
+            if b.in_flight() >= 32 {
+                out.clear();
+                b.complete(&mut out, 1).unwrap();
+            }
+            let page = rng.random_range(0..pages);
+            let op = IoOp::Read {
+                buf: AlignedBuf::new(PAGE),
+            };
+            b.submit(IoRequest {
+                tag: i,
+                offset: page * PAGE as u64,
+                op,
+            })
+            .unwrap();
+        }
+        out.clear();
+        b.complete(&mut out, b.in_flight()).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "{}: QD32 4KiB random read: {total} reads in {secs:.2} s = {:.0} IOPS",
+            b.describe(),
+            total as f64 / secs
+        );
+    }
+}

@@ -295,16 +295,18 @@ fn export_name<S: Read + Write>(
     let data = encode_option(OPT_EXPORT_NAME, export.as_bytes());
     w.send(&data, "sending NBD_OPT_EXPORT_NAME")?;
     let step = "reading the NBD_OPT_EXPORT_NAME reply";
-    let size = match w.u64(step) {
-        Ok(size) => size,
-        Err(BackendError::Protocol(_)) => {
+    let mut size = [0u8; 8];
+    match w.stream.read_exact(&mut size) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Err(w.protocol(format!(
                 "export '{export}' not found on server (connection closed after \
                  NBD_OPT_EXPORT_NAME)"
             )))
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => return Err(w.fail(step, e)),
+    }
+    let size = u64::from_be_bytes(size);
     let flags = w.u16(step)?;
     if !no_zeroes {
         w.vec(EXPORT_NAME_ZEROES, step)?;

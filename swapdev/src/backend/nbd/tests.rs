@@ -472,3 +472,9 @@ fn requests_outside_the_export_are_refused() {
     drop(b);
     t.join().unwrap();
 }
+
+#[test]
+fn backend_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<NbdBackend>();
+}
