@@ -7,11 +7,15 @@
 //! - [`victims`]: which pages to evict for a goal (target RSS, cold for S, auto).
 //! - [`faults`]: the fault loop's half: write-protect faults and REMOVE events.
 //! - [`sampler`]: periodic re-protection + working-set samples.
+//! - [`store`]: page stores (raw memory image); the swap device implements [`PageStore`] too.
+//! - [`service`]: one daemon VM's eviction service (tracker, sampler thread, requests, stats).
 
 pub mod batch;
 pub mod faults;
 pub mod layout;
 pub mod sampler;
+pub mod service;
+pub mod store;
 pub mod victims;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +27,8 @@ pub use batch::{BatchOutcome, EvictionTarget};
 pub use faults::{forget_removed, resolve_write_fault, WriteFaultAction};
 pub use layout::{MemoryLayout, RegionMap, Run};
 pub use sampler::{protect_and_sample, Sampler, SamplerTarget};
+pub use service::{EvictConfig, EvictStats, VmEviction};
+pub use store::ImageFileStore;
 pub use victims::{resident_pages, select_victims, EvictGoal};
 
 use crate::dirty::DirtyBitmap;

@@ -1,0 +1,241 @@
+//! Eviction and working-set tracking for one attached VM of the daemon: owns the tracker and
+//! its sampler thread, runs eviction requests (one at a time), and reports stats.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use uffd::Uffd;
+
+use super::layout::{MemoryLayout, RegionMap};
+use super::sampler::{Sampler, SamplerTarget};
+use super::{
+    forget_removed, run_eviction, EvictError, EvictGoal, EvictProgress, EvictReport,
+    EvictionTarget, PageStore, StoreError,
+};
+use crate::dirty::DirtyBitmap;
+use crate::page_state::{PageState, PageStateTable};
+use crate::vm::{GuestLayout, Vm};
+use crate::wss::{WorkingSetTracker, WssConfig, WssSummary};
+
+impl From<&GuestLayout> for MemoryLayout {
+    fn from(l: &GuestLayout) -> Self {
+        let regions = l
+            .regions()
+            .iter()
+            .map(|r| RegionMap {
+                host_addr: r.host_addr,
+                file_offset: r.offset,
+                len: r.size,
+            })
+            .collect();
+        // GuestLayout has already validated alignment and overlaps.
+        MemoryLayout::new(l.page_size() as usize, regions)
+            .expect("a validated GuestLayout is a valid MemoryLayout")
+    }
+}
+
+/// Tunables of a VM's eviction service.
+#[derive(Debug, Clone, Copy)]
+pub struct EvictConfig {
+    /// Working-set sampling interval (write-protect everything, harvest).
+    pub sample_interval: Duration,
+    pub wss: WssConfig,
+    /// Pages per eviction batch.
+    pub batch_pages: usize,
+}
+
+impl Default for EvictConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval: Duration::from_secs(1),
+            wss: WssConfig::default(),
+            batch_pages: super::DEFAULT_BATCH_PAGES,
+        }
+    }
+}
+
+struct Shared {
+    vm: Arc<Vm>,
+    layout: MemoryLayout,
+    tracker: WorkingSetTracker,
+}
+
+impl SamplerTarget for Shared {
+    fn uffd(&self) -> &Uffd {
+        &self.vm.uffd
+    }
+    fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+    fn states(&self) -> &PageStateTable {
+        &self.vm.states
+    }
+    fn dirty(&self) -> &DirtyBitmap {
+        &self.vm.dirty
+    }
+    fn tracker(&self) -> &WorkingSetTracker {
+        &self.tracker
+    }
+}
+
+/// Page counts and working-set figures for `stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvictStats {
+    pub resident_pages: u64,
+    pub evicted_pages: u64,
+    pub zero_pages: u64,
+    pub removed_pages: u64,
+    pub missing_pages: u64,
+    pub page_size: u64,
+    pub sampler_running: bool,
+    pub wss: WssSummary,
+    pub last_eviction: Option<EvictReport>,
+}
+
+/// One VM's eviction service.
+pub struct VmEviction {
+    shared: Arc<Shared>,
+    store: Arc<dyn PageStore>,
+    config: EvictConfig,
+    sampler: Mutex<Option<Sampler>>,
+    /// Held while an eviction runs: one at a time per VM.
+    running: Mutex<Option<EvictReport>>,
+}
+
+impl VmEviction {
+    /// Eviction for `vm`, storing pages in `store` (the same swap device the VM's fault loop
+    /// reads `Evicted` pages from). Needs the guest memory file and a WP registration.
+    pub fn new(
+        vm: Arc<Vm>,
+        store: Arc<dyn PageStore>,
+        config: EvictConfig,
+    ) -> Result<Self, EvictError> {
+        if vm.memory_file.is_none() {
+            return Err(EvictError::Unsupported(format!(
+                "VM {} sent no guest memory file (eviction punches holes in it; attach with the \
+                 pagewise handshake and a shared memory file)",
+                vm.name
+            )));
+        }
+        if !vm.wp_registered {
+            return Err(EvictError::Unsupported(format!(
+                "VM {} did not register its memory for write-protect faults (mode \"wp\"); \
+                 eviction without it could lose writes",
+                vm.name
+            )));
+        }
+        let layout = MemoryLayout::from(&vm.layout);
+        let tracker = WorkingSetTracker::new(&vm.states, config.wss);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                vm,
+                layout,
+                tracker,
+            }),
+            store,
+            config,
+            sampler: Mutex::new(None),
+            running: Mutex::new(None),
+        })
+    }
+
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.shared.vm
+    }
+
+    pub fn tracker(&self) -> &WorkingSetTracker {
+        &self.shared.tracker
+    }
+
+    /// Start the working-set sampler thread (idempotent).
+    pub fn start_sampler(&self) -> std::io::Result<()> {
+        let mut s = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
+        if s.as_ref().is_none_or(|s| s.failed()) {
+            *s = Some(Sampler::spawn(
+                self.shared.clone(),
+                self.config.sample_interval,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Stop the sampler (also happens on drop).
+    pub fn stop_sampler(&self) {
+        self.sampler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Evict toward `goal`. Blocks while another eviction of this VM runs.
+    pub fn evict(
+        &self,
+        goal: EvictGoal,
+        batch_pages: Option<usize>,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&EvictProgress),
+    ) -> Result<EvictReport, EvictError> {
+        let mut last = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let vm = &self.shared.vm;
+        let memory_file = vm
+            .memory_file
+            .as_ref()
+            .expect("checked in VmEviction::new")
+            .as_fd();
+        let target = EvictionTarget {
+            uffd: &vm.uffd,
+            memory_file,
+            layout: &self.shared.layout,
+            states: &vm.states,
+            store: self.store.as_ref(),
+            tracker: Some(&self.shared.tracker),
+        };
+        let report = run_eviction(
+            &target,
+            &vm.dirty,
+            goal,
+            batch_pages.unwrap_or(self.config.batch_pages),
+            cancel,
+            progress,
+        )?;
+        tracing::info!(vm = %vm.name, evicted = report.progress.evicted, zero = report.progress.zero,
+            ms = report.elapsed_ms, "eviction done");
+        *last = Some(report.clone());
+        Ok(report)
+    }
+
+    /// The guest discarded guest pages `pages` (REMOVE event): never store or serve them again.
+    pub fn forget_removed(&self, pages: std::ops::Range<u64>) -> Result<usize, StoreError> {
+        forget_removed(&self.shared.vm.states, self.store.as_ref(), pages)
+    }
+
+    pub fn stats(&self) -> EvictStats {
+        let states = &self.shared.vm.states;
+        let c = states.census();
+        let n = |s: PageState| c[s as usize] as u64;
+        let last_eviction = self
+            .running
+            .try_lock()
+            .ok()
+            .and_then(|g| g.as_ref().cloned());
+        EvictStats {
+            resident_pages: n(PageState::Present) + n(PageState::InFlight) + n(PageState::Evicting),
+            evicted_pages: n(PageState::Evicted),
+            zero_pages: n(PageState::Zero),
+            removed_pages: n(PageState::Removed),
+            missing_pages: n(PageState::Missing),
+            page_size: self.shared.layout.page_size() as u64,
+            sampler_running: self
+                .sampler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|s| !s.failed()),
+            wss: self.shared.tracker.summary(Instant::now()),
+            last_eviction,
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The eviction service on the pager's real fault loop: a memfd "guest" registered
+//! MISSING|WP, served by `pager::fault_loop::FaultLoop` from a raw memory image, evicted into
+//! that same image by `VmEviction` while writer threads keep a hot set busy (checking before
+//! every write that their last write is still there). Cold pages must come back intact through
+//! the fault loop, the working-set estimate must find the hot set, and refaults are counted.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use pager::attach::protocol::GuestRegionUffdMapping;
+use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, VmEviction};
+use pager::fault_loop::{FaultLoop, FaultLoopConfig, LoopExit};
+use pager::page_state::PageState;
+use pager::source::ImageFileSource;
+use pager::vm::{GuestLayout, PeerInfo, Vm};
+use pager::wss::WssConfig;
+use rand::Rng;
+use uffd::{Features, RegisterMode, Uffd, UffdFlags};
+
+const PAGE: usize = 4096;
+const PAGES: u64 = 1024;
+const HOT_PER_WRITER: u64 = 32;
+const WRITERS: u64 = 2;
+const HOT: u64 = HOT_PER_WRITER * WRITERS;
+
+struct Guest {
+    map: memmap2::MmapRaw,
+    vm: Arc<Vm>,
+    stop: Arc<EventFd>,
+    fault_loop: Option<JoinHandle<Result<LoopExit, pager::fault_loop::FaultLoopError>>>,
+    _image: tempfile::NamedTempFile,
+    image_path: std::path::PathBuf,
+}
+
+impl Guest {
+    fn start() -> anyhow::Result<Self> {
+        let fd = nix::sys::memfd::memfd_create(
+            c"pw-evict-service",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
+        let memfd = File::from(fd);
+        memfd.set_len(PAGES * PAGE as u64)?;
+        let map = memmap2::MmapOptions::new()
+            .len((PAGES as usize) * PAGE)
+            .map_raw(&memfd)?;
+        let uffd = Uffd::new(UffdFlags {
+            nonblocking: true,
+            ..Default::default()
+        })?;
+        uffd.api(
+            Features::EVENT_REMOVE
+                | Features::MISSING_SHMEM
+                | Features::WP_HUGETLBFS_SHMEM
+                | Features::WP_UNPOPULATED,
+        )?;
+        let base = map.as_ptr() as u64;
+        uffd.register(
+            base,
+            PAGES * PAGE as u64,
+            RegisterMode::MISSING | RegisterMode::WP,
+        )?;
+        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+            base_host_virt_addr: base,
+            size: PAGES as usize * PAGE,
+            offset: 0,
+            page_size: PAGE,
+            page_size_kib: 0,
+        }])?;
+        let image = tempfile::NamedTempFile::new()?;
+        image.as_file().set_len(PAGES * PAGE as u64)?;
+        let image_path = image.path().to_path_buf();
+        let mut vm = Vm::new(
+            "evict-e2e".into(),
+            uffd,
+            layout,
+            Some(OwnedFd::from(memfd)),
+            PeerInfo::default(),
+        );
+        vm.wp_registered = true;
+        let vm = Arc::new(vm);
+        let source = ImageFileSource::open(&image_path, PAGE, PAGES)?;
+        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
+        let fl = FaultLoop::new(
+            vm.clone(),
+            Box::new(source),
+            pager::prefetch::by_name("none", PAGES)?,
+            FaultLoopConfig::default(),
+            stop.clone(),
+            None,
+        );
+        let fault_loop = Some(std::thread::spawn(move || fl.run()));
+        Ok(Self {
+            map,
+            vm,
+            stop,
+            fault_loop,
+            _image: image,
+            image_path,
+        })
+    }
+
+    /// Word `w` of `page`.
+    fn word(&self, page: u64, w: u64) -> &AtomicU64 {
+        assert!(page < PAGES && w < (PAGE / 8) as u64);
+        // SAFETY: inside our live shared mapping, 8-byte aligned, only accessed atomically.
+        unsafe { &*((self.map.as_ptr() as u64 + page * PAGE as u64 + w * 8) as *const AtomicU64) }
+    }
+
+    fn stop(&mut self) -> LoopExit {
+        self.stop.write(1).unwrap();
+        self.fault_loop.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+fn writer(g: Arc<Guest>, first: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<u64>) {
+    let mut last: Vec<u64> = (0..HOT_PER_WRITER)
+        .map(|i| g.word(first + i, 0).load(Ordering::SeqCst))
+        .collect();
+    let (mut writes, mut lost) = (0, 0);
+    let mut rng = rand::rng();
+    while !stop.load(Ordering::Relaxed) {
+        let i = rng.random_range(0..HOT_PER_WRITER);
+        let w = g.word(first + i, 0);
+        let seen = w.load(Ordering::SeqCst);
+        if seen != last[i as usize] {
+            lost += 1;
+        }
+        let next = seen.max(last[i as usize]) + 1;
+        w.store(next, Ordering::SeqCst);
+        last[i as usize] = next;
+        writes += 1;
+        if writes % 64 == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    (writes, lost, last)
+}
+
+#[test]
+fn evicts_cold_pages_under_a_running_fault_loop_and_serves_them_back() -> anyhow::Result<()> {
+    let guest = Guest::start()?;
+    // Every page: word 1 = its tag; the first touch of each faults through the fault loop.
+    for p in 0..PAGES {
+        guest.word(p, 1).store(p * 3 + 1, Ordering::SeqCst);
+    }
+    let guest = Arc::new(guest);
+    let svc = VmEviction::new(
+        guest.vm.clone(),
+        Arc::new(
+            ImageFileStore::open(&guest.image_path, PAGE, PAGES)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        EvictConfig {
+            sample_interval: Duration::from_millis(100),
+            wss: WssConfig {
+                window: 4,
+                history: 32,
+            },
+            batch_pages: 64,
+        },
+    )?;
+    svc.start_sampler()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (g, s) = (guest.clone(), stop.clone());
+            std::thread::spawn(move || writer(g, w * HOT_PER_WRITER, s))
+        })
+        .collect();
+
+    // Let the estimate settle on the hot set (the initial touch falls out of the window).
+    std::thread::sleep(Duration::from_millis(900));
+    let est = svc
+        .tracker()
+        .estimate()
+        .expect("sampler produced an estimate");
+    assert!(
+        (HOT as usize / 2..=HOT as usize * 2).contains(&est),
+        "working-set estimate {est} pages, hot set {HOT}"
+    );
+
+    let cancel = AtomicBool::new(false);
+    let mut updates = 0;
+    let goal = EvictGoal::Auto {
+        margin_percent: 25,
+        min_margin_pages: 16,
+    };
+    let report = svc.evict(goal, None, &cancel, &mut |_| updates += 1)?;
+    eprintln!("auto eviction: {report:?}");
+    let target = report.progress.target.unwrap();
+    assert!(updates >= 2);
+    assert!(
+        report.progress.evicted >= PAGES - target - HOT,
+        "{report:?}"
+    );
+    assert!(
+        report.progress.resident <= target + WRITERS * 2,
+        "{report:?}"
+    );
+    assert_eq!(report.progress.abandoned, 0);
+    assert!(guest.vm.states.count(PageState::Evicted) as u64 >= PAGES - target - HOT);
+
+    // Writers keep going for a while on top of evicted-and-refaulted pages.
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Read every cold page back through the fault loop: the tag must be intact.
+    for p in HOT..PAGES {
+        assert_eq!(
+            guest.word(p, 1).load(Ordering::SeqCst),
+            p * 3 + 1,
+            "page {p}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(250));
+    let stats = svc.stats();
+    eprintln!(
+        "stats: resident {} evicted {} wss {:?} refaults {} rate {:.1}/s",
+        stats.resident_pages,
+        stats.evicted_pages,
+        stats.wss.wss_pages,
+        stats.wss.refaults_total,
+        stats.wss.refault_rate_per_s
+    );
+    assert!(stats.sampler_running);
+    assert!(
+        stats.wss.refaults_total >= report.progress.evicted - 8,
+        "{:?}",
+        stats.wss
+    );
+    assert!(stats.last_eviction.is_some());
+
+    // Target RSS: evict again down to 200 pages.
+    let r2 = svc.evict(
+        EvictGoal::TargetResidentPages(200),
+        None,
+        &cancel,
+        &mut |_| {},
+    )?;
+    assert!(r2.progress.resident <= 200 + WRITERS * 2, "{r2:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let mut lost = 0;
+    let mut writes = 0;
+    for (w, h) in writers.into_iter().enumerate() {
+        let (n, l, last) = h.join().unwrap();
+        writes += n;
+        lost += l;
+        for (i, v) in last.iter().enumerate() {
+            let p = w as u64 * HOT_PER_WRITER + i as u64;
+            assert_eq!(guest.word(p, 0).load(Ordering::SeqCst), *v, "hot page {p}");
+        }
+    }
+    eprintln!("writers: {writes} writes, {lost} lost");
+    assert_eq!(lost, 0);
+    assert!(writes > 1000);
+    svc.stop_sampler();
+    drop(svc);
+    let mut guest = Arc::try_unwrap(guest).ok().expect("no other guest users");
+    assert_eq!(guest.stop(), LoopExit::Stopped);
+    let m = guest.vm.metrics.snapshot();
+    assert!(m.wp_faults > 0, "{m:?}");
+    Ok(())
+}
+
+#[test]
+fn refuses_vms_without_memory_file_or_wp() -> anyhow::Result<()> {
+    let uffd = Uffd::new(UffdFlags::default())?;
+    let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+        base_host_virt_addr: 0x7000_0000_0000,
+        size: 16 * PAGE,
+        offset: 0,
+        page_size: PAGE,
+        page_size_kib: 0,
+    }])?;
+    let vm = Arc::new(Vm::new(
+        "no-file".into(),
+        uffd,
+        layout,
+        None,
+        PeerInfo::default(),
+    ));
+    let image = tempfile::NamedTempFile::new()?;
+    image.as_file().set_len(16 * PAGE as u64)?;
+    let store =
+        Arc::new(ImageFileStore::open(image.path(), PAGE, 16).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let err = VmEviction::new(vm, store, EvictConfig::default())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("memory file"), "{err}");
+    Ok(())
+}
