@@ -3,6 +3,7 @@
 //! KVM guest.
 
 pub mod image;
+pub mod kvm_guest;
 pub mod memhog;
 pub mod minipager;
 pub mod pattern;

@@ -176,3 +176,60 @@ fn prefill_baseline_and_bad_arguments() {
     let out = memhog(&["check-image", "--zero-every", "3", img.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn kvm_guest_reads_pages_served_through_uffd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    write_image(
+        &img,
+        256,
+        ImageSpec {
+            seed: 5,
+            zero_every: 9,
+        },
+    )
+    .unwrap();
+    for (handshake, served) in [("firecracker", 5u64), ("pagewise", 5), ("firecracker", 6)] {
+        let sock = dir.path().join(format!("kvm-{handshake}-{served}.sock"));
+        let served_img = if served == 5 {
+            img.clone()
+        } else {
+            let other = dir.path().join("other");
+            write_image(
+                &other,
+                256,
+                ImageSpec {
+                    seed: served,
+                    zero_every: 9,
+                },
+            )
+            .unwrap();
+            other
+        };
+        let pager = MiniPager::spawn(
+            &sock,
+            MiniSource::Image(std::fs::File::open(&served_img).unwrap()),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kvm_guest"))
+            .args(["--socket", sock.to_str().unwrap(), "--handshake", handshake])
+            .args(["--seed", "5", "--zero-every", "9", "--json"])
+            .output()
+            .unwrap();
+        let r = json(&out);
+        if served == 5 {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(r["ok"], true);
+            // Every data page faulted once through the uffd (the code page was placed).
+            assert_eq!(pager.stats.faults.load(Ordering::Relaxed), 255);
+        } else {
+            assert_eq!(out.status.code(), Some(1));
+            assert_eq!(r["ok"], false);
+        }
+    }
+}

@@ -89,6 +89,19 @@ pub fn attach(
     wp: bool,
 ) -> anyhow::Result<Attached> {
     let (uffd, kernel_features) = register(mem, wp)?;
+    // The pager holds its own copy of the uffd afterwards; ours closes when this returns.
+    handshake(mem, socket_path, kind, &uffd, kernel_features, wp)
+}
+
+/// Hand an already registered `uffd` over `mem` to the pager at `socket_path`.
+pub fn handshake(
+    mem: &GuestMemory,
+    socket_path: &Path,
+    kind: &HandshakeKind,
+    uffd: &Uffd,
+    kernel_features: Features,
+    wp: bool,
+) -> anyhow::Result<Attached> {
     let socket = UnixStream::connect(socket_path)
         .with_context(|| format!("connecting to the pager at {}", socket_path.display()))?;
     let regions = [region_of(mem)];
@@ -127,8 +140,6 @@ pub fn attach(
             reply.swapdev
         }
     };
-    // The pager holds its own copy of the uffd now; ours closes here.
-    drop(uffd);
     Ok(Attached {
         socket,
         kernel_features,
