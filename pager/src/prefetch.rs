@@ -70,14 +70,12 @@ impl PrefetchPolicy for NoPrefetch {
     }
 }
 
-/// Whether prefetching `page` is worthwhile: it is absent and its content must be brought
-/// in (swap device or zero fill). Pages the guest removed stay out: they read as zero when
-/// touched, and filling them ahead would undo a balloon's work.
+/// Whether prefetching `page` is worthwhile: it is absent and its content must be read
+/// from the page source. Pages the guest removed stay out (they read as zero when touched,
+/// and filling them ahead would undo a balloon's work); known-zero pages cost no I/O when
+/// they fault, so fetching them ahead gains nothing.
 pub(crate) fn wanted(states: &PageStateTable, page: u64) -> bool {
-    matches!(
-        states.get(page),
-        PageState::Missing | PageState::Evicted | PageState::Zero
-    )
+    matches!(states.get(page), PageState::Missing | PageState::Evicted)
 }
 
 #[cfg(test)]
@@ -145,6 +143,6 @@ mod tests {
         }
         let w: Vec<bool> = (0..7).map(|p| wanted(&states, p)).collect();
         // Missing, Present, InFlight, Evicting, Evicted, Removed, Zero
-        assert_eq!(w, [true, false, false, false, true, false, true]);
+        assert_eq!(w, [true, false, false, false, true, false, false]);
     }
 }
