@@ -294,3 +294,68 @@ fn refuses_vms_without_memory_file_or_wp() -> anyhow::Result<()> {
     assert!(err.to_string().contains("memory file"), "{err}");
     Ok(())
 }
+
+#[test]
+fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let guest = Guest::start()?;
+    for p in 0..64 {
+        guest.word(p, 1).store(p + 100, Ordering::SeqCst);
+    }
+    let store = Arc::new(
+        ImageFileStore::open(&guest.image_path, PAGE, PAGES).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let svc = VmEviction::new(
+        guest.vm.clone(),
+        store,
+        EvictConfig {
+            sample_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+    )?;
+    svc.start_sampler()?;
+    std::thread::sleep(Duration::from_millis(120));
+    let cancel = AtomicBool::new(false);
+    let r = svc.evict(
+        EvictGoal::TargetResidentPages(0),
+        None,
+        &cancel,
+        &mut |_| {},
+    )?;
+    assert_eq!(r.progress.evicted, 64, "{r:?}");
+    let image = File::open(&guest.image_path)?;
+    let mut buf = vec![0u8; 8];
+    image.read_exact_at(&mut buf, 10 * PAGE as u64 + 8)?;
+    assert_eq!(u64::from_ne_bytes(buf[..8].try_into()?), 110);
+
+    // The guest frees pages 8..16 the way QEMU discards RAM (the fault loop sees REMOVE).
+    // SAFETY: the range is inside our own mapping; nothing else holds references into it.
+    let rc = unsafe {
+        libc::madvise(
+            (guest.map.as_ptr() as usize + 8 * PAGE) as *mut libc::c_void,
+            8 * PAGE,
+            libc::MADV_REMOVE,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        image.read_exact_at(&mut buf, 10 * PAGE as u64 + 8)?;
+        if u64::from_ne_bytes(buf[..8].try_into()?) == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "discarded page still in the store"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(guest.vm.states.get(10), PageState::Removed);
+    assert_eq!(guest.word(10, 1).load(Ordering::SeqCst), 0);
+    assert_eq!(guest.word(20, 1).load(Ordering::SeqCst), 120);
+    svc.stop_sampler();
+    drop(svc);
+    let mut guest = guest;
+    assert_eq!(guest.stop(), LoopExit::Stopped);
+    Ok(())
+}

@@ -37,6 +37,8 @@ pub trait SamplerTarget: Send + Sync + 'static {
     fn states(&self) -> &PageStateTable;
     fn dirty(&self) -> &DirtyBitmap;
     fn tracker(&self) -> &WorkingSetTracker;
+    /// Runs after every sample on the sampler thread (housekeeping; default: nothing).
+    fn after_sample(&self) {}
 }
 
 /// A running sampler thread; stops (and joins) on drop.
@@ -73,12 +75,15 @@ impl Sampler {
                         target.dirty(),
                         target.tracker(),
                     ) {
-                        Ok(s) => tracing::debug!(
-                            wss = s.wss_pages,
-                            written = s.written,
-                            refaulted = s.refaulted,
-                            "working-set sample"
-                        ),
+                        Ok(s) => {
+                            tracing::debug!(
+                                wss = s.wss_pages,
+                                written = s.written,
+                                refaulted = s.refaulted,
+                                "working-set sample"
+                            );
+                            target.after_sample();
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "working-set sampler stops");
                             failed2.store(true, Ordering::Release);

@@ -61,6 +61,36 @@ struct Shared {
     vm: Arc<Vm>,
     layout: MemoryLayout,
     tracker: WorkingSetTracker,
+    store: Arc<dyn PageStore>,
+    /// Pages seen `Removed` and already forgotten in the store (cleared when they leave
+    /// `Removed`, so a later discard is forgotten again).
+    forgotten: Mutex<Vec<u64>>,
+}
+
+impl Shared {
+    /// Forget in the store every page the fault loop marked `Removed` (UFFD_EVENT_REMOVE)
+    /// since the last sweep, so a discarded page's old content is never kept or served.
+    fn sweep_removed(&self) -> Result<usize, StoreError> {
+        let mut forgotten = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        let mut newly = Vec::new();
+        for p in 0..self.vm.states.len() {
+            let (w, bit) = (p / 64, 1u64 << (p % 64));
+            if self.vm.states.get(p as u64) == PageState::Removed {
+                if forgotten[w] & bit == 0 {
+                    newly.push(p as u64);
+                }
+            } else {
+                forgotten[w] &= !bit;
+            }
+        }
+        for chunk in newly.chunks(1024) {
+            self.store.forget_pages(chunk)?;
+            for &p in chunk {
+                forgotten[p as usize / 64] |= 1u64 << (p % 64);
+            }
+        }
+        Ok(newly.len())
+    }
 }
 
 impl SamplerTarget for Shared {
@@ -78,6 +108,15 @@ impl SamplerTarget for Shared {
     }
     fn tracker(&self) -> &WorkingSetTracker {
         &self.tracker
+    }
+    fn after_sample(&self) {
+        match self.sweep_removed() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(vm = %self.vm.name, pages = n, "discarded pages forgotten"),
+            Err(e) => {
+                tracing::warn!(vm = %self.vm.name, error = %e, "forgetting discarded pages failed")
+            }
+        }
     }
 }
 
@@ -98,7 +137,6 @@ pub struct EvictStats {
 /// One VM's eviction service.
 pub struct VmEviction {
     shared: Arc<Shared>,
-    store: Arc<dyn PageStore>,
     config: EvictConfig,
     sampler: Mutex<Option<Sampler>>,
     /// Held while an eviction runs: one at a time per VM.
@@ -129,13 +167,15 @@ impl VmEviction {
         }
         let layout = MemoryLayout::from(&vm.layout);
         let tracker = WorkingSetTracker::new(&vm.states, config.wss);
+        let words = vm.states.len().div_ceil(64);
         Ok(Self {
             shared: Arc::new(Shared {
                 vm,
                 layout,
                 tracker,
+                store,
+                forgotten: Mutex::new(vec![0; words]),
             }),
-            store,
             config,
             sampler: Mutex::new(None),
             running: Mutex::new(None),
@@ -190,7 +230,7 @@ impl VmEviction {
             memory_file,
             layout: &self.shared.layout,
             states: &vm.states,
-            store: self.store.as_ref(),
+            store: self.shared.store.as_ref(),
             tracker: Some(&self.shared.tracker),
         };
         let report = run_eviction(
@@ -209,7 +249,13 @@ impl VmEviction {
 
     /// The guest discarded guest pages `pages` (REMOVE event): never store or serve them again.
     pub fn forget_removed(&self, pages: std::ops::Range<u64>) -> Result<usize, StoreError> {
-        forget_removed(&self.shared.vm.states, self.store.as_ref(), pages)
+        forget_removed(&self.shared.vm.states, self.shared.store.as_ref(), pages)
+    }
+
+    /// Forget in the store the pages the fault loop has marked `Removed` since the last sweep
+    /// (the sampler thread does this after every sample). Returns how many were forgotten.
+    pub fn sweep_removed(&self) -> Result<usize, StoreError> {
+        self.shared.sweep_removed()
     }
 
     pub fn stats(&self) -> EvictStats {
