@@ -25,6 +25,8 @@ enum Command {
     Swapdev(cli::swapdev::SwapdevArgs),
     /// Benchmarks that print a table against a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
+    /// Run an unmodified QEMU with its guest RAM served by the pager.
+    Vm(cli::vm::VmArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Swapdev(args) => cli::swapdev::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Vm(args) => cli::vm::run(args),
     };
     match result {
         Ok(code) => code,

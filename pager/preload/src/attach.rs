@@ -115,6 +115,20 @@ pub fn attach(
     drop(memory_file);
     match wire::read_reply(&mut stream)? {
         Verdict::Accepted { swapdev } => {
+            if let Some(expected) = &cfg.expected_swapdev {
+                match &swapdev {
+                    Some(got) if crate::config::same_swapdev(expected, got) => {}
+                    got => {
+                        return Err(format!(
+                            "the pager at {} serves VM {:?} from swap device {}, not {expected} \
+                             (PAGEWISE_SWAPDEV / --swapdev)",
+                            cfg.socket.display(),
+                            cfg.vm,
+                            got.as_deref().unwrap_or("(unnamed)")
+                        ))
+                    }
+                }
+            }
             // Kept open on purpose, see above.
             let _ = uffd.into_raw();
             std::mem::forget(stream);

@@ -7,6 +7,7 @@
 //! | `PAGEWISE_VM`       | VM name sent in the handshake; default: the memory file's name   |
 //! | `PAGEWISE_MODES`    | uffd registration modes, comma separated: `missing`, `wp`, `minor`; default `missing,wp` |
 //! | `PAGEWISE_TIMEOUT_SECS` | how long to wait for the pager's reply; default 30           |
+//! | `PAGEWISE_SWAPDEV`  | optional: the swap device the pager must answer with; another one stops the VM |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub const ENV_SOCKET: &str = "PAGEWISE_SOCKET";
 pub const ENV_VM: &str = "PAGEWISE_VM";
 pub const ENV_MODES: &str = "PAGEWISE_MODES";
 pub const ENV_TIMEOUT: &str = "PAGEWISE_TIMEOUT_SECS";
+pub const ENV_SWAPDEV: &str = "PAGEWISE_SWAPDEV";
 
 /// What the library does, parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub struct Config {
     pub mode_names: Vec<String>,
     pub modes: RegisterMode,
     pub timeout: Duration,
+    /// The swap device the pager must report for this VM, if the operator named one.
+    pub expected_swapdev: Option<String>,
 }
 
 /// Look up one variable; `None` when unset or empty.
@@ -83,6 +87,7 @@ pub fn from_env(get: Lookup<'_>) -> Result<Config, String> {
         mode_names,
         modes,
         timeout,
+        expected_swapdev: get(ENV_SWAPDEV),
     })
 }
 
@@ -131,6 +136,19 @@ pub fn parse_modes(text: &str) -> Result<(Vec<String>, RegisterMode), String> {
         return Err(format!("{ENV_MODES}={text:?}: names no mode"));
     }
     Ok((names, RegisterMode(bits)))
+}
+
+/// Whether the swap device the pager named is the one expected: the same text, or the same
+/// file once a `file:` prefix is dropped and both paths are resolved.
+pub fn same_swapdev(expected: &str, reported: &str) -> bool {
+    if expected == reported {
+        return true;
+    }
+    let as_path = |s: &str| {
+        let p = s.strip_prefix("file:").unwrap_or(s);
+        std::fs::canonicalize(p).ok()
+    };
+    matches!((as_path(expected), as_path(reported)), (Some(a), Some(b)) if a == b)
 }
 
 #[cfg(test)]
@@ -205,6 +223,17 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.contains(ENV_VM), "{e}");
+    }
+
+    #[test]
+    fn swapdev_comparison() {
+        assert!(same_swapdev(
+            "nbd+unix:///swap?socket=/s",
+            "nbd+unix:///swap?socket=/s"
+        ));
+        assert!(same_swapdev("/tmp", "file:/tmp/"));
+        assert!(!same_swapdev("/tmp", "/var"));
+        assert!(!same_swapdev("/nonexistent-a", "/nonexistent-b"));
     }
 
     #[test]

@@ -61,21 +61,25 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Build `package` with the test's profile and target dir unless `artifact` exists; return it.
+/// Build `package` with the test's profile and target dir (a no-op when fresh, so a stale
+/// artifact is never tested), once per test process; return `artifact`'s path.
 fn workspace_artifact(package: &str, artifact: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = profile_dir();
     let path = dir.join(artifact);
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == package) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(repo())
-            .args(["build", "-p", package, "--target-dir"])
+            .args(["build", "--quiet", "-p", package, "--target-dir"])
             .arg(dir.parent().expect("target dir"));
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "cargo build -p {package} failed");
+        built.push(package.to_string());
     }
     assert!(path.exists(), "{} missing after build", path.display());
     path
