@@ -139,8 +139,10 @@ pub fn parse_modes(text: &str) -> Result<(Vec<String>, RegisterMode), String> {
 }
 
 /// Whether the swap device the pager named is the one expected: the same text, or the same
-/// file once a `file:` prefix is dropped and both paths are resolved.
+/// file once the daemon's `swapdev ` prefix and a `file:` prefix are dropped and both paths
+/// are resolved.
 pub fn same_swapdev(expected: &str, reported: &str) -> bool {
+    let reported = reported.strip_prefix("swapdev ").unwrap_or(reported);
     if expected == reported {
         return true;
     }
@@ -232,6 +234,7 @@ mod tests {
             "nbd+unix:///swap?socket=/s"
         ));
         assert!(same_swapdev("/tmp", "file:/tmp/"));
+        assert!(same_swapdev("/tmp", "swapdev /tmp"));
         assert!(!same_swapdev("/tmp", "/var"));
         assert!(!same_swapdev("/nonexistent-a", "/nonexistent-b"));
     }

@@ -3,6 +3,7 @@
 //! serial-log reader. Each `qemu_*.rs` test file includes this module.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod qmp;
 pub mod zero_pager;
 
 use std::path::{Path, PathBuf};
