@@ -86,5 +86,6 @@ pub trait Backend: Send {
 }
 
 pub mod file;
+pub mod mem;
 pub mod nbd;
 pub mod spec;

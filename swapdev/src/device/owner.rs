@@ -1,0 +1,91 @@
+//! Ownership between hosts: the header names the owner host and a generation that every
+//! acquire and release bumps. A writer re-reads the header (always before checkpoints,
+//! flushes and releases; at most `fence_interval` apart before batch writes) and stops
+//! writing for good once the generation or owner differ from its own.
+
+use super::SwapDevice;
+use crate::error::{Result, SwapError};
+use crate::format::header::DeviceHeader;
+use crate::format::BLOCK;
+use crate::AlignedBuf;
+
+impl SwapDevice {
+    pub(super) fn read_header_now(&mut self) -> Result<DeviceHeader> {
+        let b = self.read_sync(0, 2 * BLOCK)?;
+        DeviceHeader::choose(&b[..BLOCK as usize], &b[BLOCK as usize..]).map(|(h, _)| h)
+    }
+
+    /// Refuse (and stop writing for good) when another host took the device over.
+    pub(super) fn fence_check(&mut self, always: bool) -> Result<()> {
+        if !always && self.last_fence_check.elapsed() < self.fence_interval {
+            return Ok(());
+        }
+        let cur = self.read_header_now()?;
+        self.last_fence_check = std::time::Instant::now();
+        if cur.generation != self.hdr.generation || !cur.owned || cur.owner != self.host_id {
+            self.writable = false;
+            tracing::error!(owner = %cur.owner, generation = cur.generation, ours = self.hdr.generation, "fenced: device taken over");
+            return Err(SwapError::Fenced {
+                owner: cur.owner,
+                owned: cur.owned,
+                generation: cur.generation,
+                ours: self.hdr.generation,
+            });
+        }
+        Ok(())
+    }
+
+    /// Write `h` as the next header (into the copy not holding the current one), flushed.
+    pub(super) fn write_header(&mut self, mut h: DeviceHeader) -> Result<()> {
+        h.header_seq = self.hdr.header_seq + 1;
+        let copy = 1 - self.hdr_copy;
+        let mut block = AlignedBuf::new(BLOCK as usize);
+        h.encode(&mut block);
+        self.write_sync(copy as u64 * BLOCK, block)?;
+        self.flush_backend()?;
+        self.hdr = h;
+        self.hdr_copy = copy;
+        Ok(())
+    }
+
+    /// Become the owner at a new generation (called by a read-write open).
+    pub(super) fn take_ownership(&mut self, acquire: bool, force: bool) -> Result<()> {
+        let cur = self.hdr.clone();
+        if cur.owned && cur.owner != self.host_id {
+            if !force {
+                return Err(SwapError::OwnedByOther {
+                    owner: cur.owner,
+                    generation: cur.generation,
+                });
+            }
+            tracing::warn!(owner = %cur.owner, generation = cur.generation, "forcing takeover of a device owned by another host");
+        }
+        if !cur.owned && !acquire {
+            return Err(SwapError::NotOwned {
+                host: self.host_id.clone(),
+            });
+        }
+        let mut h = cur;
+        h.owner = self.host_id.clone();
+        h.owned = true;
+        h.generation += 1;
+        self.write_header(h)?;
+        self.last_fence_check = std::time::Instant::now();
+        tracing::info!(host = %self.host_id, generation = self.hdr.generation, "swap device acquired");
+        Ok(())
+    }
+
+    /// Hand the device over: checkpoint, flush, mark it unowned at a new generation. The
+    /// next host opens it with `acquire`.
+    pub fn release(mut self) -> Result<()> {
+        self.checkpoint()?;
+        self.fence_check(true)?;
+        let mut h = self.hdr.clone();
+        h.owned = false;
+        h.generation += 1;
+        self.write_header(h)?;
+        self.writable = false;
+        tracing::info!(host = %self.host_id, generation = self.hdr.generation, "swap device released");
+        Ok(())
+    }
+}

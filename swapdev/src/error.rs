@@ -1,0 +1,94 @@
+//! Errors of the swap device. Every variant names what went wrong and where.
+
+use crate::backend::BackendError;
+
+/// Everything that can go wrong opening, reading or writing a swap device.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("backend I/O failed: {0}")]
+    Backend(#[from] BackendError),
+    #[error("not a pagewise swap device: bad magic {found:02x?} in both header copies")]
+    BadMagic { found: [u8; 8] },
+    #[error("format version {found} is newer than this pagewise supports ({supported})")]
+    NewerVersion { found: u32, supported: u32 },
+    #[error("device is truncated: it holds {size} bytes but needs at least {needed} ({what})")]
+    Truncated {
+        size: u64,
+        needed: u64,
+        what: &'static str,
+    },
+    #[error("both header copies are corrupt (checksum mismatch at offsets 0 and 4096)")]
+    HeaderCorrupt,
+    #[error("checkpoint in slot {slot} at offset {offset} is corrupt: {reason}")]
+    CheckpointCorrupt {
+        slot: u8,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "index entry for page {page} points outside the data area \
+         (offset {offset}, length {len}; data area is {start}..{end})"
+    )]
+    IndexOutOfRange {
+        page: u64,
+        offset: u64,
+        len: u32,
+        start: u64,
+        end: u64,
+    },
+    #[error("index entry for page {page} is invalid: {reason}")]
+    IndexInvalid { page: u64, reason: String },
+    #[error("page {page} is corrupt at device offset {offset}: {reason}")]
+    PageCorrupt {
+        page: u64,
+        offset: u64,
+        reason: String,
+    },
+    #[error("page {page} is outside the device (capacity {capacity} pages)")]
+    PageOutOfRange { page: u64, capacity: u64 },
+    #[error("page {page}: data is {len} bytes, the device's page size is {page_size}")]
+    WrongPageLength {
+        page: u64,
+        len: usize,
+        page_size: usize,
+    },
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    #[error("swap device is owned by host {owner} (generation {generation}); release it there first or use --force")]
+    OwnedByOther { owner: String, generation: u64 },
+    #[error("swap device is not owned by this host ({host}); acquire it first")]
+    NotOwned { host: String },
+    #[error(
+        "this host's ownership is stale: the device is now at generation {generation} \
+         (owner {owner}, owned: {owned}), we hold generation {ours}; refusing to write"
+    )]
+    Fenced {
+        owner: String,
+        owned: bool,
+        generation: u64,
+        ours: u64,
+    },
+    #[error("device was opened read-only")]
+    ReadOnly,
+    #[error("device is unusable after an earlier write failure; reopen it to recover")]
+    Poisoned,
+    #[error("device is full: no reclaimable space left for {needed} more bytes (data area {data_bytes} bytes, live {live_bytes} bytes)")]
+    NoSpace {
+        needed: u64,
+        data_bytes: u64,
+        live_bytes: u64,
+    },
+    #[error("backend already holds {what}; refusing to overwrite it (use force to format anyway)")]
+    AlreadyHoldsData { what: String },
+    #[error("image is {image_len} bytes but the device holds {capacity} pages of {page_size} bytes ({expected} bytes)")]
+    ImageSizeMismatch {
+        image_len: u64,
+        capacity: u64,
+        page_size: u32,
+        expected: u64,
+    },
+    #[error("image I/O failed: {0}")]
+    Image(#[source] std::io::Error),
+}
+
+pub type Result<T, E = SwapError> = std::result::Result<T, E>;
