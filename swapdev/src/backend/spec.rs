@@ -351,3 +351,43 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The parser never panics; a failure is always an "invalid backend spec" error.
+        #[test]
+        fn parse_never_panics(s in ".{0,80}") {
+            if let Err(e) = parse_spec(&s) {
+                prop_assert!(e.to_string().contains("invalid backend spec"));
+            }
+        }
+
+        /// Built URIs parse back to what they were built from (names percent-encoded).
+        #[test]
+        fn built_uris_round_trip(
+            host in "[a-z][a-z0-9.-]{0,20}",
+            port in 1u16..,
+            export in "[ -~]{0,30}",
+            sock in "/[a-z0-9/._-]{1,40}",
+        ) {
+            let enc: String = export
+                .bytes()
+                .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+                .collect();
+            let tcp = parse_spec(&format!("nbd://{host}:{port}/{enc}")).unwrap();
+            prop_assert_eq!(tcp, BackendSpec::Nbd {
+                address: NbdAddress::Tcp { host: host.clone(), port },
+                export: export.clone(),
+            });
+            let unix = parse_spec(&format!("nbd+unix:///{enc}?socket={sock}")).unwrap();
+            prop_assert_eq!(unix, BackendSpec::Nbd {
+                address: NbdAddress::Unix(sock.clone().into()),
+                export,
+            });
+        }
+    }
+}

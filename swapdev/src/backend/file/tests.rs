@@ -470,7 +470,8 @@ fn bench_file_qd32_random_read() {
     for (dir, mode) in [
         (DISK_DIR, DirectMode::Always),
         (DISK_DIR, DirectMode::Never),
-        (TMPFS_DIR, DirectMode::Auto),
+        (TMPFS_DIR, DirectMode::Always),
+        (TMPFS_DIR, DirectMode::Never),
     ] {
         let (_tmp, mut b) = open_in(dir, mode, 64);
         {

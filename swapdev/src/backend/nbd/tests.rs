@@ -478,3 +478,74 @@ fn backend_is_send() {
     fn assert_send<T: Send>() {}
     assert_send::<NbdBackend>();
 }
+
+/// A server that says a fixed sequence of bytes and swallows whatever the client writes.
+struct FixedServer {
+    says: std::io::Cursor<Vec<u8>>,
+}
+
+impl Read for FixedServer {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.says.read(buf)
+    }
+}
+
+impl Write for FixedServer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn greeting() -> Vec<u8> {
+    let mut g = NBD_MAGIC.to_be_bytes().to_vec();
+    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    g
+}
+
+fn option_reply(rep: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&rep.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+proptest::proptest! {
+    /// Whatever a server says after a valid greeting, negotiation returns (never panics), and
+    /// any failure is a Protocol or Setup error naming the server.
+    #[test]
+    fn negotiation_survives_arbitrary_server_bytes(
+        tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)
+    ) {
+        let mut says = greeting();
+        says.extend_from_slice(&tail);
+        let mut server = FixedServer { says: std::io::Cursor::new(says) };
+        if let Err(e) = handshake::negotiate(&mut server, "swap", "fixture") {
+            let msg = e.to_string();
+            proptest::prop_assert!(msg.contains("fixture"), "{}", msg);
+        }
+    }
+
+    /// Every truncation of a valid reply sequence is an error, never a wrong success.
+    #[test]
+    fn truncated_valid_replies_fail(cut in 0usize..60) {
+        let mut says = greeting();
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        info.extend_from_slice(&FLAGS_RW.to_be_bytes());
+        says.extend_from_slice(&option_reply(REP_INFO, &info));
+        says.extend_from_slice(&option_reply(REP_ACK, &[]));
+        let full = says.len();
+        let mut server = FixedServer { says: std::io::Cursor::new(says.clone()) };
+        proptest::prop_assert!(handshake::negotiate(&mut server, "swap", "fixture").is_ok());
+        says.truncate(full - 1 - cut.min(full - 19));
+        let mut server = FixedServer { says: std::io::Cursor::new(says) };
+        let err = handshake::negotiate(&mut server, "swap", "fixture").unwrap_err();
+        proptest::prop_assert!(err.to_string().contains("closed the connection"), "{}", err);
+    }
+}
