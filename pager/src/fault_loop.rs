@@ -13,7 +13,7 @@ mod events;
 mod place;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,6 +79,8 @@ pub enum FaultLoopError {
         #[source]
         source: SourceError,
     },
+    #[error("the userfaultfd reports an error condition (was UFFDIO_API done by the VMM?)")]
+    UffdUnusable,
     #[error("poll: {0}")]
     Poll(#[from] nix::Error),
     #[error("the VMM remapped guest memory ({len:#x} bytes {from:#x} -> {to:#x}); mremap of guest RAM is not supported")]
@@ -196,12 +198,39 @@ impl FaultLoop {
                 Err(e) => return Err(e.into()),
             }
         }
+        // `revents()` is None when the kernel set bits nix does not name (POLLRDHUP): that
+        // still means "look at this fd".
         let ready = |i: usize| {
             fds.get(i)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty())
+                .is_some_and(|f| f.revents().is_none_or(|r| !r.is_empty()))
         };
-        Ok((ready(0), ready(1), ready(2), ready(3)))
+        let broken = PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL;
+        if fds[0].revents().is_some_and(|r| r.intersects(broken)) {
+            // E.g. a uffd whose UFFDIO_API handshake was never done reports POLLERR forever.
+            return Err(FaultLoopError::UffdUnusable);
+        }
+        let (u, s, st, c) = (ready(0), ready(1), ready(2), ready(3));
+        drop(fds);
+        Ok((u, s, st, c && self.connection_closed()))
+    }
+
+    /// The attach connection is readable: EOF or an error means the VMM is gone; stray bytes
+    /// (neither handshake sends more) are read and ignored.
+    fn connection_closed(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        let Some(c) = &self.connection else {
+            return false;
+        };
+        let mut buf = [0u8; 256];
+        match recv(c.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => true,
+            Ok(n) => {
+                tracing::warn!(vm = %self.vm.name, bytes = n, "unexpected bytes on the attach connection ignored");
+                false
+            }
+            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => false,
+            Err(_) => true,
+        }
     }
 
     /// Read and handle every pending uffd message, in order. Returns how many page faults

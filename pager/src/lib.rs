@@ -8,7 +8,9 @@ pub mod page_state;
 pub mod wss;
 pub mod prefetch;
 pub mod metrics;
+pub mod server;
 pub mod source;
+pub mod stats;
 pub mod vm;
 
 /// The userfaultfd layer, re-exported for users of the pager.

@@ -6,12 +6,14 @@
 //! ([`image`], e.g. a Firecracker snapshot memory file), later a migration source host.
 
 pub mod image;
+pub mod swapdev_source;
 
 use std::os::fd::BorrowedFd;
 
 use swapdev::AlignedBuf;
 
 pub use image::ImageFileSource;
+pub use swapdev_source::SwapdevSource;
 
 /// The content of one guest page.
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 //! components (evictor, working-set tracker, migration).
 
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use uffd::Uffd;
@@ -178,6 +179,9 @@ pub struct Vm {
     pub wp_registered: bool,
     /// Human description of the page source (swap device path).
     pub source_description: String,
+    /// The VM's swap device, shared with the evictor (write_pages/flush while faults are
+    /// served). `None` when the source is not a swap device.
+    pub swapdev: Option<Arc<Mutex<swapdev::SwapDevice>>>,
     pub attached_at: SystemTime,
 }
 
@@ -202,6 +206,7 @@ impl Vm {
             peer,
             wp_registered: false,
             source_description: String::new(),
+            swapdev: None,
             attached_at: SystemTime::now(),
         }
     }

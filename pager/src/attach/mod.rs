@@ -2,3 +2,4 @@
 //! it ends as (uffd, regions, optional memory-file fd, VM name).
 
 pub mod protocol;
+pub mod server;

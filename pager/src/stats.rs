@@ -1,0 +1,259 @@
+//! Presenting VM metrics: a human table, Prometheus text format, and a tiny loopback-only
+//! HTTP responder serving `/metrics`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::metrics::histogram::bucket_upper_us;
+use crate::metrics::MetricsSnapshot;
+use crate::server::Daemon;
+
+/// Why the metrics endpoint cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsEndpointError {
+    #[error("--metrics-addr {0} is not a loopback address; the endpoint is unauthenticated, so only 127.0.0.1 / ::1 are allowed")]
+    NotLoopback(SocketAddr),
+    #[error("binding the metrics endpoint {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition of every VM's counters and latency histogram.
+pub fn prometheus_text(vms: &[(String, MetricsSnapshot)]) -> String {
+    let mut out = String::new();
+    let Some((_, first)) = vms.first() else {
+        return "# no VMs attached\n".into();
+    };
+    for (name, _) in first.counters() {
+        let kind = if name == "inflight" {
+            "gauge"
+        } else {
+            "counter"
+        };
+        out.push_str(&format!("# TYPE pagewise_{name} {kind}\n"));
+        for (vm, m) in vms {
+            let v = m
+                .counters()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, v)| v);
+            out.push_str(&format!(
+                "pagewise_{name}{{vm=\"{}\"}} {v}\n",
+                escape_label(vm)
+            ));
+        }
+    }
+    out.push_str("# TYPE pagewise_fault_latency_seconds histogram\n");
+    for (vm, m) in vms {
+        let vm = escape_label(vm);
+        let h = &m.fault_latency;
+        let mut cumulative = 0;
+        let last = h.buckets.len().saturating_sub(1);
+        for (i, c) in h.buckets.iter().enumerate() {
+            cumulative += c;
+            if i == last {
+                break;
+            }
+            let le = bucket_upper_us(i) as f64 / 1e6;
+            out.push_str(&format!(
+                "pagewise_fault_latency_seconds_bucket{{vm=\"{vm}\",le=\"{le}\"}} {cumulative}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "pagewise_fault_latency_seconds_bucket{{vm=\"{vm}\",le=\"+Inf\"}} {}\n",
+            h.count()
+        ));
+        out.push_str(&format!(
+            "pagewise_fault_latency_seconds_sum{{vm=\"{vm}\"}} {}\n",
+            h.sum_ns as f64 / 1e9
+        ));
+        out.push_str(&format!(
+            "pagewise_fault_latency_seconds_count{{vm=\"{vm}\"}} {}\n",
+            h.count()
+        ));
+    }
+    out
+}
+
+fn snapshots(daemon: &Daemon) -> Vec<(String, MetricsSnapshot)> {
+    daemon
+        .vms()
+        .iter()
+        .map(|vm| (vm.name.clone(), vm.metrics.snapshot()))
+        .collect()
+}
+
+/// Bind `addr` (loopback only) and serve `GET /metrics` on a thread until the daemon stops.
+pub fn spawn_metrics_endpoint(
+    daemon: Arc<Daemon>,
+    addr: SocketAddr,
+) -> Result<std::thread::JoinHandle<()>, MetricsEndpointError> {
+    if !addr.ip().is_loopback() {
+        return Err(MetricsEndpointError::NotLoopback(addr));
+    }
+    let listener =
+        TcpListener::bind(addr).map_err(|source| MetricsEndpointError::Bind { addr, source })?;
+    let handle = std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || serve_http(&daemon, listener))
+        .map_err(|source| MetricsEndpointError::Bind { addr, source })?;
+    Ok(handle)
+}
+
+fn serve_http(daemon: &Arc<Daemon>, listener: TcpListener) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(daemon.stop_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => {
+                tracing::error!(%e, "poll on the metrics endpoint failed");
+                return;
+            }
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        let Ok((mut stream, _)) = listener.accept() else {
+            continue;
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut req = [0u8; 2048];
+        let n = stream.read(&mut req).unwrap_or(0);
+        let first_line = String::from_utf8_lossy(&req[..n]);
+        let (status, body, ctype) = if first_line.starts_with("GET /metrics ") {
+            (
+                "200 OK",
+                prometheus_text(&snapshots(daemon)),
+                "text/plain; version=0.0.4",
+            )
+        } else {
+            (
+                "404 Not Found",
+                "only GET /metrics is served\n".to_string(),
+                "text/plain",
+            )
+        };
+        let resp = format!(
+            "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(resp.as_bytes());
+    }
+}
+
+/// A human table of the `stats` command's result.
+pub fn render_table(stats: &Value) -> String {
+    let mut out = String::new();
+    let vms = stats
+        .get("vms")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if vms.is_empty() {
+        return "no VMs attached\n".into();
+    }
+    for vm in vms {
+        let s = |k: &str| {
+            vm.get(k)
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "VM {}  pid {}  {}  source {}  prefetch {}\n",
+            s("vm"),
+            s("pid"),
+            s("flavour"),
+            s("source"),
+            s("prefetch")
+        ));
+        out.push_str(&format!(
+            "  pages {} x {} B   attached {} s   dirty {}\n",
+            s("pages"),
+            s("page_size"),
+            s("attached_secs"),
+            s("dirty_pages")
+        ));
+        if let Some(states) = vm.get("states").and_then(Value::as_object) {
+            let line: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out.push_str(&format!("  states: {}\n", line.join(", ")));
+        }
+        if let Some(m) = vm.get("metrics").and_then(Value::as_object) {
+            for (k, v) in m {
+                if k != "fault_latency" {
+                    out.push_str(&format!("  {k:<18} {v}\n"));
+                }
+            }
+        }
+        out.push_str(&format!(
+            "  fault latency: p50 <= {} us, p99 <= {} us, mean {} us\n",
+            s("fault_latency_p50_us"),
+            s("fault_latency_p99_us"),
+            vm.get("fault_latency_mean_us")
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |v| format!("{v:.1}"))
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::VmMetrics;
+
+    #[test]
+    fn prometheus_exposition_has_counters_and_cumulative_buckets() {
+        let m = VmMetrics::default();
+        VmMetrics::add(&m.faults, 3);
+        m.fault_latency.record_ns(3_000);
+        m.fault_latency.record_ns(100_000);
+        let text = prometheus_text(&[("vm\"1".into(), m.snapshot())]);
+        assert!(
+            text.contains("pagewise_faults{vm=\"vm\\\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("le=\"0.000004\"} 1\n"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 2\n"), "{text}");
+        assert!(text.contains("pagewise_fault_latency_seconds_count{vm=\"vm\\\"1\"} 2\n"));
+    }
+
+    #[test]
+    fn refuses_non_loopback_addresses() {
+        let d = crate::server::Daemon::new(Default::default(), Arc::new(NoSources)).unwrap();
+        let err = spawn_metrics_endpoint(d, "0.0.0.0:0".parse().unwrap()).unwrap_err();
+        assert!(matches!(err, MetricsEndpointError::NotLoopback(_)));
+    }
+
+    struct NoSources;
+    impl crate::server::SourceProvider for NoSources {
+        fn open(
+            &self,
+            vm: &str,
+            _: &crate::vm::GuestLayout,
+        ) -> Result<crate::server::OpenedSource, String> {
+            Err(format!("no source configured for {vm}"))
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! End to end, in one process: a thread plays the VMM (anonymous guest memory, a uffd, the
+//! Firecracker or pagewise handshake) against the real attach server backed by a real swap
+//! device file; touching guest pages must show the stored content.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use pager::attach::protocol::{
+    recv_reply, send_firecracker, send_request, AttachRequest, GuestRegionUffdMapping,
+};
+use pager::attach::server::Naming;
+use pager::server::{control, Daemon, DaemonConfig, SwapdevProvider};
+use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
+use serde_json::json;
+use swapdev::backend::spec::{open_backend, SpecOptions};
+use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, SwapDevice};
+
+const PAGE: usize = 4096;
+const PAGES: usize = 512;
+
+/// Stored content of page `i`; pages with `i % 5 == 4` are never stored (read as zero).
+fn page_content(i: usize) -> Option<Vec<u8>> {
+    (i % 5 != 4).then(|| (0..PAGE).map(|j| ((i * 31 + j * 7) % 253) as u8).collect())
+}
+
+fn create_swapdev(path: &Path) {
+    let opts = SpecOptions {
+        create: true,
+        ..Default::default()
+    };
+    let backend = open_backend(path.to_str().unwrap(), &opts).unwrap();
+    let mut dev = SwapDevice::create(
+        backend,
+        CreateOptions {
+            vm_uuid: uuid::Uuid::new_v4(),
+            page_size: PAGE as u32,
+            capacity_pages: PAGES as u64,
+            host_id: "e2e".into(),
+            codec: CodecPolicy::Lz4,
+            checksum: ChecksumKind::Crc32c,
+            force: false,
+        },
+    )
+    .unwrap();
+    let contents: Vec<(u64, Vec<u8>)> = (0..PAGES)
+        .filter_map(|i| page_content(i).map(|c| (i as u64, c)))
+        .collect();
+    let refs: Vec<(u64, &[u8])> = contents.iter().map(|(p, c)| (*p, c.as_slice())).collect();
+    for chunk in refs.chunks(64) {
+        dev.write_pages(chunk).unwrap();
+    }
+    dev.flush().unwrap();
+    dev.close().unwrap();
+}
+
+struct Guest {
+    map: MmapMut,
+    uffd: Uffd,
+}
+
+impl Guest {
+    fn new() -> Self {
+        let map = MmapMut::map_anon(PAGES * PAGE).unwrap();
+        let uffd = Uffd::new(UffdFlags::default()).unwrap();
+        uffd.api(Features::EVENT_REMOVE).unwrap();
+        uffd.register(
+            map.as_ptr() as u64,
+            (PAGES * PAGE) as u64,
+            RegisterMode::MISSING,
+        )
+        .unwrap();
+        Self { map, uffd }
+    }
+
+    fn region(&self, size: usize) -> GuestRegionUffdMapping {
+        GuestRegionUffdMapping {
+            base_host_virt_addr: self.map.as_ptr() as u64,
+            size,
+            offset: 0,
+            page_size: PAGE,
+            page_size_kib: PAGE,
+        }
+    }
+}
+
+fn start_daemon(
+    dir: &Path,
+    prefetch: &str,
+) -> (Arc<Daemon>, std::path::PathBuf, std::path::PathBuf) {
+    let provider = SwapdevProvider {
+        dir: Some(dir.to_path_buf()),
+        host_id: "e2e".into(),
+        ..Default::default()
+    };
+    let daemon = Daemon::new(
+        DaemonConfig {
+            prefetch: prefetch.into(),
+            handshake_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        Arc::new(provider),
+    )
+    .unwrap();
+    let sock = dir.join("pager.sock");
+    let fc_sock = dir.join("vm1.sock");
+    let stats = dir.join("pager.sock.stats");
+    for (path, naming) in [
+        (&sock, Naming::FromRequest),
+        (&fc_sock, Naming::Fixed("vm1".into())),
+    ] {
+        let l = pager::server::bind_unix(path).unwrap();
+        let d = daemon.clone();
+        std::thread::spawn(move || d.serve_attach(l, naming));
+    }
+    let l = pager::server::bind_unix(&stats).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || control::serve_control(&d, l));
+    (daemon, fc_sock, sock)
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
+    let dir = tempfile::tempdir().unwrap();
+    create_swapdev(&dir.path().join("vm1.swap"));
+    let (daemon, fc_sock, _) = start_daemon(dir.path(), "stride");
+    let stats_sock = dir.path().join("pager.sock.stats");
+
+    let guest = Guest::new();
+    let conn = UnixStream::connect(&fc_sock).unwrap();
+    send_firecracker(&conn, &[guest.region(PAGES * PAGE)], guest.uffd.as_raw_fd()).unwrap();
+
+    // Touch every page (a strided order, then the rest) and compare with what was stored.
+    for i in (0..PAGES)
+        .step_by(3)
+        .chain((0..PAGES).filter(|i| i % 3 != 0))
+    {
+        let got = &guest.map[i * PAGE..(i + 1) * PAGE];
+        match page_content(i) {
+            Some(c) => assert_eq!(got, &c[..], "page {i}"),
+            None => assert!(got.iter().all(|&b| b == 0), "page {i} should be zero"),
+        }
+    }
+
+    let stats = control::request(&stats_sock, &json!({"cmd": "stats", "vm": "vm1"})).unwrap();
+    let vm = &stats["vms"][0];
+    assert_eq!(vm["vm"], "vm1");
+    assert_eq!(vm["flavour"], "firecracker");
+    assert_eq!(vm["pid"], std::process::id());
+    assert_eq!(vm["states"]["present"], PAGES);
+    let m = &vm["metrics"];
+    assert_eq!(
+        m["pages_copied"].as_u64().unwrap() + m["pages_zeroed"].as_u64().unwrap(),
+        PAGES as u64
+    );
+    assert!(m["faults"].as_u64().unwrap() >= 1);
+    let list = control::request(&stats_sock, &json!({"cmd": "list"})).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let err = control::request(&stats_sock, &json!({"cmd": "frobnicate"})).unwrap_err();
+    assert!(err.contains("unknown command"), "{err}");
+
+    // The VMM goes away: the VM is torn down, the daemon keeps running.
+    drop(conn);
+    wait_until("detach after hangup", || daemon.vms().is_empty());
+    daemon.shutdown();
+}
+
+#[test]
+fn pagewise_handshake_refused_when_regions_exceed_the_swap_device() {
+    let dir = tempfile::tempdir().unwrap();
+    create_swapdev(&dir.path().join("small.swap"));
+    let (daemon, _, sock) = start_daemon(dir.path(), "none");
+    let guest = Guest::new();
+    let mut region = guest.region(PAGES * PAGE);
+    region.offset = (PAGES * PAGE) as u64; // ends at twice the device's capacity
+    let req = AttachRequest {
+        vm: "small".into(),
+        regions: vec![region],
+        memory_file: false,
+        uffd_features: Features::EVENT_REMOVE.bits(),
+        modes: vec!["missing".into()],
+    };
+    let conn = UnixStream::connect(&sock).unwrap();
+    send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
+    let reply = recv_reply(&conn).unwrap();
+    assert!(!reply.ok);
+    let err = reply.error.unwrap();
+    assert!(err.contains(&format!("{}", 2 * PAGES * PAGE)), "{err}");
+    assert!(err.contains(&format!("{}", PAGES * PAGE)), "{err}");
+
+    // A VM with no swap device in the directory is refused with the path named.
+    let conn = UnixStream::connect(&sock).unwrap();
+    let req = AttachRequest {
+        vm: "ghost".into(),
+        ..req
+    };
+    send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
+    let err = recv_reply(&conn).unwrap().error.unwrap();
+    assert!(err.contains("ghost.swap"), "{err}");
+
+    // The valid request succeeds and the daemon serves it.
+    let conn = UnixStream::connect(&sock).unwrap();
+    let req = AttachRequest {
+        vm: "small".into(),
+        regions: vec![guest.region(PAGES * PAGE)],
+        ..req
+    };
+    send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
+    let reply = recv_reply(&conn).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        &guest.map[7 * PAGE..8 * PAGE],
+        &page_content(7).unwrap()[..]
+    );
+    daemon.shutdown();
+    assert!(daemon.vms().is_empty());
+}
