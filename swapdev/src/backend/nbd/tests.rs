@@ -549,3 +549,89 @@ proptest::proptest! {
         proptest::prop_assert!(err.to_string().contains("closed the connection"), "{}", err);
     }
 }
+
+#[test]
+fn server_error_replies_fail_only_their_request() {
+    let (client, srv) = UnixStream::pair().unwrap();
+    client.set_nonblocking(true).unwrap();
+    let info = ExportInfo {
+        name: "mem".into(),
+        size: 1 << 20,
+        flags: FLAGS_RW,
+        min_block: 1,
+        preferred_block: 4096,
+        max_block: 1 << 20,
+    };
+    let mut b = NbdBackend::with_stream(
+        NbdAddress::Unix("scripted".into()),
+        info,
+        NbdOptions::default(),
+        Stream::Unix(client),
+    );
+    // Reads at offset 0 fail with EIO, writes fail with ENOSPC; other reads succeed.
+    let t = thread::spawn(move || {
+        let mut s = srv;
+        loop {
+            let mut h = [0u8; REQUEST_LEN];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let cmd = u16::from_be_bytes(h[6..8].try_into().unwrap());
+            let off = u64::from_be_bytes(h[16..24].try_into().unwrap());
+            let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+            if cmd == Command::Disc as u16 {
+                return;
+            }
+            let error: u32 = match cmd {
+                0 if off == 0 => 5,
+                1 => {
+                    let mut sink = vec![0u8; len];
+                    s.read_exact(&mut sink).unwrap();
+                    28
+                }
+                _ => 0,
+            };
+            let mut reply = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            reply.extend_from_slice(&error.to_be_bytes());
+            reply.extend_from_slice(&h[8..16]);
+            if cmd == 0 && error == 0 {
+                reply.extend(std::iter::repeat_n(0x5A, len));
+            }
+            s.write_all(&reply).unwrap();
+        }
+    });
+    let read = |tag, offset| IoRequest {
+        tag,
+        offset,
+        op: IoOp::Read {
+            buf: AlignedBuf::new(4096),
+        },
+    };
+    b.submit(read(1, 0)).unwrap();
+    b.submit(IoRequest {
+        tag: 2,
+        offset: 8192,
+        op: IoOp::Write {
+            buf: AlignedBuf::new(4096),
+        },
+    })
+    .unwrap();
+    b.submit(read(3, 4096)).unwrap();
+    let mut out = Vec::new();
+    b.complete(&mut out, 3).unwrap();
+    out.sort_by_key(|c| c.tag);
+    let e1 = out[0].result.as_ref().unwrap_err().to_string();
+    assert!(
+        e1.contains("read at offset 0") && e1.contains("os error 5"),
+        "{e1}"
+    );
+    let e2 = out[1].result.as_ref().unwrap_err().to_string();
+    assert!(
+        e2.contains("write at offset 8192") && e2.contains("os error 28"),
+        "{e2}"
+    );
+    let ok = out[2].result.as_ref().unwrap().as_ref().unwrap();
+    assert!(ok.iter().all(|&x| x == 0x5A));
+    drop(b);
+    t.join().unwrap();
+}
