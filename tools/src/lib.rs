@@ -2,6 +2,7 @@
 //! attaches memory to a pager like a VMM), a minimal in-process fault handler, and a tiny
 //! KVM guest.
 
+pub mod daemon;
 pub mod image;
 pub mod kvm_guest;
 pub mod memhog;

@@ -1,8 +1,22 @@
 //! `pagewise bench ...`: each benchmark prints a table against a baseline from the same run.
 
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub mod pager;
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("benchmarks are not built yet")
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Bench,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Bench {
+    /// Fault latency vs a null handler; scans under each prefetch policy vs one page per
+    /// fault and vs pwrite prefill.
+    Pager(pager::PagerBenchArgs),
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    match args.which {
+        Bench::Pager(a) => pager::run(a),
+    }
 }

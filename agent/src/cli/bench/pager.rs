@@ -1,0 +1,397 @@
+//! `pagewise bench pager`: the pager against baselines measured in the same run.
+//!
+//! 1. Fault latency (p50/p99, seen by the faulting thread) of `pagewise serve` vs a null
+//!    handler (an in-process handler answering every fault with one static page).
+//! 2. A verifiable image (1 GiB by default) imported into a swap device on disk, scanned by
+//!    memhog sequentially and with Zipf accesses under each prefetch policy; compared with
+//!    one page per fault (`none`) and with pwrite-ing the whole image into a memfd.
+//! 3. Demand faults as a share of pages touched (Hines et al. report 17% for bubbling).
+//!
+//! The daemon is the real `pagewise serve` (a child process, restarted per policy); memhog
+//! runs in this process (its threads fault, the daemon serves them over its socket).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use pagewise_tools::daemon::{self, Daemon};
+use pagewise_tools::image::{self, ImageSpec, PAGE_SIZE};
+use pagewise_tools::memhog::attach::{self, HandshakeKind};
+use pagewise_tools::memhog::memory::{Backing, GuestMemory};
+use pagewise_tools::memhog::pages::PageTable;
+use pagewise_tools::memhog::run::{self as memrun, Report, RunConfig};
+use pagewise_tools::minipager::{MiniPager, MiniSource};
+use pagewise_tools::pattern::Pattern;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct PagerBenchArgs {
+    /// Image size (bytes; K, M, G suffixes).
+    #[arg(long, default_value = "1G")]
+    size: String,
+    /// Where the image and swap device go (a disk, not tmpfs).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Prefetch policies to compare (the first is the baseline).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none,bubble,stride,bubble+stride"
+    )]
+    policies: Vec<String>,
+    /// Pages faulted for the latency comparison.
+    #[arg(long, default_value_t = 8192)]
+    latency_pages: u64,
+    /// Zipf accesses as a multiple of the page count.
+    #[arg(long, default_value_t = 1.0)]
+    zipf_accesses: f64,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    json: bool,
+    /// Keep the work directory (image, device, daemon logs).
+    #[arg(long)]
+    keep: bool,
+}
+
+const IMAGE_SEED: u64 = 0x5eed;
+const ZERO_EVERY: u64 = 64;
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Parse `1G`, `256M`, `64K` or a byte count into whole pages.
+fn parse_size_pages(s: &str) -> anyhow::Result<u64> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("size {s:?}: expected a number with an optional K/M/G"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .with_context(|| format!("size {s:?} overflows"))?;
+    if bytes < 64 * PAGE_SIZE as u64 || bytes % PAGE_SIZE as u64 != 0 {
+        bail!("size {s:?} must be a multiple of 4 KiB and at least 256 KiB");
+    }
+    Ok(bytes / PAGE_SIZE as u64)
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyRow {
+    handler: String,
+    faults: u64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ScanRow {
+    policy: String,
+    pattern: String,
+    seconds: f64,
+    mib_per_s: f64,
+    pages_touched: u64,
+    demand_faults: u64,
+    fault_share: f64,
+    speedup_vs_baseline: f64,
+    share_of_pwrite: f64,
+    mismatches: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchResult {
+    image_pages: u64,
+    pwrite_mib_per_s: f64,
+    latency: Vec<LatencyRow>,
+    scans: Vec<ScanRow>,
+}
+
+/// One in-process memhog run against the handler at `socket`.
+fn memhog(socket: &Path, pages: u64, cfg: &RunConfig, spec: ImageSpec) -> anyhow::Result<Report> {
+    let mem = GuestMemory::new(pages, Backing::Anon)?;
+    let attached = attach::attach(&mem, socket, &HandshakeKind::Firecracker, false)?;
+    let table = PageTable::new(pages, spec);
+    let report = memrun::run(&mem, &table, cfg)?;
+    drop(attached);
+    Ok(report)
+}
+
+/// pwrite the whole image into a memfd: the bandwidth of filling guest memory when every
+/// byte is at hand (the image file is in the page cache after it was just written).
+fn pwrite_prefill(image: &Path, pages: u64) -> anyhow::Result<f64> {
+    let img = std::fs::File::open(image)?;
+    let memfd = GuestMemory::new(pages, Backing::Memfd)?;
+    let target = std::fs::File::from(
+        memfd
+            .file()
+            .expect("memfd backing has a file")
+            .try_clone()?,
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let total = pages * PAGE_SIZE as u64;
+    let t = Instant::now();
+    let mut off = 0;
+    while off < total {
+        let n = (buf.len() as u64).min(total - off) as usize;
+        img.read_exact_at(&mut buf[..n], off)?;
+        target.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    let s = t.elapsed().as_secs_f64();
+    Ok(total as f64 / (1 << 20) as f64 / s)
+}
+
+struct Work {
+    dir: tempfile::TempDir,
+    pagewise: PathBuf,
+    device: PathBuf,
+    pages: u64,
+}
+
+impl Work {
+    fn serve(&self, policy: &str, tag: &str) -> anyhow::Result<Daemon> {
+        let socket = self.dir.path().join(format!("{tag}.sock"));
+        let control = self.dir.path().join(format!("{tag}.control"));
+        let args = daemon::serve_args(&socket, &control, &self.device, "bench", policy);
+        Daemon::spawn(
+            &self.pagewise,
+            &args,
+            &socket,
+            &self.dir.path().join(format!("{tag}.log")),
+            SPAWN_TIMEOUT,
+        )
+    }
+}
+
+fn spec() -> ImageSpec {
+    ImageSpec {
+        seed: IMAGE_SEED,
+        zero_every: ZERO_EVERY,
+    }
+}
+
+fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
+    let pages = pages.min(work.pages);
+    let cfg = RunConfig {
+        pattern: Pattern::Random,
+        verify: false,
+        ..RunConfig::default()
+    };
+    let mut rows = Vec::new();
+    let null_sock = work.dir.path().join("null.sock");
+    let page = Box::new([0x5Au8; PAGE_SIZE]);
+    let null = MiniPager::spawn(&null_sock, MiniSource::Static(page))?;
+    let r = memhog(&null_sock, pages, &cfg, spec())?;
+    null.join()?;
+    rows.push(LatencyRow {
+        handler: "null handler (in-process, static page)".into(),
+        faults: r.fault_latency.count,
+        p50_us: r.fault_latency.p50_us,
+        p99_us: r.fault_latency.p99_us,
+    });
+    let d = work.serve("none", "latency")?;
+    let cfg = RunConfig {
+        verify: true,
+        ..cfg
+    };
+    let r = memhog(&d.socket, pages, &cfg, spec())?;
+    if r.mismatches > 0 {
+        bail!("pager served wrong pages: {:?}", r.mismatch_examples);
+    }
+    rows.push(LatencyRow {
+        handler: "pagewise serve --prefetch none".into(),
+        faults: r.fault_latency.count,
+        p50_us: r.fault_latency.p50_us,
+        p99_us: r.fault_latency.p99_us,
+    });
+    Ok(rows)
+}
+
+fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<ScanRow>> {
+    let mut rows: Vec<ScanRow> = Vec::new();
+    let patterns = [
+        ("seq", Pattern::Sequential, 1),
+        ("zipf:0.99", Pattern::Zipf { theta: 0.99 }, 0),
+    ];
+    for (pname, pattern, passes) in patterns {
+        let mut baseline_seconds = None;
+        for policy in &a.policies {
+            let d = work.serve(policy, &format!("scan-{}", policy.replace('+', "_")))?;
+            let cfg = RunConfig {
+                pattern: pattern.clone(),
+                passes: passes.max(1),
+                ..RunConfig::default()
+            };
+            let pages = work.pages;
+            let report = if passes == 0 {
+                let accesses = (pages as f64 * a.zipf_accesses) as u64;
+                memhog_accesses(&d.socket, pages, &cfg, accesses)?
+            } else {
+                memhog(&d.socket, pages, &cfg, spec())?
+            };
+            drop(d);
+            let base = *baseline_seconds.get_or_insert(report.seconds);
+            let mib = report.accesses as f64 * PAGE_SIZE as f64 / (1 << 20) as f64;
+            rows.push(ScanRow {
+                policy: policy.clone(),
+                pattern: pname.into(),
+                seconds: report.seconds,
+                mib_per_s: mib / report.seconds.max(1e-9),
+                pages_touched: report.pages_touched,
+                demand_faults: report.first_touch_faults,
+                fault_share: report.first_touch_faults as f64 / report.pages_touched.max(1) as f64,
+                speedup_vs_baseline: base / report.seconds.max(1e-9),
+                share_of_pwrite: mib / report.seconds.max(1e-9) / pwrite,
+                mismatches: report.mismatches,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// memhog with exactly `accesses` accesses in one pass (Zipf runs).
+fn memhog_accesses(
+    socket: &Path,
+    pages: u64,
+    cfg: &RunConfig,
+    accesses: u64,
+) -> anyhow::Result<Report> {
+    // One thread does pages/threads accesses per pass; scale passes to reach `accesses`.
+    let passes = accesses.div_ceil(pages).max(1);
+    let cfg = RunConfig {
+        passes,
+        ..cfg.clone()
+    };
+    memhog(socket, pages, &cfg, spec())
+}
+
+fn print(result: &BenchResult) {
+    println!(
+        "pagewise bench pager: image {} pages ({} MiB), swap device on disk",
+        result.image_pages,
+        (result.image_pages * PAGE_SIZE as u64) >> 20
+    );
+    println!();
+    println!("fault latency (faulting thread, first touch of an absent page)");
+    println!(
+        "{:<42} {:>8} {:>9} {:>9}",
+        "handler", "faults", "p50 us", "p99 us"
+    );
+    for r in &result.latency {
+        println!(
+            "{:<42} {:>8} {:>9.1} {:>9.1}",
+            r.handler, r.faults, r.p50_us, r.p99_us
+        );
+    }
+    if let [null, pager] = &result.latency[..] {
+        println!(
+            "pager / null handler: p50 {:.2}x (target <= 1.3x), p99 {:.2}x",
+            pager.p50_us / null.p50_us.max(1e-9),
+            pager.p99_us / null.p99_us.max(1e-9)
+        );
+    }
+    println!();
+    println!(
+        "scans (pwrite prefill of the image into a memfd: {:.0} MiB/s)",
+        result.pwrite_mib_per_s
+    );
+    println!(
+        "{:<10} {:<14} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "pattern",
+        "policy",
+        "seconds",
+        "MiB/s",
+        "touched",
+        "faults",
+        "fault%",
+        "speedup",
+        "%pwrite"
+    );
+    for r in &result.scans {
+        println!(
+            "{:<10} {:<14} {:>8.2} {:>9.0} {:>9} {:>9} {:>7.1}% {:>7.1}x {:>7.0}%",
+            r.pattern,
+            r.policy,
+            r.seconds,
+            r.mib_per_s,
+            r.pages_touched,
+            r.demand_faults,
+            100.0 * r.fault_share,
+            r.speedup_vs_baseline,
+            100.0 * r.share_of_pwrite
+        );
+    }
+    println!("targets: seq >= 5x the first policy and >= 50% of pwrite; fault% < 17% (Hines)");
+}
+
+pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
+    let pages = parse_size_pages(&a.size)?;
+    if a.policies.is_empty() {
+        bail!("--policies needs at least one policy");
+    }
+    for p in &a.policies {
+        pager::prefetch::by_name(p, 1)?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("pagewise-bench-")
+        .tempdir_in(&a.dir)
+        .with_context(|| format!("creating a work directory in {}", a.dir.display()))?;
+    let pagewise = std::env::current_exe().context("locating the pagewise binary")?;
+    let image = dir.path().join("image.raw");
+    let device = dir.path().join("bench.swapdev");
+    eprintln!(
+        "generating a {pages}-page image in {}",
+        dir.path().display()
+    );
+    image::write_image(&image, pages, spec())?;
+    let pwrite = pwrite_prefill(&image, pages)?;
+    eprintln!("importing it into a swap device");
+    daemon::run_checked(Command::new(&pagewise).args(daemon::import_args(&image, &device)))?;
+    let work = Work {
+        dir,
+        pagewise,
+        device,
+        pages,
+    };
+    eprintln!("measuring fault latency");
+    let latency = latency(&work, a.latency_pages)?;
+    eprintln!("scanning under {} policies", a.policies.len());
+    let scans = scans(&work, &a, pwrite)?;
+    let result = BenchResult {
+        image_pages: pages,
+        pwrite_mib_per_s: pwrite,
+        latency,
+        scans,
+    };
+    print(&result);
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    if a.keep {
+        let kept = work.dir.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    let bad: u64 = result.scans.iter().map(|r| r.mismatches).sum();
+    if bad > 0 {
+        bail!("{bad} pages did not verify during the scans");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size_pages("1G").unwrap(), 262_144);
+        assert_eq!(parse_size_pages("64M").unwrap(), 16_384);
+        assert_eq!(parse_size_pages("1048576").unwrap(), 256);
+        assert!(parse_size_pages("100").is_err());
+        assert!(parse_size_pages("1X").is_err());
+        assert!(parse_size_pages("").is_err());
+    }
+}
