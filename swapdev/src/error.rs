@@ -7,8 +7,8 @@ use crate::backend::BackendError;
 pub enum SwapError {
     #[error("backend I/O failed: {0}")]
     Backend(#[from] BackendError),
-    #[error("not a pagewise swap device: bad magic {found:02x?} in both header copies")]
-    BadMagic { found: [u8; 8] },
+    #[error("not a pagewise swap device: bad magic \"{found}\" in both header copies (expected \"PWSWAP01\")")]
+    BadMagic { found: String },
     #[error("format version {found} is newer than this pagewise supports ({supported})")]
     NewerVersion { found: u32, supported: u32 },
     #[error("device is truncated: it holds {size} bytes but needs at least {needed} ({what})")]

@@ -112,6 +112,10 @@ pub(super) fn load(
     );
     dev.replayed = outcome;
     dev.space.rebuild(&dev.index, &l);
+    // Segments with nothing live are free. Safe before any write: a read-write open
+    // checkpoints the recovered index before it appends anything.
+    let head_seg = l.segment_of(dev.log.head);
+    dev.space.free_empty_except(head_seg);
     Ok(dev)
 }
 

@@ -38,6 +38,12 @@ impl SpaceMap {
         self.free = (0..self.live.len() as u64).filter(|&s| s != seg).collect();
     }
 
+    pub(super) fn free_empty_except(&mut self, seg: u64) {
+        self.free = (0..self.live.len() as u64)
+            .filter(|&s| s != seg && self.live[s as usize] == 0)
+            .collect();
+    }
+
     pub(super) fn rebuild(&mut self, index: &[IndexEntry], l: &Layout) {
         self.live.iter_mut().for_each(|v| *v = 0);
         for e in index {

@@ -237,7 +237,9 @@ impl DeviceHeader {
             return Err(SwapError::HeaderCorrupt);
         }
         match &copies[0] {
-            HeaderCopy::BadMagic(m) => Err(SwapError::BadMagic { found: *m }),
+            HeaderCopy::BadMagic(m) => Err(SwapError::BadMagic {
+                found: m.escape_ascii().to_string(),
+            }),
             _ => Err(SwapError::HeaderCorrupt),
         }
     }
