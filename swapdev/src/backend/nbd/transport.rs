@@ -3,10 +3,12 @@
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, MsgFlags};
 
 use crate::backend::BackendError;
 
@@ -85,6 +87,25 @@ impl Stream {
         }
     }
 
+    /// `sendmsg` with `MSG_NOSIGNAL`: a peer that hung up yields EPIPE, never SIGPIPE.
+    pub fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let fd = self.as_fd().as_raw_fd();
+        sendmsg::<()>(fd, bufs, &[], MsgFlags::MSG_NOSIGNAL, None).map_err(io::Error::from)
+    }
+
+    /// Send all of `data` (blocking socket), without SIGPIPE.
+    pub fn send_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.send_vectored(&[IoSlice::new(data)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
@@ -104,17 +125,11 @@ impl Read for Stream {
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
+        self.send_vectored(&[IoSlice::new(buf)])
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
+        self.send_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
