@@ -25,6 +25,10 @@ enum Command {
     Swapdev(cli::swapdev::SwapdevArgs),
     /// Benchmarks that print a table against a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
+    /// Run the pager daemon: serve VMs' page faults from their swap devices.
+    Serve(cli::serve::ServeArgs),
+    /// Show a running pager's per-VM counters (or send it a control request).
+    Stats(cli::stats::StatsArgs),
     /// Run an unmodified QEMU with its guest RAM served by the pager.
     Vm(cli::vm::VmArgs),
 }
@@ -50,6 +54,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Swapdev(args) => cli::swapdev::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Stats(args) => cli::stats::run(args),
         Command::Vm(args) => cli::vm::run(args),
     };
     match result {

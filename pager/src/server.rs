@@ -35,6 +35,9 @@ pub struct OpenedSource {
 
 /// Opens the page source for a VM by name (the CLI maps names to swap devices).
 pub trait SourceProvider: Send + Sync {
+    /// A stable identity of the store that would serve `vm` (e.g. the swap-device spec).
+    /// Two attached VMs may never share one: the daemon refuses the second.
+    fn source_key(&self, vm: &str) -> Result<String, String>;
     fn open(&self, vm: &str, layout: &GuestLayout) -> Result<OpenedSource, String>;
 }
 
@@ -63,6 +66,8 @@ pub struct VmEntry {
     pub vm: Arc<Vm>,
     pub flavour: &'static str,
     pub prefetch: String,
+    /// [`SourceProvider::source_key`] of the store serving it.
+    pub source_key: String,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -234,9 +239,8 @@ impl Daemon {
     /// Open the source, check sizes, register the VM and start its fault loop.
     fn start_vm(self: &Arc<Self>, a: AttachedVm, stream: &UnixStream) -> Result<String, String> {
         let name = a.name.clone();
-        if self.lock().contains_key(&name) {
-            return Err(format!("VM {name:?} is already attached"));
-        }
+        let key = self.provider.source_key(&name)?;
+        Self::check_free(&self.lock(), &name, &key)?;
         let opened = self.provider.open(&name, &a.layout)?;
         let src_bytes = opened.source.capacity_pages() * opened.source.page_size() as u64;
         if opened.source.page_size() as u64 != a.layout.page_size() {
@@ -279,9 +283,8 @@ impl Daemon {
             Some(connection),
         );
         let mut vms = self.lock();
-        if vms.contains_key(&name) {
-            return Err(format!("VM {name:?} is already attached"));
-        }
+        // Checked again under the lock that the insert below holds.
+        Self::check_free(&vms, &name, &key)?;
         let daemon = Arc::downgrade(self);
         let thread_name = name.clone();
         let thread_vm = vm.clone();
@@ -309,11 +312,25 @@ impl Daemon {
                 vm,
                 flavour: a.flavour,
                 prefetch: self.config.prefetch.clone(),
+                source_key: key,
                 stop,
                 thread: Some(thread),
             },
         );
         Ok(opened.description)
+    }
+
+    /// Refuse a second VM with the same name or the same backing store.
+    fn check_free(vms: &HashMap<String, VmEntry>, name: &str, key: &str) -> Result<(), String> {
+        if vms.contains_key(name) {
+            return Err(format!("VM {name:?} is already attached"));
+        }
+        if let Some((other, _)) = vms.iter().find(|(_, e)| e.source_key == key) {
+            return Err(format!(
+                "{key} already serves VM {other:?}; one VM per swap device"
+            ));
+        }
+        Ok(())
     }
 
     /// Detach one VM: stop its fault loop and wait for it.

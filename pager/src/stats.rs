@@ -248,6 +248,9 @@ mod tests {
 
     struct NoSources;
     impl crate::server::SourceProvider for NoSources {
+        fn source_key(&self, vm: &str) -> Result<String, String> {
+            Ok(vm.to_string())
+        }
         fn open(
             &self,
             vm: &str,

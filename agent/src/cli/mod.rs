@@ -3,3 +3,5 @@
 pub mod bench;
 pub mod swapdev;
 pub mod vm;
+pub mod serve;
+pub mod stats;

@@ -20,6 +20,9 @@ pub enum Naming {
     Fixed(String),
     /// Pagewise requests name the VM; Firecracker connections (no name) are refused.
     FromRequest,
+    /// Pagewise requests name the VM; Firecracker connections get this name (single-VM
+    /// `--swapdev` mode).
+    Default(String),
 }
 
 /// A checked attach request, ready to become a VM.
@@ -135,7 +138,8 @@ fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<Attach
             })
         }
         (Naming::Fixed(fixed), _) => fixed.clone(),
-        (Naming::FromRequest, Some(req)) => req,
+        (Naming::FromRequest | Naming::Default(_), Some(req)) => req,
+        (Naming::Default(name), None) => name.clone(),
         (Naming::FromRequest, None) => return Err(AttachError::Unnamed),
     };
     if !valid_vm_name(&name) {

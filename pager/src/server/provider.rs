@@ -49,6 +49,10 @@ impl SwapdevProvider {
 }
 
 impl SourceProvider for SwapdevProvider {
+    fn source_key(&self, vm: &str) -> Result<String, String> {
+        self.spec_for(vm).map(|s| format!("swapdev {s}"))
+    }
+
     fn open(&self, vm: &str, _layout: &GuestLayout) -> Result<OpenedSource, String> {
         let spec = self.spec_for(vm)?;
         let backend = open_backend(&spec, &SpecOptions::default())

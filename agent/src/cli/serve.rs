@@ -1,0 +1,215 @@
+//! `pagewise serve`: the pager daemon. Listens on a Unix socket; each connection is one VM
+//! (Firecracker's handshake or pagewise's), served from its swap device.
+//!
+//! Which swap device serves which VM:
+//! * `--swapdev SPEC`: one VM at a time on `--socket`, from SPEC. Firecracker connections
+//!   are named by `--vm-name` (default `vm0`); pagewise requests by their own name.
+//! * `--swapdev-dir DIR`: pagewise requests on `--socket` name the VM: it is served from
+//!   `DIR/NAME.swap`. Firecracker handshakes carry no name, so they are refused there;
+//! * `--vm NAME=SOCKET:SPEC` (repeatable): one extra socket per VM; whatever attaches there
+//!   is VM NAME, served from SPEC. This is how Firecracker VMs are named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use pager::attach::server::{valid_vm_name, Naming};
+use pager::fault_loop::FaultLoopConfig;
+use pager::server::{bind_unix, control, Daemon, DaemonConfig, SwapdevProvider};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Unix socket VMMs attach to (one connection per VM).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Serve one VM at a time from this swap device (file path, nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH).
+    #[arg(long, conflicts_with = "swapdev_dir")]
+    swapdev: Option<String>,
+    /// Serve VM NAME from DIR/NAME.swap (pagewise handshakes name the VM).
+    #[arg(long)]
+    swapdev_dir: Option<PathBuf>,
+    /// An extra per-VM socket: NAME=SOCKET:SPEC (repeatable). Use it for Firecracker VMs.
+    #[arg(long = "vm", value_name = "NAME=SOCKET:SPEC")]
+    vms: Vec<String>,
+    /// Name given to Firecracker VMs attaching to --socket in --swapdev mode.
+    #[arg(long, default_value = "vm0")]
+    vm_name: String,
+    /// Prefetch policy: none, bubble, stride, bubble+stride.
+    #[arg(long, default_value = "none")]
+    prefetch: String,
+    /// Most page reads in flight per VM.
+    #[arg(long, default_value_t = 64)]
+    max_inflight: usize,
+    /// Most pages prefetched per demand fault.
+    #[arg(long, default_value_t = 16)]
+    prefetch_per_fault: usize,
+    /// Control/stats socket (default: SOCKET.stats).
+    #[arg(long)]
+    stats_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this loopback address (e.g. 127.0.0.1:9187).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// This host's id for swap-device ownership (default: the hostname).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Longest wait for a complete handshake, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    handshake_timeout_ms: u64,
+}
+
+/// Parse `NAME=SOCKET:SPEC`. SPEC may itself contain ':' (nbd URLs), SOCKET may not.
+fn parse_vm(arg: &str) -> Result<(String, PathBuf, String)> {
+    let (name, rest) = arg
+        .split_once('=')
+        .with_context(|| format!("--vm {arg:?}: expected NAME=SOCKET:SPEC"))?;
+    let (socket, spec) = rest
+        .split_once(':')
+        .with_context(|| format!("--vm {arg:?}: expected NAME=SOCKET:SPEC"))?;
+    if !valid_vm_name(name) {
+        bail!("--vm {arg:?}: invalid VM name {name:?} (1-64 of A-Z a-z 0-9 . _ -)");
+    }
+    if socket.is_empty() || spec.is_empty() {
+        bail!("--vm {arg:?}: SOCKET and SPEC must not be empty");
+    }
+    Ok((name.to_string(), PathBuf::from(socket), spec.to_string()))
+}
+
+fn host_id(arg: &Option<String>) -> Result<String> {
+    match arg {
+        Some(h) => Ok(h.clone()),
+        None => Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname for --host-id")?
+            .trim()
+            .to_string()),
+    }
+}
+
+/// The default control socket of a serve socket: `PATH.stats`.
+pub fn default_stats_socket(socket: &Path) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(".stats");
+    PathBuf::from(s)
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    if args.swapdev.is_none() && args.swapdev_dir.is_none() && args.vms.is_empty() {
+        bail!("give --swapdev SPEC, --swapdev-dir DIR or at least one --vm NAME=SOCKET:SPEC");
+    }
+    if !valid_vm_name(&args.vm_name) {
+        bail!("--vm-name {:?} is not a valid VM name", args.vm_name);
+    }
+    pager::prefetch::by_name(&args.prefetch, 1)?;
+    if args.max_inflight == 0 {
+        bail!("--max-inflight must be at least 1");
+    }
+    let mut provider = SwapdevProvider {
+        single: args.swapdev.clone(),
+        dir: args.swapdev_dir.clone(),
+        host_id: host_id(&args.host_id)?,
+        ..Default::default()
+    };
+    if let Some(dir) = &provider.dir {
+        if !dir.is_dir() {
+            bail!("--swapdev-dir {}: not a directory", dir.display());
+        }
+    }
+    let mut listeners = Vec::new();
+    for v in &args.vms {
+        let (name, socket, spec) = parse_vm(v)?;
+        if provider.per_vm.insert(name.clone(), spec).is_some() {
+            bail!("--vm {name} given twice");
+        }
+        listeners.push((bind_unix(&socket)?, Naming::Fixed(name), socket));
+    }
+    let main_naming = match &args.swapdev {
+        Some(_) => Naming::Default(args.vm_name.clone()),
+        None => Naming::FromRequest,
+    };
+    listeners.push((bind_unix(&args.socket)?, main_naming, args.socket.clone()));
+    let stats_path = args
+        .stats_socket
+        .clone()
+        .unwrap_or_else(|| default_stats_socket(&args.socket));
+    let control_listener = bind_unix(&stats_path)?;
+
+    // Block SIGINT/SIGTERM before any thread starts, so every thread inherits the mask and
+    // the signals arrive only through the signalfd below.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+
+    let daemon = Daemon::new(
+        DaemonConfig {
+            fault_loop: FaultLoopConfig {
+                max_inflight: args.max_inflight,
+                prefetch_per_fault: args.prefetch_per_fault,
+                ..Default::default()
+            },
+            prefetch: args.prefetch.clone(),
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+        },
+        Arc::new(provider.clone()),
+    )?;
+    let mut threads = Vec::new();
+    let mut paths = vec![stats_path.clone()];
+    for (listener, naming, path) in listeners {
+        tracing::info!(socket = %path.display(), ?naming, "listening for VMs");
+        paths.push(path);
+        let d = daemon.clone();
+        threads.push(std::thread::spawn(move || d.serve_attach(listener, naming)));
+    }
+    {
+        let d = daemon.clone();
+        threads.push(std::thread::spawn(move || {
+            control::serve_control(&d, control_listener)
+        }));
+    }
+    if let Some(addr) = args.metrics_addr {
+        threads.push(pager::stats::spawn_metrics_endpoint(daemon.clone(), addr)?);
+        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    }
+    eprintln!(
+        "pagewise serve: listening on {} (control: {}); Ctrl-C to stop",
+        args.socket.display(),
+        stats_path.display()
+    );
+    let sig = signal_fd.read_signal().context("waiting for a signal")?;
+    tracing::info!(signal = ?sig.map(|s| s.ssi_signo), "shutting down");
+    daemon.shutdown();
+    for t in threads {
+        let _ = t.join();
+    }
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_argument_parsing() {
+        let (n, s, spec) = parse_vm("fc1=/run/fc1.sock:nbd://127.0.0.1:10809/swap").unwrap();
+        assert_eq!(n, "fc1");
+        assert_eq!(s, PathBuf::from("/run/fc1.sock"));
+        assert_eq!(spec, "nbd://127.0.0.1:10809/swap");
+        assert!(parse_vm("fc1/run/x").is_err());
+        assert!(parse_vm("../x=/s:/d").is_err());
+        assert!(parse_vm("a=:/d").is_err());
+        assert_eq!(
+            default_stats_socket(Path::new("/run/pw.sock")),
+            PathBuf::from("/run/pw.sock.stats")
+        );
+    }
+}
