@@ -410,3 +410,36 @@ fn bench_unix_qd32_random_read() {
         total as f64 / secs
     );
 }
+
+#[test]
+fn server_dying_fails_outstanding_and_later_requests_clearly() {
+    let (dir, file) = backing(64 * PAGE as u64);
+    let server = unix_server(dir.path(), &file, &[]);
+    let mut b = connect(&server);
+    run_one(b.as_mut(), 0, IoOp::Write { buf: page_of(0) }).unwrap();
+    drop(server); // kills qemu-nbd
+                  // Whatever was in flight and whatever comes next fails with a cause, and nothing panics
+                  // or raises SIGPIPE.
+    let mut failures = Vec::new();
+    for p in 0..32u64 {
+        match b.submit(IoRequest {
+            tag: p,
+            offset: p * PAGE as u64,
+            op: IoOp::Write { buf: page_of(p) },
+        }) {
+            Ok(()) => {}
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    b.complete(&mut out, b.in_flight()).unwrap();
+    failures.extend(
+        out.into_iter()
+            .filter_map(|c| c.result.err())
+            .map(|e| e.to_string()),
+    );
+    assert_eq!(failures.len(), 32, "{failures:?}");
+    for f in &failures {
+        assert!(f.contains("NBD server at unix socket"), "{f}");
+    }
+}

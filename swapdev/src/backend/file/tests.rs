@@ -2,6 +2,7 @@ use super::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 const PAGE: usize = 4096;
 
@@ -514,4 +515,88 @@ fn bench_file_qd32_random_read() {
             total as f64 / secs
         );
     }
+}
+
+/// A loop block device over a sparse file, detached on drop (needs root and losetup).
+struct LoopDevice {
+    _dir: tempfile::TempDir,
+    dev: PathBuf,
+}
+
+impl LoopDevice {
+    fn new(size: u64) -> Self {
+        let dir = tempfile::tempdir_in(DISK_DIR).unwrap();
+        let img = dir.path().join("loop.img");
+        File::create(&img).unwrap().set_len(size).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .expect("losetup (util-linux) must be installed");
+        assert!(
+            out.status.success(),
+            "losetup failed (run the tests as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        Self { _dir: dir, dev }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+#[test]
+fn block_device_round_trip_fixed_size_and_trim() {
+    let lo = LoopDevice::new(4 << 20);
+    let opts = OpenOptions {
+        create: false,
+        direct: DirectMode::Auto,
+        queue_depth: 16,
+    };
+    let mut b = FileBackend::open(&lo.dev, opts).unwrap();
+    assert!(b.is_direct());
+    assert!(b.alignment() >= 512, "{}", b.alignment());
+    assert_eq!(b.size().unwrap(), 4 << 20);
+    b.grow(1 << 20).unwrap();
+    let err = b.grow(8 << 20).unwrap_err().to_string();
+    assert!(err.contains("fixed size of 4194304 bytes"), "{err}");
+    for p in 0..16u64 {
+        run_one(&mut b, p * PAGE as u64, IoOp::Write { buf: page_of(p) }).unwrap();
+    }
+    run_one(&mut b, 0, IoOp::Flush).unwrap();
+    let trim = IoOp::Trim { len: PAGE as u64 };
+    run_one(&mut b, 5 * PAGE as u64, trim).unwrap();
+    for p in 0..16u64 {
+        let got = run_one(
+            &mut b,
+            p * PAGE as u64,
+            IoOp::Read {
+                buf: AlignedBuf::new(PAGE),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        let want = if p == 5 {
+            AlignedBuf::new(PAGE)
+        } else {
+            page_of(p)
+        };
+        assert!(got.as_slice() == want.as_slice(), "page {p}");
+    }
+    let err = run_one(
+        &mut b,
+        4 << 20,
+        IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, BackendError::Short { done: 0, .. }), "{err}");
 }
