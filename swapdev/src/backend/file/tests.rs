@@ -600,3 +600,73 @@ fn block_device_round_trip_fixed_size_and_trim() {
     .unwrap_err();
     assert!(matches!(err, BackendError::Short { done: 0, .. }), "{err}");
 }
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Write { off: u64, len: usize, seed: u64 },
+    Read { off: u64, len: usize },
+    Trim { off: u64, len: u64 },
+    Flush,
+}
+
+fn model_op() -> impl proptest::strategy::Strategy<Value = ModelOp> {
+    use proptest::prelude::*;
+    const SPAN: u64 = 64 * 1024;
+    prop_oneof![
+        4 => (0..SPAN, 1usize..9000, any::<u64>())
+            .prop_map(|(off, len, seed)| ModelOp::Write { off, len, seed }),
+        4 => (0..SPAN, 1usize..9000).prop_map(|(off, len)| ModelOp::Read { off, len }),
+        1 => (0..SPAN, 1u64..20000).prop_map(|(off, len)| ModelOp::Trim { off, len }),
+        1 => Just(ModelOp::Flush),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Any sequence of buffered writes, reads, trims and flushes (unaligned, overlapping,
+    /// each waited for before the next) leaves the file equal to a byte-array model; reads
+    /// past the end are `Short` exactly when the model says so.
+    #[test]
+    fn buffered_file_matches_a_byte_model(ops in proptest::collection::vec(model_op(), 1..40)) {
+        let (_tmp, mut b) = open_in(TMPFS_DIR, DirectMode::Never, 8);
+        let mut model: Vec<u8> = Vec::new();
+        for op in ops {
+            match op {
+                ModelOp::Write { off, len, seed } => {
+                    let mut buf = AlignedBuf::new(len);
+                    StdRng::seed_from_u64(seed).fill(buf.as_mut_slice());
+                    let end = off as usize + len;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..end].copy_from_slice(&buf);
+                    run_one(&mut b, off, IoOp::Write { buf }).unwrap();
+                }
+                ModelOp::Read { off, len } => {
+                    let got = run_one(&mut b, off, IoOp::Read { buf: AlignedBuf::new(len) });
+                    let end = off as usize + len;
+                    if end <= model.len() {
+                        let got = got.unwrap().unwrap();
+                        proptest::prop_assert!(got.as_slice() == &model[off as usize..end]);
+                    } else {
+                        let is_short = matches!(got, Err(BackendError::Short { .. }));
+                        proptest::prop_assert!(is_short, "{:?}", got);
+                    }
+                }
+                ModelOp::Trim { off, len } => {
+                    let start = (off as usize).min(model.len());
+                    let end = (off + len).min(model.len() as u64) as usize;
+                    model[start..end].fill(0);
+                    run_one(&mut b, off, IoOp::Trim { len }).unwrap();
+                }
+                ModelOp::Flush => {
+                    run_one(&mut b, 0, IoOp::Flush).unwrap();
+                }
+            }
+            proptest::prop_assert_eq!(b.size().unwrap(), model.len() as u64);
+        }
+        let on_disk = std::fs::read(b.path()).unwrap();
+        proptest::prop_assert!(on_disk == model);
+    }
+}
