@@ -25,6 +25,8 @@ enum Command {
     Swapdev(cli::swapdev::SwapdevArgs),
     /// Benchmarks that print a table against a baseline measured in the same run.
     Bench(cli::bench::BenchArgs),
+    /// Offload cold pages of a running VM to its swap device (eviction), with progress.
+    Evict(cli::evict::EvictArgs),
     /// Run the pager daemon: serve VMs' page faults from their swap devices.
     Serve(cli::serve::ServeArgs),
     /// Show a running pager's per-VM counters (or send it a control request).
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Swapdev(args) => cli::swapdev::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Evict(args) => cli::evict::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Stats(args) => cli::stats::run(args),
         Command::Vm(args) => cli::vm::run(args),

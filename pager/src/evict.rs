@@ -9,8 +9,10 @@
 //! - [`sampler`]: periodic re-protection + working-set samples.
 //! - [`store`]: page stores (raw memory image); the swap device implements [`PageStore`] too.
 //! - [`service`]: one daemon VM's eviction service (tracker, sampler thread, requests, stats).
+//! - [`control`]: the daemon's control-socket commands (`evict`, `evict_status`, `wss`, ...).
 
 pub mod batch;
+pub mod control;
 pub mod faults;
 pub mod layout;
 pub mod sampler;
@@ -28,7 +30,7 @@ pub use faults::{forget_removed, resolve_write_fault, WriteFaultAction};
 pub use layout::{MemoryLayout, RegionMap, Run};
 pub use sampler::{protect_and_sample, Sampler, SamplerTarget};
 pub use service::{EvictConfig, EvictStats, VmEviction};
-pub use store::ImageFileStore;
+pub use store::{ImageFileStore, SwapdevStore};
 pub use victims::{resident_pages, select_victims, EvictGoal};
 
 use crate::dirty::DirtyBitmap;

@@ -206,6 +206,9 @@ pub fn render_table(stats: &Value) -> String {
                 }
             }
         }
+        if let Some(e) = vm.get("eviction") {
+            out.push_str(&crate::evict::control::render_eviction(e));
+        }
         out.push_str(&format!(
             "  fault latency: p50 <= {} us, p99 <= {} us, mean {} us\n",
             s("fault_latency_p50_us"),

@@ -1,5 +1,6 @@
 //! `pagewise bench ...`: each benchmark prints a table against a baseline from the same run.
 
+pub mod evict;
 pub mod pager;
 
 #[derive(clap::Args, Debug)]
@@ -13,10 +14,13 @@ enum Bench {
     /// Fault latency vs a null handler; scans under each prefetch policy vs one page per
     /// fault and vs pwrite prefill.
     Pager(pager::PagerBenchArgs),
+    /// Eviction throughput vs raw I/O, refault cost, and write-tracking (sync WP) overhead.
+    Evict(evict::EvictBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     match args.which {
         Bench::Pager(a) => pager::run(a),
+        Bench::Evict(a) => evict::run(a),
     }
 }

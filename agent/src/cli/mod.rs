@@ -1,6 +1,7 @@
 //! One module per subcommand group of the `pagewise` binary.
 
 pub mod bench;
+pub mod evict;
 pub mod swapdev;
 pub mod vm;
 pub mod serve;

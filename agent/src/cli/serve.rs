@@ -159,6 +159,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         },
         Arc::new(provider.clone()),
     )?;
+    // Eviction commands (evict, evict_status, wss, stats with working-set fields) and
+    // working-set tracking of every VM that can be evicted.
+    pager::evict::control::start(&daemon, Default::default())
+        .context("starting working-set tracking")?;
     let mut threads = Vec::new();
     let mut paths = vec![stats_path.clone()];
     for (listener, naming, path) in listeners {

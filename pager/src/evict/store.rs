@@ -3,13 +3,15 @@
 //! - [`ImageFileStore`]: a raw memory image (page `p` at offset `p * page_size`), the format
 //!   [`crate::source::ImageFileSource`] serves faults from. Writes are `pwrite` + `fdatasync`
 //!   before acknowledging; forgotten pages are punched out (they read back as zero).
-//! - The swap device (`swapdev::SwapDevice`) implements [`PageStore`] where it is wired in.
+//! - [`SwapdevStore`]: the VM's swap device, shared with the fault loop's reads. A
+//!   `write_pages` call returns when acknowledged (it survives a crash of this process);
+//!   `forget_pages` writes tombstones so discarded pages read back as not stored.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 
@@ -121,6 +123,31 @@ impl PageStore for ImageFileStore {
             .map_err(|e| format!("punching page {p} out of {}: {e}", self.path.display()))?;
         }
         Ok(())
+    }
+}
+
+/// The VM's swap device as the evictor's page store.
+pub struct SwapdevStore {
+    device: Arc<Mutex<swapdev::SwapDevice>>,
+}
+
+impl SwapdevStore {
+    pub fn new(device: Arc<Mutex<swapdev::SwapDevice>>) -> Self {
+        Self { device }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, swapdev::SwapDevice> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PageStore for SwapdevStore {
+    fn store_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        Ok(self.lock().write_pages(pages)?)
+    }
+
+    fn forget_pages(&self, pages: &[u64]) -> Result<(), StoreError> {
+        Ok(self.lock().remove_pages(pages)?)
     }
 }
 

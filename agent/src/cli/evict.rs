@@ -1,0 +1,296 @@
+//! `pagewise evict --vm NAME (--target-rss SIZE | --cold-for SECONDS | --auto)`: offload cold
+//! pages of a running VM to its swap device through the daemon's control socket, with a
+//! progress bar on a terminal (plain progress lines otherwise).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+
+use super::vm::DEFAULT_PAGER_SOCKET;
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("goal").required(true).multiple(false)))]
+pub struct EvictArgs {
+    /// The attached VM's name.
+    #[arg(long)]
+    vm: String,
+    /// Evict coldest pages first until the VM's resident memory is at most SIZE
+    /// (bytes, or with a suffix: K, M, G, T; KiB/MiB/... accepted).
+    #[arg(long, value_name = "SIZE", group = "goal", value_parser = parse_size)]
+    target_rss: Option<u64>,
+    /// Evict every page not written and not faulted in for SECONDS.
+    #[arg(long, value_name = "SECONDS", group = "goal")]
+    cold_for: Option<f64>,
+    /// Evict down to the working-set estimate plus a margin.
+    #[arg(long, group = "goal")]
+    auto: bool,
+    /// Margin for --auto, in percent of the estimate.
+    #[arg(long, default_value_t = 10, requires = "auto")]
+    margin_percent: u32,
+    /// Pages per eviction batch (write-protect, read, store, punch, wake).
+    #[arg(long)]
+    batch_pages: Option<u64>,
+    /// The daemon's control socket (`pagewise serve --stats-socket`), or its serve socket, in
+    /// which case SOCKET.stats is used [default: $PAGEWISE_SOCKET, else
+    /// /run/pagewise/pager.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Start the eviction and return without waiting for it.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parse "4096", "512M", "1.5G", "2GiB" into bytes (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 512M, 1.5G)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The control socket: `--socket` (or $PAGEWISE_SOCKET, or the default serve socket); a
+/// serve socket is mapped to its `.stats` control socket (as `pagewise stats` does).
+pub fn control_socket(arg: Option<PathBuf>) -> PathBuf {
+    let path = arg
+        .or_else(|| {
+            std::env::var_os("PAGEWISE_SOCKET")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PAGER_SOCKET));
+    let derived = super::serve::default_stats_socket(&path);
+    if !path.to_string_lossy().ends_with(".stats") && derived.exists() {
+        derived
+    } else {
+        path
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Catch Ctrl-C so the daemon's eviction can be cancelled cleanly.
+fn catch_sigint() -> anyhow::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigint),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(Signal::SIGINT, &action) }.context("installing the SIGINT handler")?;
+    Ok(())
+}
+
+fn request(socket: &std::path::Path, req: &Value) -> anyhow::Result<Value> {
+    pager::server::control::request(socket, req).map_err(|e| anyhow!("{e}"))
+}
+
+fn mib(pages: u64, page_size: u64) -> f64 {
+    (pages * page_size) as f64 / (1 << 20) as f64
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// One progress line (bar on a terminal).
+fn progress_line(p: &Value, page_size: u64, elapsed: Duration, bar: bool) -> String {
+    let (planned, done) = (u(p, "planned"), u(p, "done"));
+    let out = u(p, "evicted") + u(p, "zero");
+    let frac = if planned == 0 {
+        1.0
+    } else {
+        done as f64 / planned as f64
+    };
+    let rate = mib(out, page_size) / elapsed.as_secs_f64().max(1e-3);
+    let target = p
+        .get("target")
+        .and_then(Value::as_u64)
+        .map_or(String::new(), |t| {
+            format!(" -> {:.1} MiB", mib(t, page_size))
+        });
+    let text = format!(
+        "{done}/{planned} pages, {out} out ({:.1} MiB, {rate:.0} MiB/s), resident {:.1} MiB{target}",
+        mib(out, page_size),
+        mib(u(p, "resident"), page_size),
+    );
+    if bar {
+        let width = 30;
+        let filled = ((frac * width as f64) as usize).min(width);
+        format!(
+            "\r[{}{}] {:>3.0}% {text}\x1b[K",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            frac * 100.0
+        )
+    } else {
+        format!("evict: {:>3.0}% {text}", frac * 100.0)
+    }
+}
+
+pub fn run(args: EvictArgs) -> anyhow::Result<ExitCode> {
+    let socket = control_socket(args.socket);
+    let mut req = json!({"cmd": "evict", "vm": args.vm});
+    if let Some(b) = args.target_rss {
+        req["target_rss_bytes"] = json!(b);
+    } else if let Some(s) = args.cold_for {
+        if !(s.is_finite() && s >= 0.0) {
+            bail!("--cold-for must be a non-negative number of seconds, got {s}");
+        }
+        req["cold_for_secs"] = json!(s);
+    } else if args.auto {
+        req["auto"] = json!(true);
+        req["margin_percent"] = json!(args.margin_percent);
+    }
+    if let Some(b) = args.batch_pages {
+        req["batch_pages"] = json!(b);
+    }
+    let page_size = request(&socket, &json!({"cmd": "stats", "vm": args.vm}))
+        .with_context(|| {
+            format!(
+                "asking the daemon at {} about VM {}",
+                socket.display(),
+                args.vm
+            )
+        })?
+        .pointer("/vms/0/page_size")
+        .and_then(Value::as_u64)
+        .unwrap_or(4096);
+    request(&socket, &req).with_context(|| format!("starting the eviction of VM {}", args.vm))?;
+    if args.no_wait {
+        eprintln!("eviction of VM {} started", args.vm);
+        return Ok(ExitCode::SUCCESS);
+    }
+    catch_sigint()?;
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let status_req = json!({"cmd": "evict_status", "vm": args.vm});
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut cancel_sent = false;
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(if tty { 150 } else { 250 }));
+        if INTERRUPTED.load(Ordering::Relaxed) && !cancel_sent {
+            request(&socket, &json!({"cmd": "evict_cancel", "vm": args.vm}))?;
+            cancel_sent = true;
+        }
+        let st = request(&socket, &status_req)?;
+        let running = st.get("running").and_then(Value::as_bool).unwrap_or(false);
+        let progress = st.get("progress").cloned().unwrap_or(Value::Null);
+        if tty {
+            eprint!(
+                "{}",
+                progress_line(&progress, page_size, started.elapsed(), true)
+            );
+            let _ = std::io::stderr().flush();
+        } else if !running || last_line.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "{}",
+                progress_line(&progress, page_size, started.elapsed(), false)
+            );
+            last_line = Instant::now();
+        }
+        if !running {
+            if tty {
+                eprintln!();
+            }
+            break st;
+        }
+    };
+    if let Some(err) = status.get("error").and_then(Value::as_str) {
+        bail!("eviction of VM {} failed: {err}", args.vm);
+    }
+    let report = status.get("report").cloned().unwrap_or(Value::Null);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let p = report.get("progress").cloned().unwrap_or(Value::Null);
+        println!(
+            "VM {}: evicted {} pages ({:.1} MiB) + {} zero pages in {} ms ({:.0} MB/s); \
+             resident now {:.1} MiB; {} skipped, {} abandoned",
+            args.vm,
+            u(&p, "evicted"),
+            mib(u(&p, "evicted"), page_size),
+            u(&p, "zero"),
+            u(&report, "elapsed_ms"),
+            report
+                .get("mb_per_s")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+            mib(u(&p, "resident"), page_size),
+            u(&p, "skipped"),
+            u(&p, "abandoned"),
+        );
+        if let Some(errs) = report.get("errors").and_then(Value::as_array) {
+            for e in errs {
+                eprintln!("warning: {}", e.as_str().unwrap_or_default());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size(" 64 k "), Ok(64 << 10));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("3X").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn progress_lines_render() {
+        let p = json!({"planned": 100, "done": 50, "evicted": 40, "zero": 10, "resident": 256,
+            "target": 128});
+        let bar = progress_line(&p, 4096, Duration::from_secs(1), true);
+        assert!(
+            bar.contains("[###############               ]  50%"),
+            "{bar}"
+        );
+        assert!(bar.contains("resident 1.0 MiB -> 0.5 MiB"), "{bar}");
+        let plain = progress_line(&p, 4096, Duration::from_secs(1), false);
+        assert!(
+            plain.starts_with("evict:  50% 50/100 pages, 50 out"),
+            "{plain}"
+        );
+    }
+}
