@@ -72,12 +72,12 @@ proptest::proptest! {
     }
 }
 
-/// QD32 4 KiB random reads over a 256 MiB file; prints IOPS for O_DIRECT and buffered I/O on
-/// the disk filesystem and for tmpfs. Run:
-/// `cargo test --release -p swapdev --lib bench_file_qd32 -- --ignored --nocapture`
+/// 4 KiB random reads over a 256 MiB file at QD 32 (IOPS) and QD 1 (mean latency), for
+/// O_DIRECT and buffered I/O on the disk filesystem and on tmpfs. Run:
+/// `cargo test --release -p swapdev --lib bench_file_random_read -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark; run with --ignored --nocapture"]
-fn bench_file_qd32_random_read() {
+fn bench_file_random_read() {
     let pages = 65536u64;
     for (dir, mode) in [
         (DISK_DIR, DirectMode::Always),
@@ -97,33 +97,41 @@ fn bench_file_qd32_random_read() {
             }
             f.sync_all().unwrap();
         }
-        let mut rng = StdRng::seed_from_u64(1);
-        let total = 200_000u64;
-        let mut out = Vec::new();
-        let start = std::time::Instant::now();
-        for i in 0..total {
-            if b.in_flight() >= 32 {
-                out.clear();
-                b.complete(&mut out, 1).unwrap();
-            }
-            let page = rng.random_range(0..pages);
-            let op = IoOp::Read {
-                buf: AlignedBuf::new(PAGE),
-            };
-            b.submit(IoRequest {
-                tag: i,
-                offset: page * PAGE as u64,
-                op,
-            })
-            .unwrap();
+        for (qd, total) in [(32usize, 200_000u64), (1, 20_000)] {
+            let secs = random_reads(&mut b, pages, qd, total);
+            println!(
+                "{}: QD{qd} 4KiB random read: {total} reads in {secs:.2} s = {:.0} IOPS, \
+                 {:.1} us mean per read at this depth",
+                b.describe(),
+                total as f64 / secs,
+                secs * 1e6 * qd as f64 / total as f64
+            );
         }
-        out.clear();
-        b.complete(&mut out, b.in_flight()).unwrap();
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "{}: QD32 4KiB random read: {total} reads in {secs:.2} s = {:.0} IOPS",
-            b.describe(),
-            total as f64 / secs
-        );
     }
+}
+
+/// Issue `total` random 4 KiB reads keeping `qd` in flight; returns elapsed seconds.
+fn random_reads(b: &mut FileBackend, pages: u64, qd: usize, total: u64) -> f64 {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut out = Vec::new();
+    let start = std::time::Instant::now();
+    for i in 0..total {
+        if b.in_flight() >= qd {
+            out.clear();
+            b.complete(&mut out, 1).unwrap();
+        }
+        let page = rng.random_range(0..pages);
+        let op = IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        };
+        b.submit(IoRequest {
+            tag: i,
+            offset: page * PAGE as u64,
+            op,
+        })
+        .unwrap();
+    }
+    out.clear();
+    b.complete(&mut out, b.in_flight()).unwrap();
+    start.elapsed().as_secs_f64()
 }
