@@ -44,7 +44,8 @@ pub fn run_checked(cmd: &mut Command) -> anyhow::Result<Output> {
     Ok(out)
 }
 
-/// A running daemon, killed (SIGKILL) and reaped when dropped.
+/// A running daemon, stopped when dropped: SIGTERM (it shuts down cleanly, releasing its
+/// swap devices), SIGKILL if it is still there after [`STOP_GRACE`].
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
@@ -88,9 +89,7 @@ impl Daemon {
             }
             // The socket file appears at bind(), right before listen(); probing with a
             // connection would show up in the daemon's logs as a refused handshake.
-            let is_socket = std::fs::symlink_metadata(socket)
-                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
-            if is_socket {
+            if wait_for_socket(socket, Duration::ZERO).is_ok() {
                 std::thread::sleep(Duration::from_millis(20));
                 return Ok(d);
             }
@@ -121,10 +120,28 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+/// How long a dropped daemon gets to exit after SIGTERM.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Stop the daemon (SIGTERM, then SIGKILL after [`STOP_GRACE`]) and reap it.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -138,22 +155,58 @@ pub fn import_args(image: &Path, device: &Path) -> Vec<String> {
     ]
 }
 
-/// Arguments of `pagewise serve` serving one VM called `vm` from `device` on `socket`, with
-/// its control socket at `control` and prefetch policy `prefetch`.
+/// One VM a `pagewise serve` serves: its name, attach socket and swap device.
+#[derive(Debug, Clone)]
+pub struct ServedVm<'a> {
+    pub name: &'a str,
+    pub socket: &'a Path,
+    pub device: &'a Path,
+}
+
+/// Arguments of `pagewise serve` serving `vms` (one attach socket each, VM named by the
+/// socket), with its main attach socket at `main_socket` (pagewise handshakes naming one of
+/// `vms`), its stats/control socket at `stats_socket` and prefetch policy `prefetch`.
 pub fn serve_args(
-    socket: &Path,
-    control: &Path,
-    device: &Path,
-    vm: &str,
+    main_socket: &Path,
+    vms: &[ServedVm<'_>],
+    stats_socket: &Path,
     prefetch: &str,
 ) -> Vec<String> {
-    vec![
-        "serve".into(),
-        "--vm".into(),
-        format!("{vm}={}:{}", socket.display(), device.display()),
-        "--control".into(),
-        control.display().to_string(),
+    let mut args = vec![
+        "serve".to_string(),
+        "--socket".into(),
+        main_socket.display().to_string(),
+    ];
+    for vm in vms {
+        args.push("--vm".into());
+        args.push(format!(
+            "{}={}:{}",
+            vm.name,
+            vm.socket.display(),
+            vm.device.display()
+        ));
+    }
+    args.extend([
+        "--stats-socket".into(),
+        stats_socket.display().to_string(),
         "--prefetch".into(),
         prefetch.into(),
-    ]
+    ]);
+    args
+}
+
+/// Wait until `path` is a socket (a daemon bound it), up to `timeout`.
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let is_socket = std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if is_socket {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

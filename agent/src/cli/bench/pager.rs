@@ -154,8 +154,14 @@ struct Work {
 impl Work {
     fn serve(&self, policy: &str, tag: &str) -> anyhow::Result<Daemon> {
         let socket = self.dir.path().join(format!("{tag}.sock"));
-        let control = self.dir.path().join(format!("{tag}.control"));
-        let args = daemon::serve_args(&socket, &control, &self.device, "bench", policy);
+        let main = self.dir.path().join(format!("{tag}.main.sock"));
+        let stats = self.dir.path().join(format!("{tag}.stats"));
+        let vm = daemon::ServedVm {
+            name: "bench",
+            socket: &socket,
+            device: &self.device,
+        };
+        let args = daemon::serve_args(&main, &[vm], &stats, policy);
         Daemon::spawn(
             &self.pagewise,
             &args,
