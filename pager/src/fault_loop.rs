@@ -144,8 +144,9 @@ impl FaultLoop {
 
     /// Serve faults until stopped, the VMM goes away, or an error makes serving impossible.
     pub fn run(mut self) -> Result<LoopExit, FaultLoopError> {
+        let zero = self.source.seed_zero_pages(&self.vm.states);
         tracing::info!(vm = %self.vm.name, source = %self.source.describe(),
-            prefetch = self.prefetch.name(), "fault loop started");
+            prefetch = self.prefetch.name(), zero, "fault loop started");
         let result = self.serve();
         tracing::info!(vm = %self.vm.name, ?result, "fault loop ended");
         result

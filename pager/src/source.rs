@@ -12,6 +12,8 @@ use std::os::fd::BorrowedFd;
 
 use swapdev::AlignedBuf;
 
+use crate::page_state::PageStateTable;
+
 pub use image::ImageFileSource;
 pub use swapdev_source::SwapdevSource;
 
@@ -67,4 +69,11 @@ pub trait PageSource: Send {
     fn completion_fd(&self) -> BorrowedFd<'_>;
     /// A short description for logs and stats, e.g. "swapdev /var/lib/pw/vm1.swap".
     fn describe(&self) -> String;
+    /// Before serving starts: mark pages the source knows to be all-zero (or never stored)
+    /// as [`crate::page_state::PageState::Zero`] in `states`, when they are still `Missing`, so their faults
+    /// are answered with UFFDIO_ZEROPAGE without any I/O. Returns how many were marked.
+    fn seed_zero_pages(&mut self, states: &PageStateTable) -> u64 {
+        let _ = states;
+        0
+    }
 }

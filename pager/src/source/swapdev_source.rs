@@ -15,12 +15,15 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use swapdev::{PageData, PageRead, SwapDevice};
+use swapdev::{PageData, PageRead, PageState as DevicePageState, SwapDevice};
+
+use crate::page_state::{PageState, PageStateTable};
 
 use super::{PageCompletion, PageContent, PageSource, SourceError};
 
 /// Pages of one VM's swap device.
 pub struct SwapdevSource {
+    device: Arc<Mutex<SwapDevice>>,
     requests: Option<Sender<(u64, u64)>>,
     completions: Receiver<PageCompletion>,
     completion_fd: Arc<EventFd>,
@@ -55,9 +58,13 @@ impl SwapdevSource {
         let fd = completion_fd.clone();
         let thread = std::thread::Builder::new()
             .name("swapdev-io".into())
-            .spawn(move || io_thread(device, req_rx, done_tx, fd))
+            .spawn({
+                let device = device.clone();
+                move || io_thread(device, req_rx, done_tx, fd)
+            })
             .map_err(|e| fail(format!("spawning the I/O thread: {e}")))?;
         Ok(Self {
+            device,
             requests: Some(req_tx),
             completions: done_rx,
             completion_fd,
@@ -217,6 +224,22 @@ impl PageSource for SwapdevSource {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn seed_zero_pages(&mut self, states: &PageStateTable) -> u64 {
+        let dev = lock(&self.device);
+        let pages = (states.len() as u64).min(self.capacity_pages);
+        let mut marked = 0;
+        for page in 0..pages {
+            if dev.page_state(page) != DevicePageState::Stored
+                && states
+                    .transition(page, PageState::Missing, PageState::Zero)
+                    .is_ok()
+            {
+                marked += 1;
+            }
+        }
+        marked
     }
 }
 
