@@ -229,3 +229,121 @@ fn pagewise_handshake_refused_when_regions_exceed_the_swap_device() {
     daemon.shutdown();
     assert!(daemon.vms().is_empty());
 }
+
+/// Guest memory in a memfd (MAP_SHARED), as QEMU's memory-backend-file share=on.
+struct ShmemGuest {
+    map: MmapMut,
+    file: std::fs::File,
+    uffd: Uffd,
+}
+
+impl ShmemGuest {
+    fn new() -> Self {
+        let fd = nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len((PAGES * PAGE) as u64).unwrap();
+        // SAFETY: a fresh shared mapping of our own memfd, sized above.
+        let map = unsafe { MmapMut::map_mut(&file).unwrap() };
+        let uffd = Uffd::new(UffdFlags::default()).unwrap();
+        uffd.api(
+            Features::EVENT_REMOVE
+                | Features::MISSING_SHMEM
+                | Features::WP_HUGETLBFS_SHMEM
+                | Features::WP_UNPOPULATED,
+        )
+        .unwrap();
+        uffd.register(
+            map.as_ptr() as u64,
+            (PAGES * PAGE) as u64,
+            RegisterMode::MISSING | RegisterMode::WP,
+        )
+        .unwrap();
+        Self { map, file, uffd }
+    }
+}
+
+#[test]
+fn shmem_guest_with_memory_file_served_while_bad_clients_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    create_swapdev(&dir.path().join("shm.swap"));
+    create_swapdev(&dir.path().join("vm1.swap"));
+    let (daemon, fc_sock, sock) = start_daemon(dir.path(), "none");
+
+    // A silent client and a garbage client on the same socket must not hold anyone up.
+    let _silent = UnixStream::connect(&sock).unwrap();
+    let garbage = UnixStream::connect(&sock).unwrap();
+    nix::sys::socket::send(
+        garbage.as_raw_fd(),
+        b"GET / HTTP/1.0\r\n\r\n",
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+
+    let guest = ShmemGuest::new();
+    let req = AttachRequest {
+        vm: "shm".into(),
+        regions: vec![GuestRegionUffdMapping {
+            base_host_virt_addr: guest.map.as_ptr() as u64,
+            size: PAGES * PAGE,
+            offset: 0,
+            page_size: PAGE,
+            page_size_kib: 0,
+        }],
+        memory_file: true,
+        uffd_features: 0,
+        modes: vec!["missing".into(), "wp".into()],
+    };
+    let conn = UnixStream::connect(&sock).unwrap();
+    let started = Instant::now();
+    send_request(
+        &conn,
+        &req,
+        guest.uffd.as_raw_fd(),
+        Some(guest.file.as_raw_fd()),
+    )
+    .unwrap();
+    let reply = recv_reply(&conn).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // A second VM on its own Firecracker socket at the same time.
+    let fc_guest = Guest::new();
+    let fc_conn = UnixStream::connect(&fc_sock).unwrap();
+    send_firecracker(
+        &fc_conn,
+        &[fc_guest.region(PAGES * PAGE)],
+        fc_guest.uffd.as_raw_fd(),
+    )
+    .unwrap();
+
+    for i in (0..PAGES).rev().step_by(7) {
+        let expect = page_content(i).unwrap_or_else(|| vec![0; PAGE]);
+        assert_eq!(
+            &guest.map[i * PAGE..(i + 1) * PAGE],
+            &expect[..],
+            "shm page {i}"
+        );
+        assert_eq!(
+            &fc_guest.map[i * PAGE..(i + 1) * PAGE],
+            &expect[..],
+            "fc page {i}"
+        );
+    }
+    // Pages placed in shmem are in the memory file itself.
+    let mut buf = vec![0u8; PAGE];
+    nix::sys::uio::pread(&guest.file, &mut buf, (7 * PAGE) as i64).unwrap();
+    assert_eq!(buf, page_content(7).unwrap());
+
+    let vm = daemon.vm("shm").unwrap();
+    assert!(vm.wp_registered && vm.memory_file.is_some());
+    assert_eq!(daemon.vms().len(), 2);
+    // The first VM leaving does not disturb the second.
+    drop(conn);
+    wait_until("shm VM detached", || daemon.vm("shm").is_none());
+    assert_eq!(
+        &fc_guest.map[3 * PAGE..4 * PAGE],
+        &page_content(3).unwrap()[..]
+    );
+    daemon.shutdown();
+}
