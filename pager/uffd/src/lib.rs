@@ -8,6 +8,7 @@
 mod error;
 mod event;
 mod features;
+pub mod pagemap;
 mod sys;
 
 #[cfg(test)]
@@ -18,6 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawF
 pub use error::{CopyError, UffdError};
 pub use event::Event;
 pub use features::{Features, Ioctls, RegisterMode};
+pub use pagemap::{PageCategories, PageRegion, Pagemap, ScanQuery};
 
 /// Flags for creating a userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
