@@ -147,7 +147,14 @@ impl FaultLoop {
         let zero = self.source.seed_zero_pages(&self.vm.states);
         tracing::info!(vm = %self.vm.name, source = %self.source.describe(),
             prefetch = self.prefetch.name(), zero, "fault loop started");
-        let result = self.serve();
+        let result = match self.serve() {
+            // ESRCH from the kernel: the VMM's address space is gone; a normal end.
+            Err(FaultLoopError::Place {
+                source: uffd::CopyError::ProcessGone,
+                ..
+            }) => Ok(LoopExit::ProcessGone),
+            other => other,
+        };
         tracing::info!(vm = %self.vm.name, ?result, "fault loop ended");
         result
     }
