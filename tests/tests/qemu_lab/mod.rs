@@ -265,3 +265,83 @@ pub fn assert_memverify_passed(serial_text: &str) {
         "bad pages reported:\n{serial_text}"
     );
 }
+
+/// `pagewise serve --socket DIR/pager.sock --swapdev-dir DIR` as a child process (killed on
+/// drop), started and waited for until it listens.
+pub struct PagerDaemon {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub swapdev_dir: PathBuf,
+}
+
+impl PagerDaemon {
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join("pager.sock");
+        let mut cmd = Command::new(pagewise_bin());
+        cmd.args(["serve", "-v", "--socket"])
+            .arg(&socket)
+            .arg("--swapdev-dir")
+            .arg(dir);
+        let mut proc = Proc::spawn("pagewise-serve", cmd, dir);
+        let err = proc.stderr_path.clone();
+        wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
+        PagerDaemon {
+            proc,
+            socket,
+            swapdev_dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Create an empty swap device for VM `name` of `bytes` capacity.
+    pub fn create_swapdev(&self, name: &str, bytes: u64) -> PathBuf {
+        let path = self.swapdev_dir.join(format!("{name}.swap"));
+        pagewise_ok(&[
+            "swapdev",
+            "create",
+            path.to_str().unwrap(),
+            "--size",
+            &bytes.to_string(),
+        ]);
+        path
+    }
+
+    /// `pagewise stats --json` for VM `name` (None when it is not attached).
+    pub fn vm_stats(&self, name: &str) -> Option<serde_json::Value> {
+        let out = pagewise_ok(&["stats", "--json", "--socket", self.socket.to_str().unwrap()]);
+        let all: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("pagewise stats --json printed non-JSON ({e}): {out}"));
+        all.get("vms")?
+            .as_array()?
+            .iter()
+            .find(|v| v.get("vm").and_then(|n| n.as_str()) == Some(name))
+            .cloned()
+    }
+}
+
+/// Run `pagewise ARGS`, panicking with its output unless it succeeds; returns stdout.
+pub fn pagewise_ok(args: &[&str]) -> String {
+    let out = Command::new(pagewise_bin())
+        .args(args)
+        .output()
+        .expect("run pagewise");
+    assert!(
+        out.status.success(),
+        "pagewise {args:?} failed: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `pagewise vm run --socket SOCKET --name NAME -- qemu-system-x86_64 ARGS`.
+pub fn vm_run_command(socket: &Path, name: &str, qemu: &[String]) -> Command {
+    let mut cmd = Command::new(pagewise_bin());
+    cmd.args(["vm", "run", "--socket"])
+        .arg(socket)
+        .args(["--name", name, "--", "qemu-system-x86_64"])
+        .args(qemu)
+        .env_remove("PAGEWISE_PRELOAD")
+        .env_remove("PAGEWISE_SOCKET");
+    cmd
+}
