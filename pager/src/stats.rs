@@ -249,6 +249,36 @@ mod tests {
         assert!(matches!(err, MetricsEndpointError::NotLoopback(_)));
     }
 
+    #[test]
+    fn table_shows_counters_states_and_quantiles() {
+        use crate::attach::protocol::GuestRegionUffdMapping;
+        let layout = crate::vm::GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+            base_host_virt_addr: 0x7000_0000,
+            size: 8 * 4096,
+            offset: 0,
+            page_size: 4096,
+            page_size_kib: 0,
+        }])
+        .unwrap();
+        let uffd = uffd::Uffd::new(Default::default()).unwrap();
+        let vm = crate::vm::Vm::new("vm7".into(), uffd, layout, None, Default::default());
+        VmMetrics::add(&vm.metrics.faults, 5);
+        vm.metrics.fault_latency.record_ns(20_000);
+        vm.states.set(3, crate::page_state::PageState::Present);
+        let stats = serde_json::json!({
+            "vms": [crate::server::control::vm_stats(&vm, "firecracker", "none")]
+        });
+        let table = render_table(&stats);
+        assert!(table.contains("VM vm7"), "{table}");
+        assert!(table.contains("faults             5"), "{table}");
+        assert!(table.contains("present 1"), "{table}");
+        assert!(table.contains("p50 <= 32 us"), "{table}");
+        assert_eq!(
+            render_table(&serde_json::json!({"vms": []})),
+            "no VMs attached\n"
+        );
+    }
+
     struct NoSources;
     impl crate::server::SourceProvider for NoSources {
         fn source_key(&self, vm: &str) -> Result<String, String> {
