@@ -91,6 +91,7 @@ pub struct Daemon {
     provider: Arc<dyn SourceProvider>,
     vms: Mutex<HashMap<String, VmEntry>>,
     stop: EventFd,
+    stopping: std::sync::atomic::AtomicBool,
     commands: control::CommandRegistry,
 }
 
@@ -130,6 +131,7 @@ impl Daemon {
             provider,
             vms: Mutex::new(HashMap::new()),
             stop,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             commands: control::CommandRegistry::default(),
         });
         control::register_builtin_commands(&daemon.commands);
@@ -283,6 +285,9 @@ impl Daemon {
             Some(connection),
         );
         let mut vms = self.lock();
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("the pager is shutting down".into());
+        }
         // Checked again under the lock that the insert below holds.
         Self::check_free(&vms, &name, &key)?;
         let daemon = Arc::downgrade(self);
@@ -354,6 +359,13 @@ impl Daemon {
 
     /// Stop accepting, stop every VM's loop and wait for them.
     pub fn shutdown(&self) {
+        // Set under the registry lock, so no attach in progress can register a VM after
+        // the registry was drained below.
+        {
+            let _registry = self.lock();
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let _ = self.stop.write(1);
         let entries: Vec<VmEntry> = self.lock().drain().map(|(_, e)| e).collect();
         for e in entries {
