@@ -55,7 +55,7 @@ fn evict_while_memhog_runs_and_every_page_verifies() {
                 "--threads",
                 "2",
                 "--duration-secs",
-                "7",
+                "12",
                 "--write-ratio",
                 "0.3",
             ],
@@ -65,7 +65,9 @@ fn evict_while_memhog_runs_and_every_page_verifies() {
         .spawn()
         .expect("spawning memhog");
 
-    // Let memhog fault in a good part of its memory and the sampler take a few samples.
+    // Let memhog fault in a good part of its memory and the sampler take a few samples. The
+    // checks below finish within ~6 s; memhog runs 12 s so the VM is still attached even on
+    // a loaded machine.
     std::thread::sleep(Duration::from_millis(2500));
     let out = pagewise(
         &lab,
