@@ -61,6 +61,16 @@ pub enum AttachError {
     Unnamed,
     #[error("unknown registration mode {0:?} (expected missing, wp, minor)")]
     BadMode(String),
+    #[error("the fd sent as the userfaultfd is not one (it is {0})")]
+    NotUserfaultfd(String),
+    #[error("the guest memory file {what} is {size} bytes but the regions end at {needed} bytes")]
+    MemoryFileTooSmall {
+        what: String,
+        size: u64,
+        needed: u64,
+    },
+    #[error("the guest memory file is unusable: {0}")]
+    BadMemoryFile(String),
     #[error("setting up the received uffd: {0}")]
     Uffd(nix::Error),
     #[error("{0}")]
@@ -154,6 +164,17 @@ fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<Attach
         }
     }
     let layout = GuestLayout::from_mappings(&regions)?;
+    match uffd::is_userfaultfd(uffd.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            let what = uffd::describe_fd(uffd.as_fd()).unwrap_or_else(|e| e.to_string());
+            return Err(AttachError::NotUserfaultfd(what));
+        }
+        Err(e) => return Err(AttachError::NotUserfaultfd(format!("unidentifiable: {e}"))),
+    }
+    if let Some(file) = &memory_file {
+        check_memory_file(file, &layout)?;
+    }
     // The loop polls the uffd and drains it until EAGAIN: it must be non-blocking.
     let flags = fcntl(uffd.as_fd(), FcntlArg::F_GETFL).map_err(AttachError::Uffd)?;
     fcntl(
@@ -171,6 +192,27 @@ fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<Attach
         flavour,
         wants_reply: flavour == "pagewise",
     })
+}
+
+/// The memory file must be a regular file (memfd, tmpfs, hugetlbfs) covering every region.
+fn check_memory_file(file: &OwnedFd, layout: &GuestLayout) -> Result<(), AttachError> {
+    let st = nix::sys::stat::fstat(file.as_fd())
+        .map_err(|e| AttachError::BadMemoryFile(format!("fstat: {e}")))?;
+    let what = uffd::describe_fd(file.as_fd()).unwrap_or_else(|_| "(unnamed)".into());
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(AttachError::BadMemoryFile(format!(
+            "{what} is not a regular file"
+        )));
+    }
+    let size = st.st_size as u64;
+    if size < layout.span_bytes() {
+        return Err(AttachError::MemoryFileTooSmall {
+            what,
+            size,
+            needed: layout.span_bytes(),
+        });
+    }
+    Ok(())
 }
 
 /// Answer a pagewise client (logged, never fatal: the client may be gone).
@@ -258,6 +300,44 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn refuses_non_uffd_and_short_memory_files() {
+        let t = Duration::from_secs(2);
+        let req = |memory_file| AttachRequest {
+            vm: "m".into(),
+            regions: vec![region()],
+            memory_file,
+            uffd_features: 0,
+            modes: vec!["missing".into()],
+        };
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        send_request(&a, &req(false), zero.as_raw_fd(), None).unwrap();
+        match accept_vm(&b, &Naming::FromRequest, t) {
+            Err((AttachError::NotUserfaultfd(what), true)) => assert_eq!(what, "/dev/zero"),
+            other => panic!("expected NotUserfaultfd, got {other:?}"),
+        }
+
+        let u = Uffd::new(UffdFlags::default()).unwrap();
+        let small = tempfile::tempfile().unwrap();
+        small.set_len(4096).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        send_request(&a, &req(true), u.as_raw_fd(), Some(small.as_raw_fd())).unwrap();
+        match accept_vm(&b, &Naming::FromRequest, t) {
+            Err((AttachError::MemoryFileTooSmall { size, needed, .. }, true)) => {
+                assert_eq!((size, needed), (4096, 1 << 20))
+            }
+            other => panic!("expected MemoryFileTooSmall, got {other:?}"),
+        }
+
+        let (a, b) = UnixStream::pair().unwrap();
+        send_request(&a, &req(true), u.as_raw_fd(), Some(zero.as_raw_fd())).unwrap();
+        assert!(matches!(
+            accept_vm(&b, &Naming::FromRequest, t),
+            Err((AttachError::BadMemoryFile(_), true))
+        ));
     }
 
     #[test]

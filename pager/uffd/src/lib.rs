@@ -331,6 +331,18 @@ impl Uffd {
     }
 }
 
+/// What `fd` is, as `/proc/self/fd/N` names it (e.g. `anon_inode:[userfaultfd]`).
+pub fn describe_fd(fd: BorrowedFd<'_>) -> std::io::Result<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(target.to_string_lossy().into_owned())
+}
+
+/// Whether `fd` is a userfaultfd (checked through `/proc/self/fd`). Use it on fds received
+/// from other processes before wrapping them with `Uffd::from`.
+pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> std::io::Result<bool> {
+    Ok(describe_fd(fd)? == "anon_inode:[userfaultfd]")
+}
+
 impl From<OwnedFd> for Uffd {
     /// Wrap a uffd received from elsewhere (SCM_RIGHTS). The caller vouches it is a uffd;
     /// a wrong fd makes every ioctl fail with an error, nothing worse.

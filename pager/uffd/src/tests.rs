@@ -262,3 +262,12 @@ fn remove_event_after_madv_dontneed() {
     }
     assert_eq!(advisor.join().unwrap(), 0);
 }
+
+#[test]
+fn recognises_userfaultfds() {
+    let u = Uffd::new(UffdFlags::default()).unwrap();
+    assert!(is_userfaultfd(u.as_fd()).unwrap());
+    let f = std::fs::File::open("/dev/zero").unwrap();
+    assert!(!is_userfaultfd(f.as_fd()).unwrap());
+    assert_eq!(describe_fd(f.as_fd()).unwrap(), "/dev/zero");
+}
