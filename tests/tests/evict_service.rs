@@ -173,8 +173,13 @@ fn evicts_cold_pages_under_a_running_fault_loop_and_serves_them_back() -> anyhow
         })
         .collect();
 
-    // Let the estimate settle on the hot set (the initial touch falls out of the window).
-    std::thread::sleep(Duration::from_millis(900));
+    // Let the estimate settle on the hot set: the initial touch falls out of the 4-interval
+    // window after a few more samples (counted, not timed: the machine may be loaded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while svc.tracker().summary(std::time::Instant::now()).samples < 8 {
+        assert!(std::time::Instant::now() < deadline, "sampler too slow");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let est = svc
         .tracker()
         .estimate()
