@@ -16,6 +16,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use pager::server::control;
 use pagewise_tools::daemon::{self, Daemon};
 use pagewise_tools::image::{self, ImageSpec, PAGE_SIZE};
 use pagewise_tools::memhog::attach::{self, HandshakeKind};
@@ -85,6 +86,8 @@ struct LatencyRow {
     faults: u64,
     p50_us: f64,
     p99_us: f64,
+    /// The daemon's own p50 (uffd message read to page placed).
+    pager_side_p50_us: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,8 +97,14 @@ struct ScanRow {
     seconds: f64,
     mib_per_s: f64,
     pages_touched: u64,
+    /// First touches that found the page absent (the guest waited).
     demand_faults: u64,
     fault_share: f64,
+    /// Demand faults whose page the daemon had to read from the device (its
+    /// `faults_to_source`), and their share of pages touched.
+    device_faults: u64,
+    device_fault_share: f64,
+    pages_prefetched: u64,
     speedup_vs_baseline: f64,
     share_of_pwrite: f64,
     mismatches: u64,
@@ -112,14 +121,36 @@ struct BenchResult {
     scans: Vec<ScanRow>,
 }
 
-/// One in-process memhog run against the handler at `socket`.
-fn memhog(socket: &Path, pages: u64, cfg: &RunConfig, spec: ImageSpec) -> anyhow::Result<Report> {
+/// One in-process memhog run against the handler at `socket`. With `stats`, the daemon's
+/// statistics of VM `bench` are read before memhog detaches.
+fn memhog(
+    socket: &Path,
+    stats: Option<&Path>,
+    pages: u64,
+    cfg: &RunConfig,
+) -> anyhow::Result<(Report, Option<serde_json::Value>)> {
     let mem = GuestMemory::new(pages, Backing::Anon)?;
     let attached = attach::attach(&mem, socket, &HandshakeKind::Firecracker, false)?;
-    let table = PageTable::new(pages, spec);
+    let table = PageTable::new(pages, spec());
     let report = memrun::run(&mem, &table, cfg)?;
+    let vm_stats = match stats {
+        Some(path) => {
+            let all = control::request(path, &serde_json::json!({"cmd": "stats", "vm": "bench"}))
+                .map_err(|e| anyhow::anyhow!("reading the daemon's stats: {e}"))?;
+            Some(all["vms"][0].clone())
+        }
+        None => None,
+    };
     drop(attached);
-    Ok(report)
+    if report.mismatches > 0 {
+        bail!("wrong pages were served: {:?}", report.mismatch_examples);
+    }
+    Ok((report, vm_stats))
+}
+
+/// A counter from the daemon's VM statistics.
+fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["metrics"][name].as_u64().unwrap_or(0)
 }
 
 /// pwrite the whole image into a memfd: the bandwidth of filling guest memory when every
@@ -167,7 +198,8 @@ struct Work {
 }
 
 impl Work {
-    fn serve(&self, policy: &str, tag: &str) -> anyhow::Result<Daemon> {
+    /// A fresh `pagewise serve` for VM `bench`; returns it with its stats socket.
+    fn serve(&self, policy: &str, tag: &str) -> anyhow::Result<(Daemon, PathBuf)> {
         let socket = self.dir.path().join(format!("{tag}.sock"));
         let main = self.dir.path().join(format!("{tag}.main.sock"));
         let stats = self.dir.path().join(format!("{tag}.stats"));
@@ -177,13 +209,14 @@ impl Work {
             device: &self.device,
         };
         let args = daemon::serve_args(&main, &[vm], &stats, policy);
-        Daemon::spawn(
+        let d = Daemon::spawn(
             &self.pagewise,
             &args,
             &socket,
             &self.dir.path().join(format!("{tag}.log")),
             SPAWN_TIMEOUT,
-        )
+        )?;
+        Ok((d, stats))
     }
 }
 
@@ -205,28 +238,27 @@ fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
     let null_sock = work.dir.path().join("null.sock");
     let page = Box::new([0x5Au8; PAGE_SIZE]);
     let null = MiniPager::spawn(&null_sock, MiniSource::Static(page))?;
-    let r = memhog(&null_sock, pages, &cfg, spec())?;
+    let (r, _) = memhog(&null_sock, None, pages, &cfg)?;
     null.join()?;
     rows.push(LatencyRow {
         handler: "null handler (in-process, static page)".into(),
         faults: r.fault_latency.count,
         p50_us: r.fault_latency.p50_us,
         p99_us: r.fault_latency.p99_us,
+        pager_side_p50_us: None,
     });
-    let d = work.serve("none", "latency")?;
+    let (d, stats) = work.serve("none", "latency")?;
     let cfg = RunConfig {
         verify: true,
         ..cfg
     };
-    let r = memhog(&d.socket, pages, &cfg, spec())?;
-    if r.mismatches > 0 {
-        bail!("pager served wrong pages: {:?}", r.mismatch_examples);
-    }
+    let (r, vm) = memhog(&d.socket, Some(&stats), pages, &cfg)?;
     rows.push(LatencyRow {
         handler: "pagewise serve --prefetch none".into(),
         faults: r.fault_latency.count,
         p50_us: r.fault_latency.p50_us,
         p99_us: r.fault_latency.p99_us,
+        pager_side_p50_us: vm.and_then(|v| v["fault_latency_p50_us"].as_f64()),
     });
     Ok(rows)
 }
@@ -240,19 +272,25 @@ fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<Sca
     for (pname, pattern, passes) in patterns {
         let mut baseline_seconds = None;
         for policy in &a.policies {
-            let d = work.serve(policy, &format!("scan-{}", policy.replace('+', "_")))?;
+            let (d, stats) = work.serve(policy, &format!("scan-{}", policy.replace('+', "_")))?;
             let cfg = RunConfig {
                 pattern: pattern.clone(),
                 passes: passes.max(1),
                 ..RunConfig::default()
             };
             let pages = work.pages;
-            let report = if passes == 0 {
+            let cfg = if passes == 0 {
+                // Zipf: one thread does `pages` accesses per pass.
                 let accesses = (pages as f64 * a.zipf_accesses) as u64;
-                memhog_accesses(&d.socket, pages, &cfg, accesses)?
+                RunConfig {
+                    passes: accesses.div_ceil(pages).max(1),
+                    ..cfg
+                }
             } else {
-                memhog(&d.socket, pages, &cfg, spec())?
+                cfg
             };
+            let (report, vm) = memhog(&d.socket, Some(&stats), pages, &cfg)?;
+            let vm = vm.unwrap_or_default();
             drop(d);
             let base = *baseline_seconds.get_or_insert(report.seconds);
             let mib = report.accesses as f64 * PAGE_SIZE as f64 / (1 << 20) as f64;
@@ -264,6 +302,10 @@ fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<Sca
                 pages_touched: report.pages_touched,
                 demand_faults: report.first_touch_faults,
                 fault_share: report.first_touch_faults as f64 / report.pages_touched.max(1) as f64,
+                device_faults: counter(&vm, "faults_to_source"),
+                device_fault_share: counter(&vm, "faults_to_source") as f64
+                    / report.pages_touched.max(1) as f64,
+                pages_prefetched: counter(&vm, "pages_prefetched"),
                 speedup_vs_baseline: base / report.seconds.max(1e-9),
                 share_of_pwrite: mib / report.seconds.max(1e-9) / pwrite,
                 mismatches: report.mismatches,
@@ -271,22 +313,6 @@ fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<Sca
         }
     }
     Ok(rows)
-}
-
-/// memhog with exactly `accesses` accesses in one pass (Zipf runs).
-fn memhog_accesses(
-    socket: &Path,
-    pages: u64,
-    cfg: &RunConfig,
-    accesses: u64,
-) -> anyhow::Result<Report> {
-    // One thread does pages/threads accesses per pass; scale passes to reach `accesses`.
-    let passes = accesses.div_ceil(pages).max(1);
-    let cfg = RunConfig {
-        passes,
-        ..cfg.clone()
-    };
-    memhog(socket, pages, &cfg, spec())
 }
 
 fn print(result: &BenchResult) {
@@ -298,13 +324,16 @@ fn print(result: &BenchResult) {
     println!();
     println!("fault latency (faulting thread, first touch of an absent page)");
     println!(
-        "{:<42} {:>8} {:>9} {:>9}",
-        "handler", "faults", "p50 us", "p99 us"
+        "{:<42} {:>8} {:>9} {:>9} {:>14}",
+        "handler", "faults", "p50 us", "p99 us", "pager-side p50"
     );
     for r in &result.latency {
+        let side = r
+            .pager_side_p50_us
+            .map_or("-".to_string(), |v| format!("{v:.1}"));
         println!(
-            "{:<42} {:>8} {:>9.1} {:>9.1}",
-            r.handler, r.faults, r.p50_us, r.p99_us
+            "{:<42} {:>8} {:>9.1} {:>9.1} {:>14}",
+            r.handler, r.faults, r.p50_us, r.p99_us, side
         );
     }
     if let [null, pager] = &result.latency[..] {
@@ -321,20 +350,23 @@ fn print(result: &BenchResult) {
         result.pwrite_mib_per_s, result.memhog_prefilled_mib_per_s
     );
     println!(
-        "{:<10} {:<14} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "{:<10} {:<14} {:>7} {:>6} {:>8} {:>8} {:>6} {:>8} {:>6} {:>9} {:>7} {:>5}",
         "pattern",
         "policy",
         "seconds",
         "MiB/s",
         "touched",
-        "faults",
-        "fault%",
+        "waits",
+        "wait%",
+        "dev-flt",
+        "dev%",
+        "prefetch",
         "speedup",
-        "%pwrite"
+        "%pwr"
     );
     for r in &result.scans {
         println!(
-            "{:<10} {:<14} {:>8.2} {:>9.0} {:>9} {:>9} {:>7.1}% {:>7.1}x {:>7.0}%",
+            "{:<10} {:<14} {:>7.2} {:>6.0} {:>8} {:>8} {:>5.1}% {:>8} {:>5.1}% {:>9} {:>6.1}x {:>4.0}%",
             r.pattern,
             r.policy,
             r.seconds,
@@ -342,11 +374,18 @@ fn print(result: &BenchResult) {
             r.pages_touched,
             r.demand_faults,
             100.0 * r.fault_share,
+            r.device_faults,
+            100.0 * r.device_fault_share,
+            r.pages_prefetched,
             r.speedup_vs_baseline,
             100.0 * r.share_of_pwrite
         );
     }
-    println!("targets: seq >= 5x the first policy and >= 50% of pwrite; fault% < 17% (Hines)");
+    println!(
+        "waits: first touches that found the page absent (memhog's mincore probe); dev-flt: \
+         demand faults the daemon read from the device (its faults_to_source)"
+    );
+    println!("targets: seq >= 5x the first policy and >= 50% of pwrite; dev% < 17% (Hines)");
 }
 
 pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
