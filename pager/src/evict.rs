@@ -119,6 +119,9 @@ pub struct EvictReport {
 /// Batch size used when none is given.
 pub const DEFAULT_BATCH_PAGES: usize = 256;
 
+/// Most bytes one batch stages in memory.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
+
 /// Evict toward `goal`, `batch_pages` at a time, calling `progress` after each batch.
 /// Stops early when `cancel` is set, when the resident target is reached, or after a batch
 /// where every page failed (an error the next batch would hit again).
@@ -144,7 +147,9 @@ pub fn run_eviction(
     progress(&p);
     let mut errors = Vec::new();
     let mut buf = Vec::new();
-    let batch_pages = batch_pages.max(1);
+    // Bound the staging buffer (2 MiB pages would make 256-page batches 512 MiB).
+    let page_size = target.layout.page_size();
+    let batch_pages = batch_pages.clamp(1, (MAX_BATCH_BYTES / page_size).max(1));
     for chunk in victims.chunks(batch_pages) {
         if cancel.load(Ordering::Relaxed) {
             return Err(EvictError::Cancelled {
@@ -154,7 +159,14 @@ pub fn run_eviction(
         if resident_target.is_some_and(|t| resident_pages(target.states) <= t) {
             break;
         }
-        let mut sorted = chunk.to_vec();
+        // A victim written since it was chosen is hot after all: leave it.
+        let mut sorted: Vec<u64> = chunk
+            .iter()
+            .copied()
+            .filter(|&pg| !dirty.is_dirty(pg))
+            .collect();
+        p.skipped += (chunk.len() - sorted.len()) as u64;
+        p.done += (chunk.len() - sorted.len()) as u64;
         sorted.sort_unstable();
         let (outcome, err) = match target.evict_batch(&sorted, &mut buf) {
             Ok(o) => (o, None),
@@ -178,7 +190,7 @@ pub fn run_eviction(
         }
     }
     let elapsed = started.elapsed().max(Duration::from_micros(1));
-    let bytes = (p.evicted + p.zero) * target.layout.page_size() as u64;
+    let bytes = (p.evicted + p.zero) * page_size as u64;
     Ok(EvictReport {
         goal,
         progress: p,

@@ -218,3 +218,33 @@ fn removed_pages_are_forgotten_and_read_as_zero() -> anyhow::Result<()> {
     assert_eq!(guest.store.forget_pages(&[]).ok(), Some(()));
     Ok(())
 }
+
+#[test]
+fn a_victim_written_after_selection_stays_resident() -> anyhow::Result<()> {
+    let guest = Arc::new(Guest::new(64)?);
+    let handler = Handler::spawn(guest.clone());
+    let target = guest.eviction_target();
+    let cancel = AtomicBool::new(false);
+    let mut first = true;
+    // The first progress report comes after victim selection, before the first batch.
+    let r = pager::evict::run_eviction(
+        &target,
+        &guest.dirty,
+        pager::evict::EvictGoal::TargetResidentPages(0),
+        16,
+        &cancel,
+        &mut |_| {
+            if std::mem::take(&mut first) {
+                guest.dirty.mark(40);
+            }
+        },
+    )?;
+    assert_eq!(r.progress.planned, 64);
+    assert_eq!(r.progress.evicted, 63, "{r:?}");
+    assert_eq!(r.progress.skipped, 1, "{r:?}");
+    assert_eq!(guest.states.get(40), PageState::Present);
+    assert_eq!(guest.states.get(41), PageState::Evicted);
+    assert_eq!(guest.tag(41), 42);
+    handler.stop();
+    Ok(())
+}

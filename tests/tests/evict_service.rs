@@ -258,14 +258,16 @@ fn evicts_cold_pages_under_a_running_fault_loop_and_serves_them_back() -> anyhow
     );
     assert!(stats.last_eviction.is_some());
 
-    // Target RSS: evict again down to 200 pages.
+    // Target RSS: evict again down to 200 pages. Every page has been touched recently now
+    // (the read-back), so hot pages can be among the victims and the writers fault them
+    // straight back: allow the hot set on top of the target.
     let r2 = svc.evict(
         EvictGoal::TargetResidentPages(200),
         None,
         &cancel,
         &mut |_| {},
     )?;
-    assert!(r2.progress.resident <= 200 + WRITERS * 2, "{r2:?}");
+    assert!(r2.progress.resident <= 200 + HOT, "{r2:?}");
 
     stop.store(true, Ordering::Relaxed);
     let mut lost = 0;
