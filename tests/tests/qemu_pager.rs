@@ -1,5 +1,6 @@
 //! Unmodified QEMU guests served by the real daemon (`pagewise serve`) through
-//! `pagewise vm run`: a fresh VM from an empty RAM file, and a VM restored from a saved RAM
+//! `pagewise vm run`: a fresh VM from an empty RAM file (then evicted down to its hot set
+//! while it keeps verifying), and a VM restored from a saved RAM
 //! image (QEMU device state via migration to a file with x-ignore-shared; RAM imported into a
 //! swap device and served lazily).
 //!
@@ -23,8 +24,16 @@ fn metric(stats: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name} in {stats}"))
 }
 
+/// Bytes of `path` resident in the page cache (allocated blocks of the shmem file).
+fn resident_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
 #[test]
-fn qemu_guest_runs_under_daemon_from_empty_ram_file() {
+fn qemu_guest_runs_under_daemon_from_empty_ram_file_and_survives_eviction() {
     let guest = guest();
     preload_lib();
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +47,7 @@ fn qemu_guest_runs_under_daemon_from_empty_ram_file() {
         RAM_MIB,
         true,
         "memverify.mib=256 memverify.hot_mib=32 memverify.hot_rate_mibs=8 \
-         memverify.verify_secs=4 memverify.duration_secs=12",
+         memverify.verify_secs=4 memverify.duration_secs=30",
         &serial,
     );
     let mut qemu = Proc::spawn(
@@ -56,6 +65,39 @@ fn qemu_guest_runs_under_daemon_from_empty_ram_file() {
     let faults = metric(&stats, "faults");
     // 256 MiB filled by memverify = 65536 pages, each a first touch the pager served.
     assert!(faults >= 65536, "only {faults} faults served: {stats}");
+    let resident_before = resident_bytes(&mem.0);
+    assert!(
+        resident_before >= 256 << 20,
+        "RAM file holds {resident_before} bytes"
+    );
+
+    // Evict down to the hot set (+16 MiB); memverify's next passes read every page back.
+    let report = pagewise_ok(&[
+        "evict",
+        "--socket",
+        daemon.socket.to_str().unwrap(),
+        "--vm",
+        "fresh",
+        "--target-rss",
+        "48M",
+    ]);
+    let resident_after = resident_bytes(&mem.0);
+    assert!(
+        resident_after <= 64 << 20,
+        "RAM file still holds {resident_after} bytes after evicting to 48M: {report}"
+    );
+    let text = std::fs::read_to_string(&serial).unwrap();
+    let passes = text.matches("memverify: pass ").count();
+    wait_for_text(
+        &serial,
+        &format!("memverify: pass {} ", passes + 1),
+        Duration::from_secs(90),
+        &mut qemu,
+    );
+    let after = daemon.vm_stats("fresh").expect("VM fresh attached");
+    let from_device = metric(&after, "faults_to_source");
+    assert!(from_device > 0, "no evicted page faulted back: {after}");
+
     let status = qemu.wait(Duration::from_secs(120));
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     assert!(status.success(), "{status}\n{}\n{log}", qemu.output());
@@ -70,7 +112,12 @@ fn qemu_guest_runs_under_daemon_from_empty_ram_file() {
         "{}",
         daemon.proc.output()
     );
-    eprintln!("faults while running: {faults}; stats: {stats}");
+    eprintln!(
+        "first-touch faults: {faults}; RAM file {} MiB -> {} MiB after eviction; faults served \
+         from the swap device afterwards: {from_device}; evict: {report}",
+        resident_before >> 20,
+        resident_after >> 20
+    );
 }
 
 #[test]
