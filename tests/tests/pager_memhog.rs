@@ -99,3 +99,33 @@ fn prefetch_policies_cut_demand_faults_on_a_scan() {
         drop(d);
     }
 }
+
+#[test]
+fn write_protect_registration_with_writes_verifies() {
+    let lab = Lab::new();
+    let dev = lab.device("wp", PAGES);
+    let d = lab.serve(&[("wp", &dev)], "bubble");
+    for memory in ["memfd", "anon"] {
+        let out = lab.memhog(
+            "wp",
+            PAGES,
+            &[
+                "--handshake",
+                "pagewise",
+                "--memory",
+                memory,
+                "--wp",
+                "--pattern",
+                "random",
+                "--threads",
+                "2",
+                "--passes",
+                "2",
+                "--write-ratio",
+                "0.5",
+            ],
+        );
+        let r = verified(&out, &d);
+        assert!(r["writes"].as_u64().unwrap() > 0, "{memory}");
+    }
+}
