@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::service::{EvictConfig, VmEviction};
 use super::store::SwapdevStore;
 use super::{EvictGoal, EvictProgress, EvictReport, PageStore};
-use crate::server::control::{require_vm, vm_field, vm_stats, CommandRegistry};
+use crate::server::control::{all_stats, require_vm, vm_field, CommandRegistry};
 use crate::server::Daemon;
 use crate::vm::Vm;
 
@@ -260,28 +260,22 @@ fn wss(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Value, Strin
 /// `stats` plus an `"eviction"` object per VM that has eviction/tracking running.
 fn stats_with_eviction(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Value, String> {
     reg.prune(daemon);
-    let only = vm_field(req)?;
-    let vms: Vec<Value> = daemon.with_entries(|entries| {
-        let mut names: Vec<&String> = entries.keys().collect();
-        names.sort();
-        names
-            .into_iter()
-            .filter(|n| only.is_none_or(|o| o == n.as_str()))
-            .map(|n| {
-                let e = &entries[n];
-                let mut v = vm_stats(&e.vm, e.flavour, &e.prefetch);
-                if let Some((svc, _)) = reg.existing(n).filter(|(s, _)| Arc::ptr_eq(s.vm(), &e.vm))
-                {
-                    v["eviction"] = json!(svc.stats());
-                }
-                v
-            })
-            .collect()
-    });
-    if let (Some(name), true) = (only, vms.is_empty()) {
-        return Err(format!("no VM named {name:?} is attached"));
+    let mut stats = all_stats(daemon, vm_field(req)?)?;
+    if let Some(vms) = stats.get_mut("vms").and_then(Value::as_array_mut) {
+        for v in vms {
+            let Some(name) = v.get("vm").and_then(Value::as_str).map(str::to_string) else {
+                continue;
+            };
+            let current = daemon.vm(&name);
+            if let Some((svc, _)) = reg
+                .existing(&name)
+                .filter(|(s, _)| current.as_ref().is_some_and(|vm| Arc::ptr_eq(s.vm(), vm)))
+            {
+                v["eviction"] = json!(svc.stats());
+            }
+        }
     }
-    Ok(json!({ "vms": vms }))
+    Ok(stats)
 }
 
 /// Register the commands and start tracking every attached VM that can be evicted (memory

@@ -129,7 +129,8 @@ pub fn vm_stats(vm: &Vm, flavour: &str, prefetch: &str) -> Value {
     })
 }
 
-fn all_stats(daemon: &Daemon, only: Option<&str>) -> Result<Value, String> {
+/// The `stats` result: `{"vms": [vm_stats...]}` for every VM or only `only`.
+pub fn all_stats(daemon: &Daemon, only: Option<&str>) -> Result<Value, String> {
     let vms: Vec<Value> = daemon.with_entries(|entries| {
         let mut names: Vec<&String> = entries.keys().collect();
         names.sort();
