@@ -22,3 +22,4 @@ pub use device::{
 pub use error::{Result, SwapError};
 pub use format::{ChecksumKind, CodecPolicy};
 pub use image::ImageStats;
+pub use uuid::Uuid;

@@ -2,6 +2,7 @@
 
 pub mod evict;
 pub mod pager;
+pub mod swapdev;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -16,11 +17,15 @@ enum Bench {
     Pager(pager::PagerBenchArgs),
     /// Eviction throughput vs raw I/O, refault cost, and write-tracking (sync WP) overhead.
     Evict(evict::EvictBenchArgs),
+    /// Random 4 KiB page writes/reads through a swap device vs raw io_uring on the same
+    /// file at the same queue depth; lz4 ratio and speed on page mixes.
+    Swapdev(swapdev::SwapdevBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     match args.which {
         Bench::Pager(a) => pager::run(a),
+        Bench::Swapdev(a) => swapdev::run(a),
         Bench::Evict(a) => evict::run(a),
     }
 }
