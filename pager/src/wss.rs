@@ -456,4 +456,59 @@ mod tests {
         assert!(t.last_access(1) < th);
         assert!(t.last_access(2) >= th);
     }
+
+    proptest::proptest! {
+        /// Against a model: the estimate is the number of distinct pages written or faulted
+        /// in during the last `window` intervals.
+        #[test]
+        fn estimate_matches_the_union_of_the_last_window_intervals(
+            window in 1usize..5,
+            intervals in proptest::collection::vec(
+                (proptest::collection::vec(0u64..64, 0..20),
+                 proptest::collection::vec(0u64..64, 0..4)),
+                1..12,
+            ),
+        ) {
+            let states = PageStateTable::new(64, PageState::Present);
+            let dirty = DirtyBitmap::new(64);
+            let t = WorkingSetTracker::new(&states, WssConfig { window, history: 16 });
+            let mut accessed: Vec<std::collections::BTreeSet<u64>> = Vec::new();
+            for (i, (writes, refaults)) in intervals.iter().enumerate() {
+                let mut set = std::collections::BTreeSet::new();
+                for &p in writes {
+                    dirty.mark(p);
+                    set.insert(p);
+                }
+                // Pages evicted in an earlier interval that come back now.
+                for &p in refaults {
+                    if states.get(p) == PageState::Evicted {
+                        states.set(p, PageState::Present);
+                        set.insert(p);
+                    }
+                }
+                let s = t.sample(&states, &dirty, at(&t, 1000 * (i as u64 + 1)));
+                accessed.push(set);
+                let model: std::collections::BTreeSet<u64> = accessed
+                    .iter()
+                    .rev()
+                    .take(window)
+                    .flatten()
+                    .copied()
+                    .collect();
+                proptest::prop_assert_eq!(s.wss_pages, model.len());
+                // Evict every refault candidate of the next interval that is resident now.
+                let evict: Vec<u64> = intervals
+                    .get(i + 1)
+                    .map(|(_, r)| r.iter().copied().filter(|&p| states.get(p) == PageState::Present).collect())
+                    .unwrap_or_default();
+                let mut evict = evict;
+                evict.sort_unstable();
+                evict.dedup();
+                for &p in &evict {
+                    states.set(p, PageState::Evicted);
+                }
+                t.note_evicted(&evict);
+            }
+        }
+    }
 }

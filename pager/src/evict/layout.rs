@@ -255,4 +255,33 @@ mod tests {
         );
         assert!(matches!(overlap, Err(EvictError::Layout(_))));
     }
+
+    proptest::proptest! {
+        /// Runs cover exactly the given pages, in order, each contiguous in file and address
+        /// space and inside one region, and maximal (adjacent runs cannot be merged).
+        #[test]
+        fn runs_cover_exactly_and_are_maximal(
+            picks in proptest::collection::btree_set(0u64..12, 0..12)
+        ) {
+            let l = two_regions();
+            let pages: Vec<u64> = picks.into_iter().collect();
+            let runs = l.runs(&pages).unwrap();
+            let covered: Vec<u64> = runs.iter().flat_map(|r| r.page_range()).collect();
+            proptest::prop_assert_eq!(&covered, &pages);
+            for r in &runs {
+                proptest::prop_assert_eq!(Some(r.host_addr), l.host_addr(r.first_page));
+                let last = r.first_page + r.pages - 1;
+                proptest::prop_assert_eq!(
+                    l.host_addr(last),
+                    Some(r.host_addr + (r.pages - 1) * 4096)
+                );
+                proptest::prop_assert_eq!(r.file_offset, r.first_page * 4096);
+            }
+            for w in runs.windows(2) {
+                let mergeable = w[0].first_page + w[0].pages == w[1].first_page
+                    && w[0].host_addr + w[0].byte_len(4096) == w[1].host_addr;
+                proptest::prop_assert!(!mergeable);
+            }
+        }
+    }
 }
