@@ -232,3 +232,63 @@ mod tests {
         assert!(read_reply(&mut &framed[..14]).is_err());
     }
 }
+
+/// The hand-written format against the pager's own serde types, for arbitrary inputs.
+#[cfg(test)]
+mod against_pager {
+    use super::*;
+    use pager::attach::protocol::{AttachReply, AttachRequest, GuestRegionUffdMapping};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn request_parses_as_attach_request(
+            vm in any::<String>(),
+            host_page in 0u64..(1 << 35),
+            pages in 1u64..(1 << 20),
+            offset_page in 0u64..(1 << 20),
+            features in any::<u64>(),
+            modes in proptest::sample::subsequence(vec!["missing", "wp", "minor"], 1..=3),
+        ) {
+            let modes: Vec<String> = modes.into_iter().map(String::from).collect();
+            let region = Region {
+                host_addr: host_page * 4096,
+                size: pages * 4096,
+                file_offset: offset_page * 4096,
+                page_size: 4096,
+            };
+            let body = request_body(&Request { vm: &vm, region, uffd_features: features, modes: &modes });
+            let parsed: AttachRequest = serde_json::from_str(&body).expect("valid JSON");
+            prop_assert_eq!(parsed, AttachRequest {
+                vm: vm.clone(),
+                regions: vec![GuestRegionUffdMapping {
+                    base_host_virt_addr: region.host_addr,
+                    size: region.size as usize,
+                    offset: region.file_offset,
+                    page_size: 4096,
+                    page_size_kib: 4096,
+                }],
+                memory_file: true,
+                uffd_features: features,
+                modes,
+            });
+        }
+
+        #[test]
+        fn pager_replies_decode(ok in any::<bool>(), error in proptest::option::of(any::<String>()),
+                                swapdev in proptest::option::of(any::<String>())) {
+            let reply = AttachReply { ok, error: error.clone(), swapdev: swapdev.clone() };
+            let text = serde_json::to_string(&reply).unwrap();
+            let verdict = parse_reply(&text).unwrap();
+            if ok {
+                prop_assert_eq!(verdict, Verdict::Accepted { swapdev });
+            } else {
+                match (verdict, error) {
+                    (Verdict::Refused { error: got }, Some(e)) => prop_assert_eq!(got, e),
+                    (Verdict::Refused { .. }, None) => {}
+                    (v, _) => prop_assert!(false, "unexpected {:?}", v),
+                }
+            }
+        }
+    }
+}
