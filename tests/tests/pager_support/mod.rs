@@ -115,10 +115,21 @@ impl Lab {
         c
     }
 
+    /// Run memhog. A VM that just detached may still be registered until the daemon sees
+    /// the hang-up, so a refusal saying "already attached" is retried for a few seconds.
     pub fn memhog(&self, vm: &str, pages: u64, extra: &[&str]) -> Output {
-        self.memhog_cmd(vm, pages, extra)
-            .output()
-            .expect("running memhog")
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .memhog_cmd(vm, pages, extra)
+                .output()
+                .expect("running memhog");
+            let busy = String::from_utf8_lossy(&out.stderr).contains("already attached");
+            if !busy || std::time::Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
