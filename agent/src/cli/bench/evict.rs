@@ -14,14 +14,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pager::attach::protocol::GuestRegionUffdMapping;
-use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, VmEviction};
+use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, SwapdevStore, VmEviction};
 use pager::fault_loop::{FaultLoop, FaultLoopConfig};
 use pager::page_state::PageState;
 use pager::source::ImageFileSource;
@@ -234,8 +234,8 @@ fn tracked_writes(
 pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let g = Guest::new(&args)?;
     println!(
-        "pagewise bench evict: {} MiB guest (memfd, MISSING|WP), batch {} pages, store: raw \
-         image in {}",
+        "pagewise bench evict: {} MiB guest (memfd, MISSING|WP, random page content), batch {} \
+         pages, stores in {}",
         args.mib,
         args.batch_pages,
         args.dir.display()
@@ -266,6 +266,61 @@ pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
             g.pages
         );
     }
+    // The daemon's store: a swap device (lz4 + crc32c, log-structured) on the same directory.
+    g.fill()?;
+    let dev_file = tempfile::NamedTempFile::new_in(&args.dir)?;
+    let dev_path = dev_file
+        .path()
+        .to_str()
+        .context("swap device path")?
+        .to_string();
+    let backend = swapdev::backend::spec::open_backend(
+        &dev_path,
+        &swapdev::backend::spec::SpecOptions {
+            create: true,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("opening {dev_path}"))?;
+    let device = swapdev::SwapDevice::create(
+        backend,
+        swapdev::CreateOptions {
+            vm_uuid: uuid::Uuid::new_v4(),
+            page_size: PAGE as u32,
+            capacity_pages: g.pages,
+            host_id: "bench".into(),
+            codec: swapdev::CodecPolicy::Lz4,
+            checksum: swapdev::ChecksumKind::Crc32c,
+            force: false,
+        },
+    )?;
+    let store = Arc::new(SwapdevStore::new(Arc::new(Mutex::new(device))));
+    let svc = VmEviction::new(g.vm.clone(), store, EvictConfig::default())?;
+    let cancel = AtomicBool::new(false);
+    let t = Instant::now();
+    let report = svc.evict(
+        EvictGoal::TargetResidentPages(0),
+        Some(args.batch_pages),
+        &cancel,
+        &mut |_| {},
+    )?;
+    let to_swapdev = t.elapsed();
+    anyhow::ensure!(
+        report.progress.evicted + report.progress.zero == g.pages,
+        "swap device eviction: {report:?}"
+    );
+    drop(svc);
+    // Put the raw image's content back for the refault measurement (the fault loop reads it).
+    g.fill()?;
+    let svc = VmEviction::new(g.vm.clone(), g.store()?, EvictConfig::default())?;
+    svc.evict(
+        EvictGoal::TargetResidentPages(0),
+        Some(args.batch_pages),
+        &cancel,
+        &mut |_| {},
+    )?;
+    drop(svc);
+
     // Refault everything through the fault loop (one read per page).
     let t = Instant::now();
     let mut sum = 0u64;
@@ -288,6 +343,12 @@ pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "pagewise: claim+WP+read+store+punch+wake",
         mbps(g.pages, ours),
         raw.as_secs_f64() / ours.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>12.1} {:>10.2}",
+        "pagewise into a swap device (lz4, crc32c)",
+        mbps(g.pages, to_swapdev),
+        raw.as_secs_f64() / to_swapdev.as_secs_f64()
     );
     println!(
         "{:<44} {:>12.1} {:>10}",
