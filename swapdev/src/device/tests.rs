@@ -359,3 +359,9 @@ proptest! {
 fn store_budget_exhausted(store: &MemStore) -> bool {
     store.budget_left() == Some(0)
 }
+
+#[test]
+fn swap_device_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<SwapDevice>();
+}
