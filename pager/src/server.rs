@@ -70,6 +70,26 @@ pub struct VmEntry {
     pub source_key: String,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
+    /// A duplicate of the VMM's attach connection, to tell whether it has gone.
+    connection: Option<OwnedFd>,
+}
+
+impl VmEntry {
+    /// The VMM closed its attach connection (its fault loop may not have noticed yet).
+    fn vmm_gone(&self) -> bool {
+        let Some(c) = &self.connection else {
+            return false;
+        };
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fds = [PollFd::new(c.as_fd(), rdhup)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            // Unknown bits (POLLRDHUP) make revents() None.
+            Ok(_) => fds[0]
+                .revents()
+                .is_none_or(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | rdhup)),
+            Err(_) => false,
+        }
+    }
 }
 
 /// Errors starting the daemon.
@@ -242,6 +262,7 @@ impl Daemon {
     fn start_vm(self: &Arc<Self>, a: AttachedVm, stream: &UnixStream) -> Result<String, String> {
         let name = a.name.clone();
         let key = self.provider.source_key(&name)?;
+        self.reap_departed(&name, &key);
         Self::check_free(&self.lock(), &name, &key)?;
         let opened = self.provider.open(&name, &a.layout)?;
         let src_bytes = opened.source.capacity_pages() * opened.source.page_size() as u64;
@@ -267,6 +288,7 @@ impl Daemon {
             .try_clone()
             .map_err(|e| format!("duplicating the attach socket: {e}"))?
             .into();
+        let watch = connection.try_clone().ok();
         let mut vm = Vm::new(name.clone(), a.uffd, a.layout, a.memory_file, a.peer);
         vm.wp_registered = a.wp_registered;
         vm.source_description = opened.description.clone();
@@ -307,7 +329,14 @@ impl Daemon {
                     }
                 }
                 if let Some(d) = daemon.upgrade() {
-                    d.lock().remove(&thread_name);
+                    // Only our own entry: a new VM may have taken the name meanwhile.
+                    let mut vms = d.lock();
+                    if vms
+                        .get(&thread_name)
+                        .is_some_and(|e| Arc::ptr_eq(&e.vm, &thread_vm))
+                    {
+                        vms.remove(&thread_name);
+                    }
                 }
             })
             .map_err(|e| format!("spawning the fault loop: {e}"))?;
@@ -320,12 +349,32 @@ impl Daemon {
                 source_key: key,
                 stop,
                 thread: Some(thread),
+                connection: watch,
             },
         );
         Ok(opened.description)
     }
 
     /// Refuse a second VM with the same name or the same backing store.
+    /// A VMM that exited and re-attaches at once may find its old VM (same name or same
+    /// device) still registered because the fault loop has not seen the hang-up yet: stop
+    /// such VMs now, so the new attach is not refused.
+    fn reap_departed(&self, name: &str, key: &str) {
+        let gone: Vec<VmEntry> = {
+            let mut vms = self.lock();
+            let names: Vec<String> = vms
+                .iter()
+                .filter(|(n, e)| (n.as_str() == name || e.source_key == key) && e.vmm_gone())
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| vms.remove(n)).collect()
+        };
+        for e in gone {
+            tracing::info!(vm = %e.vm.name, "previous VMM gone; detaching before the new attach");
+            Self::stop_entry(e);
+        }
+    }
+
     fn check_free(vms: &HashMap<String, VmEntry>, name: &str, key: &str) -> Result<(), String> {
         if vms.contains_key(name) {
             return Err(format!("VM {name:?} is already attached"));

@@ -347,3 +347,33 @@ fn shmem_guest_with_memory_file_served_while_bad_clients_are_refused() {
     );
     daemon.shutdown();
 }
+
+#[test]
+fn a_restarted_vmm_reattaches_at_once_under_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    create_swapdev(&dir.path().join("vm1.swap"));
+    let (daemon, _, sock) = start_daemon(dir.path(), "none");
+    for round in 0..5 {
+        let guest = Guest::new();
+        let conn = UnixStream::connect(&sock).unwrap();
+        let req = AttachRequest {
+            vm: "vm1".into(),
+            regions: vec![guest.region(PAGES * PAGE)],
+            memory_file: false,
+            uffd_features: Features::EVENT_REMOVE.bits(),
+            modes: vec!["missing".into()],
+        };
+        send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
+        let reply = recv_reply(&conn).unwrap();
+        assert!(reply.ok, "round {round}: {reply:?}");
+        let i = [10, 11, 12, 13, 15][round];
+        assert_eq!(
+            &guest.map[i * PAGE..(i + 1) * PAGE],
+            &page_content(i).unwrap()[..],
+            "round {round}"
+        );
+        // No waiting for the detach: the next VMM attaches right after this one closes.
+        drop(conn);
+    }
+    daemon.shutdown();
+}
