@@ -376,3 +376,93 @@ fn release(a: OwnerArgs) -> Result<ExitCode> {
     println!("{} released by {host}", a.device);
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: SwapdevCommand,
+    }
+
+    fn cli(args: &[&str]) -> Result<ExitCode> {
+        let parsed = Cli::try_parse_from(std::iter::once("swapdev").chain(args.iter().copied()))?;
+        run(SwapdevArgs {
+            command: parsed.command,
+        })
+    }
+
+    #[test]
+    fn commands_round_trip_and_fsck_exit_code() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let (img, dev, out) = (p("ram.img"), p("dev.swap"), p("out.img"));
+        let mut image = vec![0u8; 512 * 4096];
+        for (i, b) in image.iter_mut().enumerate().skip(4096 * 100) {
+            *b = (i % 251) as u8 ^ (i / 4096) as u8;
+        }
+        std::fs::write(&img, &image).unwrap();
+        assert_eq!(
+            cli(&["import", &img, &dev, "--host-id", "h1", "--codec", "raw"]).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            cli(&["inspect", &dev, "--json"]).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(cli(&["fsck", &dev]).unwrap(), ExitCode::SUCCESS);
+        assert_eq!(cli(&["export", &dev, &out]).unwrap(), ExitCode::SUCCESS);
+        assert!(std::fs::read(&out).unwrap() == image);
+        let err = cli(&["export", &dev, &out]).unwrap_err().to_string();
+        assert!(err.contains("refusing to overwrite"), "{err}");
+        // Released after import: any host may acquire; then only it may release.
+        assert_eq!(
+            cli(&["acquire", &dev, "--host-id", "h2"]).unwrap(),
+            ExitCode::SUCCESS
+        );
+        let err = format!(
+            "{:#}",
+            cli(&["acquire", &dev, "--host-id", "h3"]).unwrap_err()
+        );
+        assert!(err.contains("owned by host h2"), "{err}");
+        assert!(cli(&["release", &dev, "--host-id", "h1"]).is_err());
+        assert_eq!(
+            cli(&["release", &dev, "--host-id", "h2"]).unwrap(),
+            ExitCode::SUCCESS
+        );
+        // Import into an existing device of another size is refused.
+        std::fs::write(&img, vec![1u8; 8192]).unwrap();
+        let err = format!(
+            "{:#}",
+            cli(&["import", &img, &dev, "--host-id", "h1"]).unwrap_err()
+        );
+        assert!(err.contains("image is 8192 bytes"), "{err}");
+        // Damage: fsck exits non-zero.
+        let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        let data = std::fs::read(&dev).unwrap();
+        let page = &image[200 * 4096..201 * 4096];
+        let at = data
+            .windows(4096)
+            .step_by(4096)
+            .position(|w| w == page)
+            .map(|i| i * 4096)
+            .expect("page 200 stored raw");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[data[at + 9] ^ 1], (at + 9) as u64).unwrap();
+        drop(f);
+        assert_eq!(cli(&["fsck", &dev]).unwrap(), ExitCode::FAILURE);
+        // Bad arguments.
+        assert!(cli(&["create", &p("x.swap"), "--size", "1000"]).is_err());
+        assert!(cli(&[
+            "create",
+            &p("y.swap"),
+            "--pages",
+            "8",
+            "--page-size",
+            "8192"
+        ])
+        .is_err());
+    }
+}
