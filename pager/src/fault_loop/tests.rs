@@ -39,12 +39,12 @@ struct Harness {
 
 impl Harness {
     fn start(pages: usize, policy: &str) -> Self {
-        Self::start_regions(&[pages], policy)
+        Self::start_regions(&[pages], policy, RegisterMode::MISSING)
     }
 
     /// One anonymous mapping per entry of `region_pages`; region `k` holds the guest pages
     /// after region `k-1`'s (contiguous file offsets, unrelated host addresses).
-    fn start_regions(region_pages: &[usize], policy: &str) -> Self {
+    fn start_regions(region_pages: &[usize], policy: &str, mode: RegisterMode) -> Self {
         let pages: usize = region_pages.iter().sum();
         let mut image = tempfile::NamedTempFile::new().unwrap();
         for i in 0..pages {
@@ -63,8 +63,7 @@ impl Harness {
         for &n in region_pages {
             let map = MmapMut::map_anon(n * PAGE).unwrap();
             let addr = map.as_ptr() as u64;
-            uffd.register(addr, (n * PAGE) as u64, RegisterMode::MISSING)
-                .unwrap();
+            uffd.register(addr, (n * PAGE) as u64, mode).unwrap();
             regions.push(GuestRegionUffdMapping {
                 base_host_virt_addr: addr,
                 size: n * PAGE,
@@ -169,7 +168,7 @@ fn runs_are_not_coalesced_across_regions() {
     // Three regions whose file offsets are contiguous; a sequential scan with stride
     // prefetch makes completions for pages on both sides of each region boundary arrive
     // together.
-    let mut h = Harness::start_regions(&[5, 7, 20], "stride");
+    let mut h = Harness::start_regions(&[5, 7, 20], "stride", RegisterMode::MISSING);
     let mut page = 0;
     for map in std::iter::once(&h.map).chain(h.extra.iter()) {
         for i in 0..map.len() / PAGE {
@@ -184,4 +183,32 @@ fn runs_are_not_coalesced_across_regions() {
     h.stop();
     let m = h.vm.metrics.snapshot();
     assert_eq!(m.pages_copied + m.pages_zeroed, 32);
+}
+
+#[test]
+fn write_to_a_reprotected_present_page_marks_it_dirty_and_proceeds() {
+    let mut h = Harness::start_regions(&[8], "none", RegisterMode::MISSING | RegisterMode::WP);
+    assert_eq!(h.map[3 * PAGE], image_page(3)[0]);
+    let addr = h.map.as_ptr() as u64 + 3 * PAGE as u64;
+    // Write tracking re-protects a present page; the next write must fault to the loop.
+    h.vm.uffd
+        .write_protect(addr, PAGE as u64, true, false)
+        .unwrap();
+    let writer = std::thread::spawn(move || {
+        // SAFETY: `addr` is inside the harness mapping, alive until the test ends.
+        unsafe { std::ptr::write_volatile(addr as *mut u8, 0xee) }
+    });
+    writer.join().unwrap();
+    assert_eq!(h.map[3 * PAGE], 0xee);
+    assert!(h.vm.dirty.is_dirty(3));
+    assert_eq!(h.vm.dirty.count(), 1);
+    // The loop holds the page InFlight around the un-protect (see evict::resolve_write_fault)
+    // and stores Present right after the writer was woken.
+    let since = std::time::Instant::now();
+    while h.vm.states.get(3) != PageState::Present {
+        assert!(since.elapsed() < std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    h.stop();
+    assert_eq!(h.vm.metrics.snapshot().wp_faults, 1);
 }
