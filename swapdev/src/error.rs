@@ -38,6 +38,8 @@ pub enum SwapError {
     },
     #[error("index entry for page {page} is invalid: {reason}")]
     IndexInvalid { page: u64, reason: String },
+    #[error("the log is damaged, refusing to open (run fsck): {detail}")]
+    LogDamaged { detail: String },
     #[error("page {page} is corrupt at device offset {offset}: {reason}")]
     PageCorrupt {
         page: u64,

@@ -5,7 +5,7 @@ use super::io::read_direct;
 use super::{LogHead, SwapDevice};
 use crate::backend::Backend;
 use crate::error::{Result, SwapError};
-use crate::format::batch::{decode_batch, decode_header};
+use crate::format::batch::{decode_batch, decode_header, stored_crc, BatchHeader};
 use crate::format::entry::IndexEntry;
 use crate::format::header::DeviceHeader;
 use crate::format::{checkpoint, Codec, BLOCK};
@@ -101,7 +101,7 @@ pub(super) fn load(
     if let Some(d) = &outcome.damage {
         match issues {
             Some(list) => list.push(d.clone()),
-            None => tracing::warn!(damage = %d, "log replay stopped on damage"),
+            None => return Err(SwapError::LogDamaged { detail: d.clone() }),
         }
     }
     tracing::info!(
@@ -167,6 +167,47 @@ impl SwapDevice {
         }
     }
 
+    /// A batch that fails its crc ends the log. That is normal for the tail of a crash
+    /// (an append in flight), impossible once a later append exists: appends run one after
+    /// the other, each waiting for all of its batches. Follow the chain past the bad batch
+    /// (trusting its header block) and return the offset of a batch that belongs to a later
+    /// append, if there is one.
+    fn later_append_after(&mut self, bad: &BatchHeader, bad_crc: u32) -> Result<Option<u64>> {
+        let l = self.hdr.layout;
+        let (mut next, mut seq, mut prev) = (bad.next_offset, bad.seq + 1, bad_crc);
+        let mut call_ended = bad.call_end;
+        for _ in 0..1024 {
+            if !next.is_multiple_of(BLOCK) || next < l.data_start || next + BLOCK > l.data_end() {
+                return Ok(None);
+            }
+            let block = self.read_sync(next, BLOCK)?;
+            let Some(h) = decode_header(&block) else {
+                return Ok(None);
+            };
+            if h.seq != seq
+                || h.prev_crc != prev
+                || h.nonce != bad.nonce
+                || h.total_len as u64 > l.max_batch
+            {
+                return Ok(None);
+            }
+            let seg_end = l.segment_start(l.segment_of(next)) + l.segment_size;
+            if next + h.total_len as u64 > seg_end {
+                return Ok(None);
+            }
+            let buf = self.read_sync(next, h.total_len as u64)?;
+            let Ok((crc, _)) = decode_batch(&buf, &h) else {
+                return Ok(None);
+            };
+            if call_ended {
+                return Ok(Some(next));
+            }
+            call_ended = h.call_end;
+            (next, seq, prev) = (h.next_offset, seq + 1, crc);
+        }
+        Ok(None)
+    }
+
     /// Follow the batch chain from `self.log`, applying records, until it ends. Batches
     /// must continue the sequence and the crc chain and carry a generation between the
     /// checkpoint's and the header's.
@@ -222,6 +263,14 @@ impl SwapDevice {
                         "torn batch at offset {pos} (seq {}): {reason}; end of log",
                         h.seq
                     );
+                    if let Some(later) = self.later_append_after(&h, stored_crc(&buf))? {
+                        out.damage = Some(format!(
+                            "batch at offset {pos} (seq {}) is damaged ({reason}) but the log \
+                             continues with a later acknowledged append at offset {later}: \
+                             writes after it would be lost",
+                            h.seq
+                        ));
+                    }
                     break;
                 }
             };

@@ -365,3 +365,64 @@ fn swap_device_is_send() {
     fn assert_send<T: Send>() {}
     assert_send::<SwapDevice>();
 }
+
+#[test]
+fn damage_inside_the_log_is_told_apart_from_a_torn_tail() {
+    let store = MemStore::new();
+    let mut dev = create(&store, 16, CodecPolicy::Raw);
+    dev.write_pages(&[(1, &page(2, 1)), (2, &page(2, 2))])
+        .unwrap();
+    let first = dev.index[1].offset();
+    dev.write_pages(&[(3, &page(2, 3))]).unwrap();
+    let last = dev.index[3].offset();
+    drop(dev); // no checkpoint: both appends live only in the log
+    let image = store.snapshot();
+
+    // A flipped byte in the last append looks like a torn write: the device opens
+    // without it, and fsck only notes it.
+    store.corrupt(last + 10, 1);
+    let mut dev = SwapDevice::open(
+        Box::new(MemBackend::new(store.clone())),
+        OpenOptions::read_only("r"),
+    )
+    .unwrap();
+    assert!(matches!(dev.read_page(3).unwrap(), PageData::NotStored));
+    assert_eq!(dev.read_page(1).unwrap().to_vec(PS).unwrap(), page(2, 1));
+    let rep = SwapDevice::fsck_backend(Box::new(MemBackend::new(store.clone()))).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert!(
+        rep.notes.iter().any(|n| n.contains("torn batch")),
+        "{rep:?}"
+    );
+
+    // The same flip in the first append cannot come from a crash: a later append exists.
+    let store = MemStore::new();
+    MemBackend::new(store.clone())
+        .grow(image.len() as u64)
+        .unwrap();
+    {
+        let mut b = MemBackend::new(store.clone());
+        b.submit(crate::backend::IoRequest {
+            tag: 0,
+            offset: 0,
+            op: crate::backend::IoOp::Write {
+                buf: AlignedBuf::from_slice(&image),
+            },
+        })
+        .unwrap();
+    }
+    store.corrupt(first + 10, 1);
+    let err = SwapDevice::open(
+        Box::new(MemBackend::new(store.clone())),
+        OpenOptions::read_only("r"),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, SwapError::LogDamaged { .. }), "{err}");
+    assert!(
+        err.to_string().contains("later acknowledged append"),
+        "{err}"
+    );
+    let rep = SwapDevice::fsck_backend(Box::new(MemBackend::new(store.clone()))).unwrap();
+    assert!(!rep.is_clean());
+}

@@ -137,12 +137,12 @@ impl SwapDevice {
         for r in recs {
             if !b.fits(r.codec, r.payload.len()) {
                 let full = std::mem::replace(&mut b, BatchBuilder::new(ps, l.max_batch as usize));
-                sealed.push(self.seal(full)?);
+                sealed.push(self.seal(full, false)?);
             }
             b.push(r.page, r.codec, r.payload, r.checksum);
         }
         if !b.is_empty() {
-            sealed.push(self.seal(b)?);
+            sealed.push(self.seal(b, true)?);
         }
         let mut writes = Vec::with_capacity(sealed.len());
         let mut placed = Vec::with_capacity(sealed.len());
@@ -173,6 +173,7 @@ impl SwapDevice {
     fn seal(
         &mut self,
         b: BatchBuilder,
+        call_end: bool,
     ) -> Result<(
         u64,
         crate::AlignedBuf,
@@ -201,6 +202,7 @@ impl SwapDevice {
             n_records: 0,
             total_len: 0,
             next_offset: next,
+            call_end,
         };
         let (buf, crc, descs) = b.finish(hdr);
         self.log.head = next;

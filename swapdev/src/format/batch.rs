@@ -42,7 +42,12 @@ pub struct BatchHeader {
     pub n_records: u32,
     pub total_len: u32,
     pub next_offset: u64,
+    /// Last batch of one append (all of whose batches complete before the next append
+    /// starts). Lets fsck tell a torn tail from damage inside acknowledged history.
+    pub call_end: bool,
 }
+
+const FLAG_CALL_END: u32 = 1;
 
 /// Accumulates records for one batch.
 pub struct BatchBuilder<'a> {
@@ -160,7 +165,7 @@ fn encode_header(buf: &mut [u8], hdr: &BatchHeader, descs: &[RecordDesc]) -> u32
         w.u32(hdr.prev_crc);
         w.u32(hdr.n_records);
         w.u32(hdr.total_len);
-        w.u32(0);
+        w.u32(if hdr.call_end { FLAG_CALL_END } else { 0 });
         w.u64(hdr.next_offset);
         debug_assert_eq!(w.pos(), CRC_AT);
         w.u32(0);
@@ -197,7 +202,7 @@ pub fn decode_header(block: &[u8]) -> Option<BatchHeader> {
     let prev_crc = r.u32();
     let n_records = r.u32();
     let total_len = r.u32();
-    let _ = r.u32();
+    let flags = r.u32();
     let next_offset = r.u64();
     if n_records as usize > MAX_RECORDS
         || (total_len as u64) < BLOCK
@@ -213,7 +218,14 @@ pub fn decode_header(block: &[u8]) -> Option<BatchHeader> {
         n_records,
         total_len,
         next_offset,
+        call_end: flags & FLAG_CALL_END != 0,
     })
+}
+
+/// The crc a batch was written with (from its header block), whether or not the batch
+/// still matches it.
+pub fn stored_crc(block: &[u8]) -> u32 {
+    u32::from_le_bytes(block[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"))
 }
 
 /// Check a whole batch (`buf` is `total_len` bytes) and return its crc and records.
@@ -268,6 +280,7 @@ mod tests {
             n_records: 0,
             total_len: 0,
             next_offset: 1 << 20,
+            call_end: true,
         }
     }
 
@@ -289,6 +302,8 @@ mod tests {
         let h = decode_header(&buf[..4096]).unwrap();
         assert_eq!(h.n_records, 4);
         assert_eq!(h.seq, 5);
+        assert!(h.call_end);
+        assert_eq!(stored_crc(&buf), crc);
         let (crc2, d2) = decode_batch(&buf, &h).unwrap();
         assert_eq!(crc, crc2);
         assert_eq!(d2, descs);
