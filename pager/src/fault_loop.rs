@@ -87,6 +87,17 @@ pub enum FaultLoopError {
     Remapped { from: u64, to: u64, len: u64 },
 }
 
+/// Why a page is fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchReason {
+    /// A guest thread faulted on it.
+    Demand,
+    /// The prefetch policy picked it around a demand fault.
+    Prefetch,
+    /// The prefetch policy picked it while the loop was idle (active push).
+    Background,
+}
+
 /// Page-fault loop state for one VM.
 pub struct FaultLoop {
     vm: Arc<Vm>,
@@ -161,6 +172,7 @@ impl FaultLoop {
 
     fn serve(&mut self) -> Result<LoopExit, FaultLoopError> {
         loop {
+            self.source.flush()?;
             let (uffd_ready, source_ready, stop, hangup) = self.wait()?;
             if stop {
                 return Ok(LoopExit::Stopped);
@@ -262,24 +274,29 @@ impl FaultLoop {
         }
     }
 
-    /// Claim `page` for a fetch (Missing/Evicted -> InFlight) and submit its read.
-    fn fetch(&mut self, page: u64, prefetch: bool) -> Result<bool, FaultLoopError> {
-        let claimed = [PageState::Missing, PageState::Evicted]
-            .into_iter()
-            .any(|from| {
-                self.vm
-                    .states
-                    .transition(page, from, PageState::InFlight)
-                    .is_ok()
-            });
-        if !claimed {
+    /// Claim `page` for a fetch (-> InFlight) and submit its read. Demand faults and
+    /// prefetches around them fetch Missing and Evicted pages; background (idle) prefetch
+    /// fetches only Missing ones, so active push never undoes the evictor's work.
+    fn fetch(&mut self, page: u64, why: FetchReason) -> Result<bool, FaultLoopError> {
+        let from_states: &[PageState] = match why {
+            FetchReason::Background => &[PageState::Missing],
+            FetchReason::Demand | FetchReason::Prefetch => {
+                &[PageState::Missing, PageState::Evicted]
+            }
+        };
+        let Some(&from) = from_states.iter().find(|&&from| {
+            self.vm
+                .states
+                .transition(page, from, PageState::InFlight)
+                .is_ok()
+        }) else {
             return Ok(false);
-        }
+        };
         if let Err(e) = self.source.submit(page, 0) {
-            self.vm.states.set(page, PageState::Missing);
+            self.vm.states.set(page, from);
             return Err(e.into());
         }
-        if prefetch {
+        if why != FetchReason::Demand {
             self.prefetched.insert(page);
             VmMetrics::add(&self.metrics().pages_prefetched, 1);
         }
@@ -302,34 +319,57 @@ impl FaultLoop {
         candidates.clear();
         self.prefetch
             .on_fault(page, &self.vm.states, budget, &mut candidates);
-        let result = self.fetch_candidates(&candidates, budget);
+        let result = self.fetch_candidates(&candidates, budget, FetchReason::Prefetch);
         self.candidates = candidates;
-        result
+        result.map(|_| ())
     }
 
-    /// The fetcher has room and no faults are pending: background prefetch.
+    /// The fetcher has room and no faults are pending: background prefetch. If a round
+    /// offers only pages background prefetch does not take (evicted ones), ask again a few
+    /// times: nothing else would wake the loop to ask later.
     fn idle_prefetch(&mut self) -> Result<(), FaultLoopError> {
-        let budget = self.room();
-        if budget == 0 {
-            return Ok(());
-        }
+        const ROUNDS: usize = 4;
         let mut candidates = std::mem::take(&mut self.candidates);
-        candidates.clear();
-        self.prefetch
-            .on_idle(&self.vm.states, budget, &mut candidates);
-        let result = self.fetch_candidates(&candidates, budget);
-        self.candidates = candidates;
-        result
-    }
-
-    fn fetch_candidates(&mut self, pages: &[u64], budget: usize) -> Result<(), FaultLoopError> {
-        let limit = self.vm.layout.pages();
-        for &p in pages.iter().take(budget) {
-            if p < limit && self.vm.layout.addr_of_page(p).is_some() {
-                self.fetch(p, true)?;
+        let mut result = Ok(());
+        for _ in 0..ROUNDS {
+            let budget = self.room();
+            if budget == 0 {
+                break;
+            }
+            candidates.clear();
+            self.prefetch
+                .on_idle(&self.vm.states, budget, &mut candidates);
+            if candidates.is_empty() {
+                break;
+            }
+            match self.fetch_candidates(&candidates, budget, FetchReason::Background) {
+                Ok(0) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        Ok(())
+        self.candidates = candidates;
+        result
+    }
+
+    /// Fetch the policy's candidates (at most `budget`); returns how many were submitted.
+    fn fetch_candidates(
+        &mut self,
+        pages: &[u64],
+        budget: usize,
+        why: FetchReason,
+    ) -> Result<usize, FaultLoopError> {
+        let limit = self.vm.layout.pages();
+        let mut submitted = 0;
+        for &p in pages.iter().take(budget) {
+            if p < limit && self.vm.layout.addr_of_page(p).is_some() && self.fetch(p, why)? {
+                submitted += 1;
+            }
+        }
+        Ok(submitted)
     }
 
     /// Collect finished reads and place them.

@@ -57,8 +57,13 @@ pub trait PageSource: Send {
     fn page_size(&self) -> usize;
     /// How many guest pages the source can answer for.
     fn capacity_pages(&self) -> u64;
-    /// Start fetching `page`; its completion carries `tag`.
+    /// Start fetching `page`; its completion carries `tag`. A source may queue the request
+    /// until [`PageSource::flush`].
     fn submit(&mut self, page: u64, tag: u64) -> Result<(), SourceError>;
+    /// Push queued requests to the device. The fault loop calls it before it blocks.
+    fn flush(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
     /// Append completed fetches to `out`, waiting until at least `min` arrived (`0`: only
     /// what is ready). Returns how many were appended.
     fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError>;

@@ -97,7 +97,7 @@ impl FaultLoop {
                 Ok(())
             }
             PageState::Missing | PageState::Evicted => {
-                if !self.fetch(page, false)? {
+                if !self.fetch(page, super::FetchReason::Demand)? {
                     // Lost a race with another component changing the state: look again.
                     return self.missing_fault_retry(page, read_at);
                 }

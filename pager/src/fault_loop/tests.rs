@@ -212,3 +212,27 @@ fn write_to_a_reprotected_present_page_marks_it_dirty_and_proceeds() {
     h.stop();
     assert_eq!(h.vm.metrics.snapshot().wp_faults, 1);
 }
+
+#[test]
+fn background_prefetch_leaves_evicted_pages_alone_but_faults_fetch_them() {
+    let pages = 64;
+    let mut h = Harness::start(pages, "bubble");
+    h.vm.states.set_range(40..64, PageState::Evicted);
+    assert_eq!(h.map[5], image_page(0)[5]);
+    // Let active push run until nothing is in flight.
+    let since = std::time::Instant::now();
+    while h.vm.states.count(PageState::InFlight) > 0 || h.vm.states.count(PageState::Missing) > 0 {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(5),
+            "active push did not finish the missing pages: {:?} {:?}",
+            h.vm.states.census(),
+            h.vm.metrics.snapshot()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(h.vm.states.count(PageState::Evicted), 24);
+    assert_eq!(h.vm.states.count(PageState::Present), 40);
+    // A demand fault still fetches an evicted page.
+    assert_eq!(&h.map[50 * PAGE..51 * PAGE], &image_page(50)[..]);
+    h.stop();
+}

@@ -195,6 +195,10 @@ impl PageSource for ImageFileSource {
         Ok(got)
     }
 
+    fn flush(&mut self) -> Result<(), SourceError> {
+        self.flush_submissions(0)
+    }
+
     fn in_flight(&self) -> usize {
         self.pending.len()
     }
