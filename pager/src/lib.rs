@@ -2,16 +2,16 @@
 
 pub mod attach;
 pub mod dirty;
-pub mod fault_loop;
 pub mod evict;
-pub mod page_state;
-pub mod wss;
-pub mod prefetch;
+pub mod fault_loop;
 pub mod metrics;
+pub mod page_state;
+pub mod prefetch;
 pub mod server;
 pub mod source;
 pub mod stats;
 pub mod vm;
+pub mod wss;
 
 /// The userfaultfd layer, re-exported for users of the pager.
 pub use uffd;

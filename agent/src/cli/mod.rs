@@ -2,7 +2,7 @@
 
 pub mod bench;
 pub mod evict;
-pub mod swapdev;
-pub mod vm;
 pub mod serve;
 pub mod stats;
+pub mod swapdev;
+pub mod vm;
