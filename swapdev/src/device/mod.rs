@@ -80,7 +80,9 @@ pub enum Access {
 }
 
 pub const DEFAULT_FENCE_INTERVAL: Duration = Duration::from_millis(100);
-/// Take a checkpoint when the log has grown this much since the last one (bounds replay).
+/// Take a checkpoint when the log has grown this much since the last one (bounds replay),
+/// or four times the checkpoint's own size if that is more (a checkpoint writes the whole
+/// index, 16 bytes per page), so checkpoints never cost more than a quarter of the log.
 const CHECKPOINT_EVERY: u64 = 256 << 20;
 
 /// Whether a page is in the device.
@@ -269,6 +271,10 @@ impl SwapDevice {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    fn checkpoint_interval(&self) -> u64 {
+        CHECKPOINT_EVERY.max(4 * self.hdr.layout.ckpt_slot_size)
     }
 
     pub fn capacity_pages(&self) -> u64 {

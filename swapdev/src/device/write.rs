@@ -113,7 +113,7 @@ impl SwapDevice {
             self.append(&recs[start..end])?;
             start = end;
         }
-        if self.log_since_ckpt >= super::CHECKPOINT_EVERY {
+        if self.log_since_ckpt >= self.checkpoint_interval() {
             self.checkpoint()?;
         }
         Ok(())
