@@ -7,7 +7,10 @@
 //! that the device passes fsck and that every page holds its last acknowledged content or
 //! the content of the request in flight.
 //!
-//! Run: `cargo test -p pagewise-tests --test swapdev_crash`
+//! Run: `cargo test -p pagewise-tests --test swapdev_crash` (file and qemu-nbd variants)
+
+#[path = "common/nbd_server.rs"]
+mod nbd_server;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use swapdev::backend::file::{FileBackend, OpenOptions as FileOpts};
+use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, OpenOptions, PageData, SwapDevice};
 
 const PS: usize = 4096;
@@ -45,12 +48,13 @@ fn content(page: u64, version: u64) -> Vec<u8> {
     }
 }
 
-fn backend(path: &str, create: bool) -> Box<dyn swapdev::backend::Backend> {
-    let opts = FileOpts {
+/// A file path (io_uring, O_DIRECT) or an NBD URI.
+fn backend(spec: &str, create: bool) -> Box<dyn swapdev::backend::Backend> {
+    let opts = SpecOptions {
         create,
-        ..FileOpts::default()
+        ..SpecOptions::default()
     };
-    Box::new(FileBackend::open(path, opts).expect("open file backend"))
+    open_backend(spec, &opts).expect("open backend")
 }
 
 /// The writer. Does nothing unless started by `kill9_write_storm`.
@@ -117,9 +121,30 @@ fn kill9_write_storm() {
     }
     let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let path = dir.path().join("storm.swap");
-    let path_s = path.to_str().unwrap().to_string();
+    storm_rounds(path.to_str().unwrap(), 6);
+}
+
+/// The same storm against a qemu-nbd export: the killed writer's requests may be cut
+/// anywhere on the socket.
+#[test]
+fn kill9_write_storm_over_nbd() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    nbd_server::require_qemu_nbd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("storm.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let server = nbd_server::NbdServer::unix(&img, &dir.path().join("nbd.sock"), "storm", &[]);
+    storm_rounds(&server.spec(), 3);
+}
+
+fn storm_rounds(path_s: &str, rounds: u64) {
     let dev = SwapDevice::create(
-        backend(&path_s, true),
+        backend(path_s, true),
         CreateOptions {
             vm_uuid: uuid_for_test(),
             page_size: PS as u32,
@@ -136,10 +161,10 @@ fn kill9_write_storm() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let exe = std::env::current_exe().unwrap();
     let mut total_acked = 0usize;
-    for round in 0..6u64 {
+    for round in 0..rounds {
         let mut child = Command::new(&exe)
             .args(["--exact", "storm_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &path_s)
+            .env(CHILD_ENV, path_s)
             .env("PAGEWISE_STORM_BASE", ((round + 1) << 32).to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -201,14 +226,14 @@ fn kill9_write_storm() {
         }
         total_acked += n_acked;
         // fsck must pass.
-        let report = SwapDevice::fsck_backend(backend(&path_s, false)).unwrap();
+        let report = SwapDevice::fsck_backend(backend(path_s, false)).unwrap();
         assert!(
             report.is_clean(),
             "round {round}: fsck found damage: {report:#?}"
         );
         // Every page: last acknowledged content, or the in-flight request's.
         let mut dev =
-            SwapDevice::open(backend(&path_s, false), OpenOptions::read_only("checker")).unwrap();
+            SwapDevice::open(backend(path_s, false), OpenOptions::read_only("checker")).unwrap();
         let mut from_in_flight = 0;
         for page in 0..PAGES {
             let got = match dev.read_page(page).unwrap() {
