@@ -80,7 +80,9 @@ pub enum SwapError {
         data_bytes: u64,
         live_bytes: u64,
     },
-    #[error("backend already holds {what}; refusing to overwrite it (use force to format anyway)")]
+    #[error(
+        "backend already holds {what}; refusing to overwrite it (use --force to format anyway)"
+    )]
     AlreadyHoldsData { what: String },
     #[error("image is {image_len} bytes but the device holds {capacity} pages of {page_size} bytes ({expected} bytes)")]
     ImageSizeMismatch {

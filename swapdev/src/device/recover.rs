@@ -263,15 +263,24 @@ impl SwapDevice {
                         "torn batch at offset {pos} (seq {}): {reason}; end of log",
                         h.seq
                     );
-                    if let Some(later) = self.later_append_after(&h, stored_crc(&buf))? {
-                        out.damage = Some(format!(
-                            "batch at offset {pos} (seq {}) is damaged ({reason}) but the log \
-                             continues with a later acknowledged append at offset {later}: \
-                             writes after it would be lost",
-                            h.seq
-                        ));
+                    let Some(later) = self.later_append_after(&h, stored_crc(&buf))? else {
+                        break;
+                    };
+                    // A live writer (we may be a read-only observer) can have finished
+                    // this batch and started the next append while we looked: read again.
+                    let again = self.read_sync(pos, h.total_len as u64)?;
+                    match decode_batch(&again, &h) {
+                        Ok(x) => x,
+                        Err(_) => {
+                            out.damage = Some(format!(
+                                "batch at offset {pos} (seq {}) is damaged ({reason}) but the \
+                                 log continues with a later acknowledged append at offset \
+                                 {later}: writes after it would be lost",
+                                h.seq
+                            ));
+                            break;
+                        }
                     }
-                    break;
                 }
             };
             let next = h.next_offset;
