@@ -149,3 +149,36 @@ fn preload_refuses_private_mapping_and_pager_refusal() {
     assert!(err.contains("refused") && err.contains(&reason), "{err}");
     assert_eq!(pager.requests.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn qemu_exits_when_its_pager_goes_away() {
+    let guest = guest();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = ShmFile::new("preload-pager-gone");
+    let pager = ZeroPager::start_dropping_after(&dir.path().join("pager.sock"), 3000);
+    let serial = dir.path().join("serial.log");
+    let args = qemu_args(
+        guest,
+        &mem.0,
+        256,
+        true,
+        "memverify.mib=64 memverify.duration_secs=60",
+        &serial,
+    );
+    let env = [
+        ("PAGEWISE_MEM_PATH", mem.0.display().to_string()),
+        ("PAGEWISE_SOCKET", pager.socket.display().to_string()),
+    ];
+    let mut qemu = Proc::spawn("qemu", qemu_command(&env, &args), dir.path());
+    // Without the watch, QEMU would hang in its next missing page (and ignore SIGTERM).
+    let status = qemu.wait(Duration::from_secs(60));
+    assert!(!status.success(), "QEMU kept running without its pager");
+    let err = qemu.output();
+    assert!(err.contains("closed the connection"), "{err}");
+    assert!(err.contains("nobody can serve"), "{err}");
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(
+        !log.contains("memverify: DONE"),
+        "the guest finished: {log}"
+    );
+}

@@ -9,6 +9,7 @@ use uffd::{Features, RegisterMode, Uffd, UffdFlags};
 
 use crate::config::Config;
 use crate::sys;
+use crate::watch::OnPagerExit;
 use crate::wire::{self, Region, Request, Verdict};
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -52,8 +53,9 @@ fn page_size_of(fd: RawFd, path: &Path) -> Result<u64, String> {
 
 /// Register `[addr, addr+len)` (file offset `offset` of `fd`) and attach it to the pager.
 /// On success the uffd and the connection stay open for the life of the process: the pager
-/// sees the VMM's exit as a hang-up, and if the pager dies the guest blocks on its next fault
-/// instead of silently reading zero pages.
+/// sees the VMM's exit as a hang-up, and if the pager dies the guest can never read zero
+/// pages instead of its own (our uffd reference keeps the range registered); the watch
+/// thread (`watch.rs`) then ends the process, unless `PAGEWISE_ON_PAGER_EXIT=hang`.
 pub fn attach(
     cfg: &Config,
     fd: RawFd,
@@ -131,7 +133,12 @@ pub fn attach(
             }
             // Kept open on purpose, see above.
             let _ = uffd.into_raw();
-            std::mem::forget(stream);
+            match cfg.on_pager_exit {
+                OnPagerExit::Exit => {
+                    crate::watch::start(stream, format!("VM {:?} ({})", cfg.vm, path.display()))?
+                }
+                OnPagerExit::Hang => std::mem::forget(stream),
+            }
             Ok(Attached {
                 region,
                 swapdev,

@@ -7,12 +7,15 @@
 //! | `PAGEWISE_VM`       | VM name sent in the handshake; default: the memory file's name   |
 //! | `PAGEWISE_MODES`    | uffd registration modes, comma separated: `missing`, `wp`, `minor`; default `missing,wp` |
 //! | `PAGEWISE_TIMEOUT_SECS` | how long to wait for the pager's reply; default 30           |
+//! | `PAGEWISE_ON_PAGER_EXIT` | `exit` (default): end the VMM when the pager's connection ends; `hang`: let faults block |
 //! | `PAGEWISE_SWAPDEV`  | optional: the swap device the pager must answer with; another one stops the VM |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use uffd::RegisterMode;
+
+use crate::watch::OnPagerExit;
 
 /// The variables, by name.
 pub const ENV_MEM_PATH: &str = "PAGEWISE_MEM_PATH";
@@ -21,6 +24,7 @@ pub const ENV_VM: &str = "PAGEWISE_VM";
 pub const ENV_MODES: &str = "PAGEWISE_MODES";
 pub const ENV_TIMEOUT: &str = "PAGEWISE_TIMEOUT_SECS";
 pub const ENV_SWAPDEV: &str = "PAGEWISE_SWAPDEV";
+pub const ENV_ON_PAGER_EXIT: &str = "PAGEWISE_ON_PAGER_EXIT";
 
 /// What the library does, parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +40,7 @@ pub struct Config {
     pub timeout: Duration,
     /// The swap device the pager must report for this VM, if the operator named one.
     pub expected_swapdev: Option<String>,
+    pub on_pager_exit: OnPagerExit,
 }
 
 /// Look up one variable; `None` when unset or empty.
@@ -88,6 +93,7 @@ pub fn from_env(get: Lookup<'_>) -> Result<Config, String> {
         modes,
         timeout,
         expected_swapdev: get(ENV_SWAPDEV),
+        on_pager_exit: OnPagerExit::parse(get(ENV_ON_PAGER_EXIT).as_deref())?,
     })
 }
 

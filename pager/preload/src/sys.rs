@@ -167,3 +167,24 @@ pub fn exit_now() -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(1) }
 }
+
+/// Block every signal in the calling thread; returns the previous mask.
+pub fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: all-zero sigset_t values are valid inputs to sigfillset/pthread_sigmask, which
+    // initialise/overwrite them; the pointers are to live locals.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    }
+}
+
+/// Restore a mask saved by [`block_all_signals`].
+pub fn restore_signals(saved: &libc::sigset_t) {
+    // SAFETY: `saved` is a mask returned by pthread_sigmask.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, saved, std::ptr::null_mut());
+    }
+}

@@ -37,6 +37,16 @@ pub struct ZeroPager {
 impl ZeroPager {
     /// Listen on `socket`; `refuse` makes it answer every attach with that error.
     pub fn start(socket: &Path, refuse: Option<String>) -> Self {
+        Self::start_with(socket, refuse, None)
+    }
+
+    /// Like [`ZeroPager::start`], but after `faults` faults it drops every VM (closes the
+    /// uffds and connections), as a crashed pager would.
+    pub fn start_dropping_after(socket: &Path, faults: u64) -> Self {
+        Self::start_with(socket, None, Some(faults))
+    }
+
+    fn start_with(socket: &Path, refuse: Option<String>, drop_after: Option<u64>) -> Self {
         let listener = UnixListener::bind(socket).expect("bind zero pager socket");
         listener.set_nonblocking(true).unwrap();
         let counters = Arc::new(Counters::default());
@@ -44,7 +54,9 @@ impl ZeroPager {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (counters, requests, stop) = (counters.clone(), requests.clone(), stop.clone());
-            std::thread::spawn(move || serve(listener, refuse, &counters, &requests, &stop))
+            std::thread::spawn(move || {
+                serve(listener, refuse, drop_after, &counters, &requests, &stop)
+            })
         };
         ZeroPager {
             socket: socket.to_path_buf(),
@@ -69,6 +81,7 @@ impl Drop for ZeroPager {
 fn serve(
     listener: UnixListener,
     refuse: Option<String>,
+    drop_after: Option<u64>,
     counters: &Counters,
     requests: &Mutex<Vec<AttachRequest>>,
     stop: &AtomicBool,
@@ -119,6 +132,10 @@ fn serve(
                     format!("bad handshake from the preload library: {e}"),
                 ),
             }
+        }
+        if drop_after.is_some_and(|n| counters.faults.load(Ordering::Relaxed) >= n) {
+            uffds.clear();
+            streams.clear();
         }
         if uffds.is_empty() {
             std::thread::sleep(Duration::from_millis(20));
