@@ -111,3 +111,53 @@ fn vm_run_starts_qemu_under_the_pager() {
     let errors = pager.counters.errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+#[test]
+fn vm_run_dry_run_shows_the_environment_it_sets() {
+    let guest = guest();
+    let lib = preload_lib();
+    let dir = tempfile::tempdir().unwrap();
+    let mem = ShmFile::new("vmrun-dry");
+    let serial = dir.path().join("serial.log");
+    let args = qemu_args(guest, &mem.0, 256, true, "", &serial);
+    let socket = dir.path().join("pager.sock");
+    let out = vm_run(
+        &socket,
+        &[
+            "--dry-run",
+            "--swapdev",
+            "/srv/vm.swap",
+            "--modes",
+            "missing",
+        ],
+        &args,
+    )
+    .env("LD_PRELOAD", "/opt/other.so")
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let expect = [
+        format!("LD_PRELOAD={}:/opt/other.so", lib.display()),
+        format!("PAGEWISE_MEM_PATH={}", mem.0.display()),
+        format!("PAGEWISE_SOCKET={}", socket.display()),
+        format!(
+            "PAGEWISE_VM={}",
+            mem.0.file_name().unwrap().to_string_lossy()
+        ),
+        "PAGEWISE_MODES=missing".to_string(),
+        "PAGEWISE_SWAPDEV=/srv/vm.swap".to_string(),
+    ];
+    for line in expect {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in:\n{text}"
+        );
+    }
+    assert!(text.contains("qemu-system-x86_64 -accel tcg"), "{text}");
+    assert!(!mem.0.exists(), "a dry run must not start QEMU");
+}
