@@ -19,7 +19,8 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::attach::server::{accept_vm, reply, AttachedVm, Naming};
+use crate::attach::protocol::HandshakeError;
+use crate::attach::server::{accept_vm, reply, AttachError, AttachedVm, Naming};
 use crate::fault_loop::{FaultLoop, FaultLoopConfig};
 use crate::source::PageSource;
 use crate::vm::{GuestLayout, Vm};
@@ -232,6 +233,16 @@ impl Daemon {
             Ok(a) => a,
             Err((e, wants_reply)) => {
                 let peer = crate::attach::server::peer_info(&stream);
+                if matches!(e, AttachError::Handshake(HandshakeError::Truncated(0))) {
+                    // A connection closed without a byte: the preload library's load-time
+                    // reachability probe (or a health check). Not an attach attempt.
+                    tracing::debug!(
+                        pid = peer.pid,
+                        uid = peer.uid,
+                        "probe connection (closed without a handshake)"
+                    );
+                    return;
+                }
                 tracing::warn!(pid = peer.pid, uid = peer.uid, %e, "attach refused");
                 if wants_reply {
                     reply(&stream, Err(&e.to_string()));
