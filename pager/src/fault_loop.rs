@@ -87,8 +87,9 @@ pub enum FaultLoopError {
     Remapped { from: u64, to: u64, len: u64 },
 }
 
-/// Why a page is fetched.
+/// Why a page is fetched. The reason travels as the read's tag (`as u64`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
 enum FetchReason {
     /// A guest thread faulted on it.
     Demand,
@@ -96,6 +97,21 @@ enum FetchReason {
     Prefetch,
     /// The prefetch policy picked it while the loop was idle (active push).
     Background,
+}
+
+/// Background (idle) reads may hold at most this share of `max_inflight` (1/N), so demand
+/// faults and the prefetches around them always find free slots and never queue behind a
+/// full window of active-push reads.
+const BACKGROUND_SHARE_DIVISOR: usize = 2;
+
+impl FetchReason {
+    fn tag(self) -> u64 {
+        self as u64
+    }
+
+    fn is_background_tag(tag: u64) -> bool {
+        tag == FetchReason::Background.tag()
+    }
 }
 
 /// Page-fault loop state for one VM.
@@ -113,6 +129,8 @@ pub struct FaultLoop {
     prefetched: HashSet<u64>,
     /// Read attempts per in-flight page beyond the first.
     retries: HashMap<u64, u64>,
+    /// Background reads submitted and not yet completed.
+    background_in_flight: usize,
     events: Vec<Event>,
     completions: Vec<PageCompletion>,
     candidates: Vec<u64>,
@@ -138,6 +156,7 @@ impl FaultLoop {
             waiters: HashMap::new(),
             prefetched: HashSet::new(),
             retries: HashMap::new(),
+            background_in_flight: 0,
             events: Vec::with_capacity(64),
             completions: Vec::with_capacity(64),
             candidates: Vec::new(),
@@ -292,9 +311,12 @@ impl FaultLoop {
         }) else {
             return Ok(false);
         };
-        if let Err(e) = self.source.submit(page, 0) {
+        if let Err(e) = self.source.submit(page, why.tag()) {
             self.vm.states.set(page, from);
             return Err(e.into());
+        }
+        if why == FetchReason::Background {
+            self.background_in_flight += 1;
         }
         if why != FetchReason::Demand {
             self.prefetched.insert(page);
@@ -307,6 +329,13 @@ impl FaultLoop {
         self.config
             .max_inflight
             .saturating_sub(self.source.in_flight())
+    }
+
+    /// Free slots for background reads: within `room` and the background share.
+    fn background_room(&self) -> usize {
+        let cap = (self.config.max_inflight / BACKGROUND_SHARE_DIVISOR).max(1);
+        self.room()
+            .min(cap.saturating_sub(self.background_in_flight))
     }
 
     /// After a demand fault on `page`: let the policy pick more pages, within the budget.
@@ -332,7 +361,7 @@ impl FaultLoop {
         let mut candidates = std::mem::take(&mut self.candidates);
         let mut result = Ok(());
         for _ in 0..ROUNDS {
-            let budget = self.room();
+            let budget = self.background_room();
             if budget == 0 {
                 break;
             }
@@ -377,6 +406,11 @@ impl FaultLoop {
         let mut done = std::mem::take(&mut self.completions);
         done.clear();
         self.source.poll(&mut done, 0)?;
+        let background = done
+            .iter()
+            .filter(|c| FetchReason::is_background_tag(c.tag))
+            .count();
+        self.background_in_flight = self.background_in_flight.saturating_sub(background);
         let result = self.place_completions(&mut done);
         done.clear();
         self.completions = done;
@@ -384,14 +418,22 @@ impl FaultLoop {
     }
 
     /// A read failed: retry it, or give up (fatal only if a guest thread waits on it).
-    fn read_failed(&mut self, page: u64, error: SourceError) -> Result<(), FaultLoopError> {
+    fn read_failed(
+        &mut self,
+        page: u64,
+        tag: u64,
+        error: SourceError,
+    ) -> Result<(), FaultLoopError> {
         VmMetrics::add(&self.metrics().read_errors, 1);
         let attempts = self.retries.entry(page).or_insert(1);
         *attempts += 1;
         let attempts = *attempts;
         if attempts <= self.config.read_attempts {
             tracing::warn!(vm = %self.vm.name, page, attempts, %error, "page read failed, retrying");
-            self.source.submit(page, 0)?;
+            self.source.submit(page, tag)?;
+            if FetchReason::is_background_tag(tag) {
+                self.background_in_flight += 1;
+            }
             return Ok(());
         }
         self.retries.remove(&page);

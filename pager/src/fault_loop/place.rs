@@ -73,13 +73,13 @@ impl FaultLoop {
         let ps = self.vm.page_size() as usize;
         let mut i = 0;
         while i < done.len() {
-            let page = done[i].page;
+            let (page, tag) = (done[i].page, done[i].tag);
             let result = std::mem::replace(&mut done[i].result, Ok(PageContent::Zero));
             i += 1;
             let content = match result {
                 Ok(c) => c,
                 Err(e) => {
-                    self.read_failed(page, e)?;
+                    self.read_failed(page, tag, e)?;
                     continue;
                 }
             };
@@ -111,6 +111,14 @@ impl FaultLoop {
                         i += 1;
                     }
                     self.place_run(page, n, Fill::Zero)?;
+                }
+                PageContent::Data(buf)
+                    if !(i < done.len()
+                        && self.extends_run(page, 1, &done[i])
+                        && matches!(done[i].result, Ok(PageContent::Data(_)))) =>
+                {
+                    // A single page: copy straight from the read buffer, no staging.
+                    self.place_run(page, 1, Fill::Bytes(&buf.as_slice()[..ps]))?;
                 }
                 PageContent::Data(buf) => {
                     let mut staging = std::mem::take(&mut self.staging);

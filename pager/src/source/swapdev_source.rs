@@ -1,80 +1,56 @@
 //! [`SwapdevSource`]: pages from a [`swapdev::SwapDevice`].
 //!
 //! The device is shared (`Arc<Mutex<SwapDevice>>`) with other components: the evictor writes
-//! and flushes pages while faults are being served. A small I/O thread owns the read side:
-//! it takes page requests from a channel, submits them to the device (many in flight),
-//! waits for completions and hands them back through a channel plus an eventfd that wakes
-//! the fault loop. A page the device never stored reads as a zero page (a fresh VM).
+//! and flushes pages while faults are being served. The lock is taken briefly for each
+//! submit and poll. A page the device never stored reads as a zero page (a fresh VM).
 //!
-//! While the I/O thread waits for a completion it holds the device lock; the wait is one
-//! device read (tens of µs on a local file), which bounds how long a writer waits.
+//! Two read drivers:
+//! - **direct** (the device's backend has a completion fd, e.g. the io_uring file backend
+//!   with its registered eventfd): the fault loop itself submits reads and reaps
+//!   completions; the backend's fd is the source's completion fd. No thread, no channel.
+//!   Buffered reads that hit the page cache complete inline when the ring is entered, so
+//!   `flush` reaps once right after submitting and the page is placed in the same loop turn.
+//! - **threaded** (no completion fd, e.g. NBD): see [`io_thread`].
 
-use std::os::fd::{AsFd, BorrowedFd};
+mod io_thread;
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use swapdev::{PageData, PageRead, PageState as DevicePageState, SwapDevice};
 
 use crate::page_state::{PageState, PageStateTable};
 
 use super::{PageCompletion, PageContent, PageSource, SourceError};
+use io_thread::IoThread;
 
 /// Pages of one VM's swap device.
 pub struct SwapdevSource {
     device: Arc<Mutex<SwapDevice>>,
-    requests: Option<Sender<(u64, u64)>>,
-    completions: Receiver<PageCompletion>,
-    completion_fd: Arc<EventFd>,
+    driver: Driver,
     in_flight: usize,
     page_size: usize,
     capacity_pages: u64,
     description: String,
-    thread: Option<JoinHandle<()>>,
+}
+
+enum Driver {
+    Direct(DirectReads),
+    Threaded(IoThread),
+}
+
+/// State of the direct driver.
+struct DirectReads {
+    /// A duplicate of the backend's completion fd (an eventfd the ring signals).
+    completion_fd: OwnedFd,
+    /// Completions reaped by `flush` (or failed submits), not yet handed out.
+    ready: VecDeque<PageCompletion>,
+    reads: Vec<PageRead>,
 }
 
 fn lock(dev: &Mutex<SwapDevice>) -> std::sync::MutexGuard<'_, SwapDevice> {
     dev.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl SwapdevSource {
-    /// Serve reads from `device` (shared with whoever else needs it).
-    pub fn new(device: Arc<Mutex<SwapDevice>>, description: String) -> Result<Self, SourceError> {
-        let (page_size, capacity_pages) = {
-            let d = lock(&device);
-            (d.page_size(), d.capacity_pages())
-        };
-        let fail = |why: String| SourceError::Source {
-            name: description.clone(),
-            why,
-        };
-        let completion_fd = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| fail(format!("eventfd: {e}")))?,
-        );
-        let (req_tx, req_rx) = crossbeam_channel::unbounded();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let fd = completion_fd.clone();
-        let thread = std::thread::Builder::new()
-            .name("swapdev-io".into())
-            .spawn({
-                let device = device.clone();
-                move || io_thread(device, req_rx, done_tx, fd)
-            })
-            .map_err(|e| fail(format!("spawning the I/O thread: {e}")))?;
-        Ok(Self {
-            device,
-            requests: Some(req_tx),
-            completions: done_rx,
-            completion_fd,
-            in_flight: 0,
-            page_size,
-            capacity_pages,
-            description,
-            thread: Some(thread),
-        })
-    }
 }
 
 fn convert(read: PageRead) -> PageCompletion {
@@ -93,68 +69,77 @@ fn convert(read: PageRead) -> PageCompletion {
     }
 }
 
-fn io_thread(
-    device: Arc<Mutex<SwapDevice>>,
-    requests: Receiver<(u64, u64)>,
-    done: Sender<PageCompletion>,
-    wake: Arc<EventFd>,
-) {
-    let mut reads = Vec::new();
-    let mut pending = 0usize;
-    let mut open = true;
-    while open || pending > 0 {
-        // Block for work only when nothing is in flight.
-        if pending == 0 {
-            match requests.recv() {
-                Ok(r) => submit(&device, r, &done, &mut pending),
-                Err(_) => break,
-            }
-        }
-        loop {
-            match requests.try_recv() {
-                Ok(r) => submit(&device, r, &done, &mut pending),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        reads.clear();
-        let polled = lock(&device).poll_reads(&mut reads, usize::from(pending > 0));
-        if let Err(e) = polled {
-            // The device cannot complete anything any more: fail everything in flight.
-            tracing::error!(%e, "swap device read path failed");
-            return;
-        }
-        pending = pending.saturating_sub(reads.len());
-        let mut sent = false;
-        for r in reads.drain(..) {
-            sent |= done.send(convert(r)).is_ok();
-        }
-        if sent {
-            let _ = wake.write(1);
-        }
+fn failed(page: u64, tag: u64, why: String) -> PageCompletion {
+    PageCompletion {
+        page,
+        tag,
+        result: Err(SourceError::Page { page, why }),
     }
 }
 
-fn submit(
-    device: &Mutex<SwapDevice>,
-    (page, tag): (u64, u64),
-    done: &Sender<PageCompletion>,
-    pending: &mut usize,
-) {
-    match lock(device).submit_read(page, tag) {
-        Ok(()) => *pending += 1,
-        Err(e) => {
-            let _ = done.send(PageCompletion {
-                page,
-                tag,
-                result: Err(SourceError::Page {
-                    page,
-                    why: e.to_string(),
-                }),
-            });
+/// Set an eventfd (8-byte add of 1). EAGAIN (counter at its maximum) still leaves it readable.
+fn signal(fd: &OwnedFd) {
+    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+}
+
+/// Reset an eventfd: read its counter (non-blocking; EAGAIN when already zero).
+fn reset(fd: &OwnedFd) {
+    let mut buf = [0u8; 8];
+    let _ = nix::unistd::read(fd, &mut buf);
+}
+
+impl SwapdevSource {
+    /// Serve reads from `device` (shared with whoever else needs it).
+    pub fn new(device: Arc<Mutex<SwapDevice>>, description: String) -> Result<Self, SourceError> {
+        let fail = |why: String| SourceError::Source {
+            name: description.clone(),
+            why,
+        };
+        let (page_size, capacity_pages, completion_fd) = {
+            let d = lock(&device);
+            let fd = match d.completion_fd() {
+                Some(fd) => Some(
+                    fd.try_clone_to_owned()
+                        .map_err(|e| fail(format!("duplicating the completion fd: {e}")))?,
+                ),
+                None => None,
+            };
+            (d.page_size(), d.capacity_pages(), fd)
+        };
+        let driver = match completion_fd {
+            Some(completion_fd) => Driver::Direct(DirectReads {
+                completion_fd,
+                ready: VecDeque::new(),
+                reads: Vec::new(),
+            }),
+            None => Driver::Threaded(IoThread::spawn(device.clone()).map_err(fail)?),
+        };
+        Ok(Self {
+            device,
+            driver,
+            in_flight: 0,
+            page_size,
+            capacity_pages,
+            description,
+        })
+    }
+
+    /// Whether the fault loop drives the device itself (no I/O thread).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.driver, Driver::Direct(_))
+    }
+
+    fn thread_stopped(&self) -> SourceError {
+        SourceError::Source {
+            name: self.description.clone(),
+            why: "the swap device I/O thread has stopped (see the log)".into(),
+        }
+    }
+
+    fn device_failed(&self, e: swapdev::SwapError) -> SourceError {
+        SourceError::Source {
+            name: self.description.clone(),
+            why: format!("the swap device read path failed: {e}"),
         }
     }
 }
@@ -175,41 +160,67 @@ impl PageSource for SwapdevSource {
                 capacity: self.capacity_pages,
             });
         }
-        let sent = self
-            .requests
-            .as_ref()
-            .is_some_and(|tx| tx.send((page, tag)).is_ok());
-        if !sent {
-            return Err(SourceError::Source {
-                name: self.description.clone(),
-                why: "the swap device I/O thread has stopped (see the log)".into(),
-            });
+        match &mut self.driver {
+            Driver::Direct(d) => {
+                if let Err(e) = lock(&self.device).submit_read(page, tag) {
+                    d.ready.push_back(failed(page, tag, e.to_string()));
+                }
+            }
+            Driver::Threaded(t) => {
+                if t.submit(page, tag).is_err() {
+                    return Err(self.thread_stopped());
+                }
+            }
         }
         self.in_flight += 1;
         Ok(())
     }
 
+    /// Direct driver: enter the ring (submits what `submit` queued) and reap what finished
+    /// inline (page-cache hits, zero pages); if anything is ready, set the completion fd so
+    /// the loop does not sleep on it.
+    fn flush(&mut self) -> Result<(), SourceError> {
+        let Driver::Direct(d) = &mut self.driver else {
+            return Ok(());
+        };
+        if self.in_flight == d.ready.len() {
+            return Ok(());
+        }
+        d.reads.clear();
+        let polled = lock(&self.device).poll_reads(&mut d.reads, 0);
+        if let Err(e) = polled {
+            return Err(self.device_failed(e));
+        }
+        d.ready.extend(d.reads.drain(..).map(convert));
+        if !d.ready.is_empty() {
+            signal(&d.completion_fd);
+        }
+        Ok(())
+    }
+
     fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError> {
-        let _ = self.completion_fd.read();
-        let mut n = 0;
-        while let Ok(c) = self.completions.try_recv() {
-            out.push(c);
-            n += 1;
-        }
-        while n < min && self.in_flight > n {
-            match self.completions.recv() {
-                Ok(c) => {
-                    out.push(c);
-                    n += 1;
+        let n = match &mut self.driver {
+            Driver::Direct(d) => {
+                // Reset before reaping: a completion posted after this sets the fd again.
+                reset(&d.completion_fd);
+                let mut n = d.ready.len();
+                out.extend(d.ready.drain(..));
+                if self.in_flight > n {
+                    d.reads.clear();
+                    let polled = lock(&self.device).poll_reads(&mut d.reads, min.saturating_sub(n));
+                    n += d.reads.len();
+                    out.extend(d.reads.drain(..).map(convert));
+                    if let Err(e) = polled {
+                        self.in_flight -= n;
+                        return Err(self.device_failed(e));
+                    }
                 }
-                Err(_) => {
-                    return Err(SourceError::Source {
-                        name: self.description.clone(),
-                        why: "the swap device I/O thread has stopped (see the log)".into(),
-                    })
-                }
+                n
             }
-        }
+            Driver::Threaded(t) => t
+                .poll(out, min, self.in_flight)
+                .map_err(|_| self.thread_stopped())?,
+        };
         self.in_flight -= n;
         Ok(n)
     }
@@ -219,7 +230,10 @@ impl PageSource for SwapdevSource {
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {
-        self.completion_fd.as_fd()
+        match &self.driver {
+            Driver::Direct(d) => d.completion_fd.as_fd(),
+            Driver::Threaded(t) => t.completion_fd(),
+        }
     }
 
     fn describe(&self) -> String {
@@ -243,11 +257,5 @@ impl PageSource for SwapdevSource {
     }
 }
 
-impl Drop for SwapdevSource {
-    fn drop(&mut self) {
-        self.requests = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

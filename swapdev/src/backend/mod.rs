@@ -5,6 +5,8 @@
 //! requests (`submit`), then collect completions as they arrive (`complete`). Nothing here
 //! knows about pages, codecs or the index; that is `device`'s concern.
 
+use std::os::fd::BorrowedFd;
+
 use crate::AlignedBuf;
 
 /// Errors raised by a backend. Each names the operation and where it failed.
@@ -83,6 +85,14 @@ pub trait Backend: Send {
 
     /// A short human description, e.g. "file /var/lib/pw/vm1.swap (io_uring, O_DIRECT)".
     fn describe(&self) -> String;
+
+    /// A descriptor that becomes readable when a completion may be ready, so a caller can
+    /// wait for completions in `poll(2)` together with other fds and then call
+    /// `complete(.., 0)`. An eventfd is reset by the caller reading it *before* it calls
+    /// `complete`. `None`: the backend has no such fd; callers wait in `complete(.., 1)`.
+    fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 pub mod file;

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::read::{PageRead, UserRead};
+use super::read::{PageRead, RunRead, RunRequest, UserRead};
 use super::SwapDevice;
 use crate::backend::{Backend, BackendError, IoCompletion, IoOp, IoRequest};
 use crate::error::Result;
@@ -25,12 +25,19 @@ pub(super) struct IoState {
     internal_done: HashMap<u64, IoResult>,
     internal_waiting: usize,
     pub(super) ready: VecDeque<PageRead>,
+    /// Reads of runs of back-to-back raw pages (one I/O each), by request id.
+    run_reads: HashMap<u64, RunRequest>,
+    pub(super) ready_runs: VecDeque<RunRead>,
     completions: Vec<IoCompletion>,
 }
 
 impl IoState {
     pub(super) fn user_reads_in_flight(&self) -> usize {
         self.user_reads.len()
+    }
+
+    pub(super) fn run_reads_in_flight(&self) -> usize {
+        self.run_reads.len()
     }
 }
 
@@ -56,6 +63,22 @@ impl SwapDevice {
         Ok(())
     }
 
+    pub(super) fn submit_run_read(
+        &mut self,
+        offset: u64,
+        buf: AlignedBuf,
+        r: RunRequest,
+    ) -> Result<()> {
+        let tag = self.next_id();
+        self.backend.submit(IoRequest {
+            tag,
+            offset,
+            op: IoOp::Read { buf },
+        })?;
+        self.io.run_reads.insert(tag, r);
+        Ok(())
+    }
+
     fn submit_internal(&mut self, offset: u64, op: IoOp) -> Result<u64> {
         let tag = self.next_id();
         self.backend.submit(IoRequest { tag, offset, op })?;
@@ -72,6 +95,9 @@ impl SwapDevice {
             if let Some(r) = self.io.user_reads.remove(&c.tag) {
                 let done = self.finish_user_read(r, c.result);
                 self.io.ready.push_back(done);
+            } else if let Some(r) = self.io.run_reads.remove(&c.tag) {
+                let done = self.finish_run_read(r, c.result);
+                self.io.ready_runs.push_back(done);
             } else {
                 self.io.internal_waiting = self.io.internal_waiting.saturating_sub(1);
                 self.io.internal_done.insert(c.tag, c.result);

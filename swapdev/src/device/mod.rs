@@ -22,7 +22,7 @@ use crate::format::{checkpoint, ChecksumKind, CodecPolicy, BLOCK};
 use crate::AlignedBuf;
 
 pub use check::{FsckReport, Stats};
-pub use read::{PageData, PageRead};
+pub use read::{PageData, PageRead, RunRead};
 use space::SpaceMap;
 
 /// Choices made once, when a device is formatted.

@@ -2,6 +2,8 @@
 //! never-stored pages complete at once without I/O. Every payload is checked against the
 //! checksum in the index before it is returned; a mismatch is an error naming the page.
 
+use std::os::fd::BorrowedFd;
+
 use super::SwapDevice;
 use crate::backend::BackendError;
 use crate::error::{Result, SwapError};
@@ -38,6 +40,26 @@ pub struct PageRead {
     pub tag: u64,
     pub page: u64,
     pub result: Result<PageData, SwapError>,
+}
+
+/// A run of pages stored back to back as raw records, read with one I/O
+/// ([`SwapDevice::submit_read_run`]).
+#[derive(Debug)]
+pub struct RunRead {
+    pub tag: u64,
+    pub first: u64,
+    pub count: u64,
+    /// The `count` pages back to back, or why the read failed (then every page failed).
+    pub result: Result<AlignedBuf, SwapError>,
+    /// Pages of the run whose checksum did not match: their bytes must not be used.
+    pub corrupt: Vec<(u64, SwapError)>,
+}
+
+/// A run read in flight: the index entries when it was submitted.
+pub(super) struct RunRequest {
+    tag: u64,
+    first: u64,
+    entries: Vec<IndexEntry>,
 }
 
 /// A read in flight: what the index said when it was submitted.
@@ -88,8 +110,12 @@ impl SwapDevice {
 
     /// Move finished reads to `out`, waiting until at least `min` are there (or nothing is
     /// left in flight). Returns how many were added.
+    /// With `min == 0` this reaps whatever the backend has finished without waiting.
     pub fn poll_reads(&mut self, out: &mut Vec<PageRead>, min: usize) -> Result<usize> {
         let mut n = 0;
+        if min == 0 && self.io.user_reads_in_flight() > 0 {
+            self.pump(0)?;
+        }
         loop {
             while let Some(r) = self.io.ready.pop_front() {
                 out.push(r);
@@ -99,6 +125,116 @@ impl SwapDevice {
                 return Ok(n);
             }
             self.pump(1)?;
+        }
+    }
+
+    /// The backend's completion fd (see [`crate::backend::Backend::completion_fd`]):
+    /// readable when `poll_reads(.., 0)` may return more. Reads that finish without I/O
+    /// (zero / never-stored pages) do not signal it: call `poll_reads(.., 0)` after submitting.
+    pub fn completion_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.backend.completion_fd()
+    }
+
+    /// How many pages from `first` (at most `max`) are raw records stored back to back on
+    /// 4 KiB boundaries, so that one read covers them all (0: `first` is not one).
+    pub fn raw_run_len(&self, first: u64, max: u64) -> u64 {
+        let ps = self.page_size() as u64;
+        let end = first.saturating_add(max).min(self.capacity_pages());
+        let mut next_offset = None;
+        let mut n = 0;
+        for page in first..end {
+            let e = &self.index[page as usize];
+            let raw = e.codec() == Some(Codec::Raw)
+                && u64::from(e.len) == ps
+                && e.offset().is_multiple_of(BLOCK);
+            if !raw || next_offset.is_some_and(|o| o != e.offset()) {
+                break;
+            }
+            next_offset = Some(e.offset() + ps);
+            n += 1;
+        }
+        n
+    }
+
+    /// Queue one read of pages `first..first + count`, which must be raw records stored back
+    /// to back ([`SwapDevice::raw_run_len`]); it comes back from
+    /// [`SwapDevice::poll_ready`] as one [`RunRead`] with `tag`, every page checksum-verified.
+    pub fn submit_read_run(&mut self, first: u64, count: u64, tag: u64) -> Result<()> {
+        if self.poisoned {
+            return Err(SwapError::Poisoned);
+        }
+        self.check_page(first)?;
+        let stored = self.raw_run_len(first, count);
+        if count == 0 || stored != count {
+            return Err(SwapError::InvalidOption(format!(
+                "run read of pages {first}..{}: only {stored} of them are raw records stored \
+                 back to back",
+                first.saturating_add(count)
+            )));
+        }
+        let entries = self.index[first as usize..(first + count) as usize].to_vec();
+        let offset = entries[0].offset();
+        let buf = AlignedBuf::new(count as usize * self.page_size());
+        let r = RunRequest {
+            tag,
+            first,
+            entries,
+        };
+        self.submit_run_read(offset, buf, r)
+    }
+
+    /// Without waiting: reap what the backend finished, move finished page reads to `pages`
+    /// and finished run reads to `runs`. Returns how many items were added.
+    pub fn poll_ready(
+        &mut self,
+        pages: &mut Vec<PageRead>,
+        runs: &mut Vec<RunRead>,
+    ) -> Result<usize> {
+        if self.io.user_reads_in_flight() + self.io.run_reads_in_flight() > 0 {
+            self.pump(0)?;
+        }
+        let n = self.io.ready.len() + self.io.ready_runs.len();
+        pages.extend(self.io.ready.drain(..));
+        runs.extend(self.io.ready_runs.drain(..));
+        Ok(n)
+    }
+
+    /// Run reads submitted and not yet handed out by `poll_ready`.
+    pub fn run_reads_pending(&self) -> usize {
+        self.io.run_reads_in_flight() + self.io.ready_runs.len()
+    }
+
+    pub(super) fn finish_run_read(
+        &mut self,
+        r: RunRequest,
+        result: std::result::Result<Option<AlignedBuf>, BackendError>,
+    ) -> RunRead {
+        let count = r.entries.len() as u64;
+        let ps = self.page_size();
+        let mut corrupt = Vec::new();
+        let result = match result {
+            Ok(Some(buf)) => {
+                for (i, e) in r.entries.iter().enumerate() {
+                    let page = r.first + i as u64;
+                    if let Err(err) = self.verify_payload(page, e, &buf[i * ps..(i + 1) * ps]) {
+                        corrupt.push((page, err));
+                    }
+                }
+                Ok(buf)
+            }
+            Ok(None) => Err(SwapError::PageCorrupt {
+                page: r.first,
+                offset: r.entries[0].offset(),
+                reason: "backend returned no data".into(),
+            }),
+            Err(e) => Err(SwapError::Backend(e)),
+        };
+        RunRead {
+            tag: r.tag,
+            first: r.first,
+            count,
+            result,
+            corrupt,
         }
     }
 
