@@ -5,6 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::hot_pass::HotPassClock;
 use crate::pattern::{self, Page, WORDS};
 
 const PAGES_PER_MIB: u64 = (1 << 20) / (WORDS as u64 * 8);
@@ -30,6 +31,7 @@ pub struct Workload<W: Write> {
     bad_pages: u64,
     hot_rewrites: u64,
     cursor: usize,
+    hot_clock: HotPassClock,
     out: W,
 }
 
@@ -51,6 +53,7 @@ impl<W: Write> Workload<W> {
             bad_pages: 0,
             hot_rewrites: 0,
             cursor: 0,
+            hot_clock: HotPassClock::default(),
             cfg,
             out,
         }
@@ -102,6 +105,17 @@ impl<W: Write> Workload<W> {
         pattern::fill(&mut self.pages[index], self.cfg.seed, index as u64, next);
         self.generations[index] = next;
         self.hot_rewrites += 1;
+    }
+
+    /// `rewrite_next_hot`, timed; prints a `hot pass` line after each sweep of the hot set.
+    fn rewrite_next_hot_timed(&mut self) {
+        let wrapped = self.cursor + 1 == self.generations.len();
+        let mut clock = std::mem::take(&mut self.hot_clock);
+        let pass = clock.time(|| self.rewrite_next_hot(), wrapped);
+        self.hot_clock = clock;
+        if let Some(pass) = pass {
+            self.say(pass.line(self.generations.len()));
+        }
     }
 
     /// Check every page; returns the number of bad pages in this pass.
@@ -161,7 +175,7 @@ impl<W: Write> Workload<W> {
                 }
                 let mut budget = burst;
                 while written < due && budget > 0 {
-                    self.rewrite_next_hot();
+                    self.rewrite_next_hot_timed();
                     written += 1;
                     budget -= 1;
                 }
@@ -227,6 +241,10 @@ mod tests {
         assert_eq!(summary.bad_pages, 0, "{text}");
         assert!(summary.hot_rewrites > 0, "{text}");
         assert!(text.contains("RESULT=PASS"), "{text}");
+        assert!(
+            text.contains("memverify: hot pass 1 pages=256 hot_pass_ms="),
+            "a full sweep of the 1 MiB hot set is timed: {text}"
+        );
     }
 
     #[test]
