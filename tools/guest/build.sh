@@ -4,6 +4,8 @@
 #                      resolved from linux-image-amd64's Depends at run time)
 #   OUTDIR/initrd.gz   busybox-static + the static `memverify` workload + /init
 #   OUTDIR/memverify   the static workload binary that went into the initramfs
+#   OUTDIR/modules/    virtio, virtio_pci, virtio_balloon .ko of that kernel (for
+#                      -device virtio-balloon,free-page-reporting=on; /init loads them)
 # The kernel is downloaded once and cached; the initramfs is rebuilt only when memverify, the
 # init script or busybox changed. Safe to run concurrently (flock on OUTDIR/.lock).
 # Guest parameters go on the kernel command line: memverify.mib=256 memverify.hot_mib=32
@@ -47,6 +49,38 @@ if [ ! -s "$out/vmlinuz" ]; then
   mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 fi
 
+# 1b. virtio-balloon modules (cached). The Debian kernel builds virtio, virtio_pci and
+# virtio_balloon as modules (CONFIG_VIRTIO_PCI=m, CONFIG_VIRTIO_BALLOON=m,
+# CONFIG_PAGE_REPORTING=y); they come from the same package as the kernel (matching
+# KERNEL_VERSION) and are loaded by /init in dependency order (their `depends=` modinfo;
+# the package ships no modules.dep, depmod makes it at install time).
+balloon_modules="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon"
+if [ ! -s "$out/modules/virtio_balloon.ko" ]; then
+  modwork=$(mktemp -d)
+  chmod 1777 "$modwork"
+  trap 'rm -rf "${work:-}" "$modwork" "$out/modules.tmp"' EXIT
+  (
+    cd "$modwork"
+    version=$(cat "$out/KERNEL_VERSION")
+    pkg="linux-image-$version"
+    apt-get download "$pkg" >apt.log 2>&1 || { apt-get update -qq && apt-get download "$pkg" >apt.log 2>&1; } \
+      || { cat apt.log >&2; exit 1; }
+    dpkg-deb -x "$pkg"_*.deb root
+    mkdir -p "$out/modules.tmp"
+    for m in $balloon_modules; do
+      ko=$(find "root/lib/modules/$version/kernel/drivers/virtio" -name "$m.ko*" | head -1)
+      [ -n "$ko" ] || { echo "build.sh: $pkg holds no drivers/virtio/$m.ko (built in?)" >&2; exit 1; }
+      case "$ko" in
+        *.xz) xz -dc "$ko" >"$out/modules.tmp/$m.ko" ;;   # busybox insmod cannot read xz
+        *.zst) zstd -dcq "$ko" >"$out/modules.tmp/$m.ko" ;;
+        *) cp "$ko" "$out/modules.tmp/$m.ko" ;;
+      esac
+    done
+  )
+  rm -rf "$out/modules"
+  mv "$out/modules.tmp" "$out/modules"
+fi
+
 # 2. memverify, static (its own target triple so host builds keep their cache).
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release -p memverify \
@@ -64,6 +98,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 echo "guest: init up, kernel $(uname -r), $(grep MemTotal /proc/meminfo)"
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_balloon; do
+  [ -f /lib/modules/$m.ko ] && { insmod /lib/modules/$m.ko || echo "guest: insmod $m failed"; }
+done
+[ -d /sys/bus/virtio/drivers/virtio_balloon ] && ls /sys/bus/virtio/drivers/virtio_balloon | grep -q virtio && echo "guest: virtio-balloon bound"
 if grep -q 'memverify.shell=1' /proc/cmdline; then
   exec setsid cttyhack sh
 fi
@@ -72,11 +110,12 @@ echo "guest: memverify exited with status $?"
 poweroff -f
 INIT
 )
-stamp=$( { sha256sum "$bin" "$busybox"; echo "$init_script"; } | sha256sum | cut -d' ' -f1)
+stamp=$( { sha256sum "$bin" "$busybox" "$out"/modules/*.ko; echo "$init_script"; } | sha256sum | cut -d' ' -f1)
 if [ ! -s "$out/initrd.gz" ] || [ "$(cat "$out/initrd.stamp" 2>/dev/null)" != "$stamp" ]; then
   root=$(mktemp -d)
-  mkdir -p "$root"/{bin,proc,sys,dev,tmp}
+  mkdir -p "$root"/{bin,proc,sys,dev,tmp,lib/modules}
   cp "$busybox" "$root/bin/busybox"
+  cp "$out"/modules/*.ko "$root/lib/modules/"
   cp "$bin" "$root/memverify"
   printf '%s\n' "$init_script" >"$root/init"
   chmod 755 "$root/init" "$root/memverify" "$root/bin/busybox"

@@ -19,6 +19,10 @@ pub struct Config {
     pub duration_secs: u64,
     /// Seed mixed into every page's content.
     pub seed: u64,
+    /// Free phase: MiB filled after the main fill and freed later (0: no free phase).
+    pub free_mib: u64,
+    /// Seconds after the main fill at which the free phase's memory is freed.
+    pub free_after_secs: u64,
 }
 
 impl Default for Config {
@@ -30,6 +34,8 @@ impl Default for Config {
             verify_secs: 10,
             duration_secs: 60,
             seed: 1,
+            free_mib: 0,
+            free_after_secs: 5,
         }
     }
 }
@@ -47,7 +53,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::UnknownKey(k) => write!(
                 f,
-                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed)"
+                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs)"
             ),
             ConfigError::BadValue { key, value } => write!(
                 f,
@@ -78,6 +84,8 @@ impl Config {
                 "verify_secs" => cfg.verify_secs = number,
                 "duration_secs" => cfg.duration_secs = number,
                 "seed" => cfg.seed = number,
+                "free_mib" => cfg.free_mib = number,
+                "free_after_secs" => cfg.free_after_secs = number,
                 other => return Err(ConfigError::UnknownKey(other.to_string())),
             }
         }
@@ -112,7 +120,15 @@ impl fmt::Display for Config {
             self.verify_secs,
             self.duration_secs,
             self.seed
-        )
+        )?;
+        if self.free_mib > 0 {
+            write!(
+                f,
+                " free_mib={} free_after_secs={}",
+                self.free_mib, self.free_after_secs
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -140,5 +156,20 @@ mod tests {
         assert!(e.to_string().contains("larger"), "{e}");
         assert!(Config::parse(["memverify.verify_secs=0"]).is_err());
         assert!(Config::parse(["memverify.mib=0"]).is_err());
+    }
+
+    #[test]
+    fn free_phase_parameters() {
+        let cfg = Config::parse(["memverify.free_mib=64", "memverify.free_after_secs=3"]).unwrap();
+        assert_eq!((cfg.free_mib, cfg.free_after_secs), (64, 3));
+        assert!(
+            cfg.to_string().contains("free_mib=64 free_after_secs=3"),
+            "{cfg}"
+        );
+        let off = Config::parse(["memverify.mib=8"]).unwrap();
+        assert_eq!(off.free_mib, 0);
+        assert!(!off.to_string().contains("free_mib"), "{off}");
+        let e = Config::parse(["memverify.free_mib=-1"]).unwrap_err();
+        assert!(e.to_string().contains("memverify.free_mib=-1"), "{e}");
     }
 }

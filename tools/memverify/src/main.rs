@@ -4,6 +4,7 @@
 //! 0 when no page was ever found bad, 1 when some were, 2 on bad parameters.
 
 mod config;
+mod free_phase;
 mod hot_pass;
 mod pattern;
 mod workload;

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::free_phase::FreePhase;
 use crate::hot_pass::HotPassClock;
 use crate::pattern::{self, Page, WORDS};
 
@@ -154,6 +155,7 @@ impl<W: Write> Workload<W> {
     pub fn run(&mut self) -> Summary {
         self.say(format!("config {}", self.cfg));
         self.fill();
+        let mut free_phase = self.start_free_phase();
         let t0 = Instant::now();
         let verify_every = Duration::from_secs(self.cfg.verify_secs);
         let end =
@@ -180,6 +182,9 @@ impl<W: Write> Workload<W> {
                     budget -= 1;
                 }
             }
+            if let Some(phase) = free_phase.as_mut().filter(|p| p.due(now)) {
+                self.finish_free_phase(phase, t0);
+            }
             if now >= next_verify {
                 passes += 1;
                 self.verify_pass(passes, t0);
@@ -192,6 +197,9 @@ impl<W: Write> Workload<W> {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(phase) = free_phase.as_mut().filter(|p| p.due(Instant::now())) {
+            self.finish_free_phase(phase, t0);
         }
         passes += 1;
         self.verify_pass(passes, t0);
@@ -212,6 +220,39 @@ impl<W: Write> Workload<W> {
         summary
     }
 
+    /// The free phase's fill (`memverify.free_mib`), when configured.
+    fn start_free_phase(&mut self) -> Option<FreePhase> {
+        if self.cfg.free_mib == 0 {
+            return None;
+        }
+        let started = Instant::now();
+        let after = Duration::from_secs(self.cfg.free_after_secs);
+        let phase = FreePhase::fill(self.cfg.free_mib, self.cfg.seed, after, started);
+        self.say(format!(
+            "free phase filled {} MiB in {:.1} s, freed in {} s",
+            phase.mib(),
+            started.elapsed().as_secs_f64(),
+            self.cfg.free_after_secs
+        ));
+        Some(phase)
+    }
+
+    /// Verify the free phase's buffer a last time and free it; bad pages count in the run's
+    /// total.
+    fn finish_free_phase(&mut self, phase: &mut FreePhase, since: Instant) {
+        let check = phase.check_and_free();
+        for line in check.details {
+            self.say(line);
+        }
+        self.bad_pages += check.bad;
+        self.say(format!(
+            "freed {} MiB t={:.1}s bad={}",
+            phase.mib(),
+            since.elapsed().as_secs_f64(),
+            check.bad
+        ));
+    }
+
     #[cfg(test)]
     fn page_mut(&mut self, index: usize) -> &mut Page {
         &mut self.pages[index]
@@ -230,7 +271,27 @@ mod tests {
             verify_secs: 1,
             duration_secs: 1,
             seed: 3,
+            ..Config::default()
         }
+    }
+
+    #[test]
+    fn free_phase_is_filled_verified_and_freed() {
+        let cfg = Config {
+            free_mib: 1,
+            free_after_secs: 0,
+            ..small()
+        };
+        let mut out = Vec::new();
+        let summary = Workload::new(cfg, &mut out).run();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(summary.bad_pages, 0, "{text}");
+        assert!(
+            text.contains("memverify: free phase filled 1 MiB"),
+            "{text}"
+        );
+        assert_eq!(text.matches("memverify: freed 1 MiB").count(), 1, "{text}");
+        assert!(text.contains("bad=0\n"), "{text}");
     }
 
     #[test]
