@@ -1,6 +1,7 @@
 //! `pagewise bench ...`: each benchmark prints a table against a baseline from the same run.
 
 pub mod evict;
+pub mod guest;
 pub mod pager;
 pub mod swapdev;
 
@@ -20,6 +21,9 @@ enum Bench {
     /// Random 4 KiB page writes/reads through a swap device vs raw io_uring on the same
     /// file at the same queue depth; lz4 ratio and speed on page mixes.
     Swapdev(swapdev::SwapdevBenchArgs),
+    /// memverify's hot-set and full pass times in a QEMU guest (TCG): plain QEMU vs under
+    /// the pager with nothing evicted vs evicted to the working set, as ratios.
+    Guest(guest::GuestBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -27,5 +31,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         Bench::Pager(a) => pager::run(a),
         Bench::Swapdev(a) => swapdev::run(a),
         Bench::Evict(a) => evict::run(a),
+        Bench::Guest(a) => guest::run(a),
     }
 }

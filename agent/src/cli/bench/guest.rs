@@ -1,0 +1,871 @@
+//! `pagewise bench guest`: memverify's hot-set pass time and full verify pass time in a real
+//! QEMU guest (TCG), in one run, as ratios against plain QEMU:
+//!
+//! - (a) plain QEMU, guest RAM in a /dev/shm file with `share=on`, no pager (the baseline);
+//! - (b) the same guest under `pagewise serve` + `pagewise vm run`, nothing evicted;
+//! - (c) the guest of (b) after `evict --auto` (or `--target-rss`): evicted to its working set.
+//!
+//! (b) and (c) are two phases of one guest: the eviction starts right after its first full
+//! pass; a (c) figure only counts a pass or a hot-set sweep that started after the eviction
+//! ended (its end seen on the serial console minus its own duration).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+
+const VM_NAME: &str = "benchguest";
+
+#[derive(clap::Args, Debug)]
+pub struct GuestBenchArgs {
+    /// memverify.mib: memory the guest fills and verifies, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// memverify.hot_mib: the hot set, rewritten continuously, in MiB.
+    #[arg(long, default_value_t = 32)]
+    hot_mib: u64,
+    /// memverify.hot_rate_mibs: hot-set rewrite rate (one sweep takes hot_mib/rate s).
+    #[arg(long, default_value_t = 8)]
+    hot_rate_mibs: u64,
+    /// memverify.verify_secs: seconds between full verify passes.
+    #[arg(long, default_value_t = 10)]
+    verify_secs: u64,
+    /// memverify.duration_secs: seconds each guest runs after its fill.
+    #[arg(long, default_value_t = 30)]
+    duration_secs: u64,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    ram_mib: u64,
+    /// Eviction goal of phase (c): `auto` (working-set estimate + 10%) or a resident size
+    /// (e.g. 48M) passed as --target-rss.
+    #[arg(long, default_value = "auto")]
+    evict: String,
+    /// Directory holding vmlinuz and initrd.gz [default: build them with
+    /// tools/guest/build.sh into <repo>/lab/guest, the repo found above the current directory
+    /// or the pagewise binary].
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+    /// Where the work directory (swap device, logs) is created.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Keep the work directory (serial logs, daemon log).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// A child process (QEMU, `pagewise serve`) killed and reaped on drop, whatever the exit path.
+struct ChildGuard {
+    child: Child,
+    name: &'static str,
+}
+
+impl ChildGuard {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name} ({cmd:?})"))?;
+        Ok(Self { child, name })
+    }
+
+    /// Fails when the process has exited (with its log's tail), else Ok.
+    fn check_alive(&mut self, log: &Path) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early ({status}): {}", self.name, tail(log));
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest's RAM file in /dev/shm, removed on drop.
+struct ShmFile(PathBuf);
+
+impl ShmFile {
+    fn new(tag: &str) -> Self {
+        let path = PathBuf::from(format!(
+            "/dev/shm/pagewise-bench-guest-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    /// Resident bytes (allocated blocks) of the RAM file.
+    fn resident_bytes(&self) -> u64 {
+        std::fs::metadata(&self.0).map_or(0, |m| m.blocks() * 512)
+    }
+}
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// One memverify line of interest, parsed.
+#[derive(Debug, Clone, PartialEq)]
+enum GuestLine {
+    /// `memverify: pass N ... pass_ms=X`
+    Pass { pass: u64, ms: f64 },
+    /// `memverify: hot pass N pages=P hot_pass_ms=B wall_ms=W`
+    HotPass {
+        pass: u64,
+        busy_ms: f64,
+        wall_ms: f64,
+    },
+    /// `memverify: DONE ... bad_pages=B ... RESULT=R`
+    Done { bad_pages: u64, pass: bool },
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+fn parse_line(line: &str) -> Option<GuestLine> {
+    let rest = line.trim_end_matches('\r').split("memverify: ").nth(1)?;
+    let number = |s: &str| s.split_whitespace().next()?.parse::<u64>().ok();
+    if let Some(r) = rest.strip_prefix("hot pass ") {
+        return Some(GuestLine::HotPass {
+            pass: number(r)?,
+            busy_ms: field(r, "hot_pass_ms")?,
+            wall_ms: field(r, "wall_ms")?,
+        });
+    }
+    if let Some(r) = rest.strip_prefix("pass ") {
+        return Some(GuestLine::Pass {
+            pass: number(r)?,
+            ms: field(r, "pass_ms")?,
+        });
+    }
+    if rest.starts_with("DONE ") {
+        return Some(GuestLine::Done {
+            bad_pages: field(rest, "bad_pages")? as u64,
+            pass: rest.contains("RESULT=PASS"),
+        });
+    }
+    None
+}
+
+/// The serial console log, read as it grows; every parsed line keeps the host time at which
+/// it was first seen.
+struct SerialLog {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    lines: Vec<(Instant, GuestLine)>,
+}
+
+impl SerialLog {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self) -> anyhow::Result<()> {
+        let Ok(mut f) = File::open(&self.path) else {
+            return Ok(()); // QEMU has not created it yet
+        };
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let now = Instant::now();
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            if let Some(parsed) = parse_line(&line) {
+                self.lines.push((now, parsed));
+            }
+        }
+        Ok(())
+    }
+
+    /// Poll until `found` picks something from the lines, the guest dies or `limit` passes.
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        qemu: &mut ChildGuard,
+        qemu_log: &Path,
+        mut found: impl FnMut(&[(Instant, GuestLine)]) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.poll()?;
+            if let Some(t) = found(&self.lines) {
+                return Ok(t);
+            }
+            if let Err(e) = qemu.check_alive(qemu_log) {
+                return Err(e.context(format!(
+                    "waiting for {what}; guest console:\n{}",
+                    tail(&self.path)
+                )));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what} did not appear on the guest console within {limit:?}:\n{}",
+                    tail(&self.path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| {
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    })
+}
+
+/// Passes and hot sweeps of one phase.
+#[derive(Debug, Default, Clone)]
+struct PhaseTimes {
+    full_ms: Vec<f64>,
+    hot_ms: Vec<f64>,
+}
+
+impl PhaseTimes {
+    fn from_lines<'a>(lines: impl Iterator<Item = &'a GuestLine>) -> Self {
+        let mut t = Self::default();
+        for l in lines {
+            match l {
+                GuestLine::Pass { ms, .. } => t.full_ms.push(*ms),
+                GuestLine::HotPass { busy_ms, .. } => t.hot_ms.push(*busy_ms),
+                GuestLine::Done { .. } => {}
+            }
+        }
+        t
+    }
+}
+
+fn done_of(lines: &[(Instant, GuestLine)]) -> Option<(u64, bool)> {
+    lines.iter().find_map(|(_, l)| match l {
+        GuestLine::Done { bad_pages, pass } => Some((*bad_pages, *pass)),
+        _ => None,
+    })
+}
+
+struct Setup {
+    work: tempfile::TempDir,
+    pagewise: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    boot_limit: Duration,
+    run_limit: Duration,
+}
+
+fn find_repo() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok();
+    let exe = std::env::current_exe().ok();
+    [cwd, exe]
+        .into_iter()
+        .flatten()
+        .flat_map(|start| start.ancestors().map(Path::to_path_buf).collect::<Vec<_>>())
+        .find(|d| d.join("tools/guest/build.sh").is_file())
+}
+
+fn guest_image(args: &GuestBenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = match &args.guest_dir {
+        Some(d) => d.clone(),
+        None => {
+            let repo = find_repo().ok_or_else(|| {
+                anyhow!(
+                    "cannot find tools/guest/build.sh above the current directory or the \
+                     pagewise binary: run from the pagewise repository or pass --guest-dir DIR \
+                     (with vmlinuz and initrd.gz from tools/guest/build.sh)"
+                )
+            })?;
+            let out = repo.join("lab/guest");
+            eprintln!(
+                "building the guest (tools/guest/build.sh, cached in {})",
+                out.display()
+            );
+            let status = Command::new("bash")
+                .arg(repo.join("tools/guest/build.sh"))
+                .arg(&out)
+                .status()
+                .context("running tools/guest/build.sh")?;
+            if !status.success() {
+                bail!("tools/guest/build.sh failed ({status})");
+            }
+            out
+        }
+    };
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.gz"));
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            bail!(
+                "{} missing: build the guest with tools/guest/build.sh",
+                f.display()
+            );
+        }
+    }
+    Ok((kernel, initrd))
+}
+
+fn qemu_args(a: &GuestBenchArgs, s: &Setup, mem: &Path, serial: &Path) -> Vec<String> {
+    let append = format!(
+        "console=ttyS0 quiet panic=-1 memverify.mib={} memverify.hot_mib={} \
+         memverify.hot_rate_mibs={} memverify.verify_secs={} memverify.duration_secs={}",
+        a.mib, a.hot_mib, a.hot_rate_mibs, a.verify_secs, a.duration_secs
+    );
+    let ram = a.ram_mib;
+    [
+        "-accel",
+        "tcg",
+        "-m",
+        &format!("{ram}M"),
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem,size={ram}M,mem-path={},share=on",
+            mem.display()
+        ),
+        "-machine",
+        "q35,memory-backend=mem",
+        "-kernel",
+        &s.kernel.display().to_string(),
+        "-initrd",
+        &s.initrd.display().to_string(),
+        "-append",
+        &append,
+        "-display",
+        "none",
+        "-serial",
+        &format!("file:{}", serial.display()),
+        "-no-reboot",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Wait for the guest's DONE line and its exit; fail on bad pages.
+fn finish_guest(
+    serial: &mut SerialLog,
+    qemu: &mut ChildGuard,
+    qemu_log: &Path,
+    limit: Duration,
+    label: &str,
+) -> anyhow::Result<()> {
+    let (bad, pass) = serial.wait_for("memverify: DONE", limit, qemu, qemu_log, done_of)?;
+    qemu.wait_exit(Duration::from_secs(30))?;
+    if bad > 0 || !pass {
+        bail!(
+            "guest {label}: memverify found {bad} bad pages:\n{}",
+            tail(&serial.path)
+        );
+    }
+    Ok(())
+}
+
+fn phase_plain(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PhaseTimes> {
+    let mem = ShmFile::new("plain");
+    let serial_path = s.work.path().join("plain.serial");
+    let log = s.work.path().join("plain.qemu.log");
+    eprintln!(
+        "(a) plain QEMU, RAM in {} (share=on), no pager",
+        mem.0.display()
+    );
+    let mut qemu = ChildGuard::spawn(
+        "qemu (plain)",
+        Command::new("qemu-system-x86_64").args(qemu_args(a, s, &mem.0, &serial_path)),
+        &log,
+    )?;
+    let mut serial = SerialLog::new(serial_path);
+    finish_guest(
+        &mut serial,
+        &mut qemu,
+        &log,
+        s.boot_limit + s.run_limit,
+        "(a)",
+    )?;
+    Ok(PhaseTimes::from_lines(serial.lines.iter().map(|(_, l)| l)))
+}
+
+/// What phases (b) and (c) measured, plus the daemon's figures.
+struct PagerRun {
+    nothing_evicted: PhaseTimes,
+    /// The first full pass and the first hot sweep that started after the eviction ended.
+    first_after: PhaseTimes,
+    /// Later ones (the refaulted pages are resident again).
+    later_after: PhaseTimes,
+    stats_before: Value,
+    stats_after_evict: Value,
+    stats_end: Value,
+    evict_report: Value,
+    resident_before: u64,
+    resident_after: u64,
+}
+
+fn control(socket: &Path, req: &Value) -> anyhow::Result<Value> {
+    pager::server::control::request(socket, req)
+        .map_err(|e| anyhow!("control request {req} to {}: {e}", socket.display()))
+}
+
+fn evict_request(goal: &str) -> anyhow::Result<Value> {
+    let mut req = json!({"cmd": "evict", "vm": VM_NAME});
+    if goal == "auto" {
+        req["auto"] = json!(true);
+        req["margin_percent"] = json!(10);
+    } else {
+        let bytes = crate::cli::evict::parse_size(goal)
+            .map_err(|e| anyhow!("--evict: {e} (or use auto)"))?;
+        req["target_rss_bytes"] = json!(bytes);
+    }
+    Ok(req)
+}
+
+/// Run the eviction through the daemon's control socket and wait (bounded) for its report.
+fn evict(socket: &Path, goal: &str, limit: Duration) -> anyhow::Result<Value> {
+    control(socket, &evict_request(goal)?)?;
+    let deadline = Instant::now() + limit;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let st = control(socket, &json!({"cmd": "evict_status", "vm": VM_NAME}))?;
+        if !st.get("running").and_then(Value::as_bool).unwrap_or(false) {
+            if let Some(err) = st.get("error").and_then(Value::as_str) {
+                bail!("the eviction failed: {err}");
+            }
+            return Ok(st.get("report").cloned().unwrap_or(Value::Null));
+        }
+        if Instant::now() > deadline {
+            let _ = control(socket, &json!({"cmd": "evict_cancel", "vm": VM_NAME}));
+            bail!("the eviction did not finish within {limit:?}");
+        }
+    }
+}
+
+fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
+    let dir = s.work.path();
+    let socket = dir.join("pager.sock");
+    let serve_log = dir.join("serve.log");
+    run_checked(
+        Command::new(&s.pagewise)
+            .args(["swapdev", "create"])
+            .arg(dir.join(format!("{VM_NAME}.swap")))
+            .args(["--size", &(a.ram_mib << 20).to_string()]),
+    )?;
+    let mut serve = ChildGuard::spawn(
+        "pagewise serve",
+        Command::new(&s.pagewise)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--swapdev-dir")
+            .arg(dir),
+        &serve_log,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&serve_log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        serve.check_alive(&serve_log)?;
+        if Instant::now() > deadline {
+            bail!(
+                "pagewise serve did not start listening within 15 s: {}",
+                tail(&serve_log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats_socket = crate::cli::serve::default_stats_socket(&socket);
+
+    let mem = ShmFile::new("pager");
+    let serial_path = dir.join("pager.serial");
+    let log = dir.join("pager.qemu.log");
+    eprintln!(
+        "(b) QEMU under pagewise serve + pagewise vm run (swap device in {})",
+        dir.display()
+    );
+    let mut qemu = ChildGuard::spawn(
+        "qemu (pagewise vm run)",
+        Command::new(&s.pagewise)
+            .args(["vm", "run", "--socket"])
+            .arg(&socket)
+            .args(["--name", VM_NAME, "--", "qemu-system-x86_64"])
+            .args(qemu_args(a, s, &mem.0, &serial_path)),
+        &log,
+    )?;
+    let mut serial = SerialLog::new(serial_path);
+    serial.wait_for(
+        "the first full pass and hot sweep",
+        s.boot_limit + Duration::from_secs(a.verify_secs * 2 + 30),
+        &mut qemu,
+        &log,
+        |lines| {
+            let pass = lines
+                .iter()
+                .any(|(_, l)| matches!(l, GuestLine::Pass { .. }));
+            let hot = lines
+                .iter()
+                .any(|(_, l)| matches!(l, GuestLine::HotPass { .. }));
+            (pass && hot).then_some(())
+        },
+    )?;
+    let split = serial.lines.len();
+    let stats_before = control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME}))?;
+    let resident_before = mem.resident_bytes();
+    eprintln!("(c) evicting ({})", a.evict);
+    let evict_report = evict(&stats_socket, &a.evict, Duration::from_secs(120))?;
+    let evict_end = Instant::now();
+    let stats_after_evict = control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME}))?;
+    let resident_after = mem.resident_bytes();
+    // Lines whose pass (or sweep) started after the eviction ended.
+    let started_after = |seen: Instant, ms: f64| {
+        seen.checked_sub(Duration::from_secs_f64(ms / 1e3))
+            .is_some_and(|start| start > evict_end)
+    };
+    let first_index = |lines: &[(Instant, GuestLine)], hot: bool| {
+        lines.iter().position(|(seen, l)| match l {
+            GuestLine::Pass { ms, .. } if !hot => started_after(*seen, *ms),
+            GuestLine::HotPass { wall_ms, .. } if hot => started_after(*seen, *wall_ms),
+            _ => false,
+        })
+    };
+    let (first_full, first_hot) = serial.wait_for(
+        "a full pass and a hot sweep started after the eviction",
+        Duration::from_secs(a.duration_secs + 60),
+        &mut qemu,
+        &log,
+        |lines| Some((first_index(lines, false)?, first_index(lines, true)?)),
+    )?;
+    let run_limit = Duration::from_secs(a.duration_secs + 60);
+    serial.wait_for("memverify: DONE", run_limit, &mut qemu, &log, done_of)?;
+    // Right at DONE, before QEMU powers off (the daemon forgets a VM whose QEMU exited).
+    let stats_end =
+        control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME})).unwrap_or(Value::Null);
+    finish_guest(&mut serial, &mut qemu, &log, run_limit, "(b)/(c)")?;
+    drop(qemu);
+    drop(serve);
+
+    let lines: Vec<&GuestLine> = serial.lines.iter().map(|(_, l)| l).collect();
+    let mut first_after = PhaseTimes::default();
+    let mut later_after = PhaseTimes::default();
+    for (i, l) in lines.iter().enumerate() {
+        match l {
+            GuestLine::Pass { ms, .. } if i == first_full => first_after.full_ms.push(*ms),
+            GuestLine::Pass { ms, .. } if i > first_full => later_after.full_ms.push(*ms),
+            GuestLine::HotPass { busy_ms, .. } if i == first_hot => {
+                first_after.hot_ms.push(*busy_ms)
+            }
+            GuestLine::HotPass { busy_ms, .. } if i > first_hot => {
+                later_after.hot_ms.push(*busy_ms)
+            }
+            _ => {}
+        }
+    }
+    Ok(PagerRun {
+        nothing_evicted: PhaseTimes::from_lines(lines[..split].iter().copied()),
+        first_after,
+        later_after,
+        stats_before,
+        stats_after_evict,
+        stats_end,
+        evict_report,
+        resident_before,
+        resident_after,
+    })
+}
+
+fn metric(stats: &Value, key: &str) -> u64 {
+    stats
+        .pointer(&format!("/vms/0/metrics/{key}"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}"))
+}
+
+fn fmt_ratio(v: Option<f64>, base: Option<f64>) -> String {
+    match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(a: &GuestBenchArgs, plain: &PhaseTimes, r: &PagerRun) {
+    let base_hot = median(plain.hot_ms.clone());
+    let base_full = median(plain.full_ms.clone());
+    println!();
+    println!(
+        "pagewise bench guest: memverify {} MiB, hot set {} MiB at {} MiB/s, full pass every \
+         {} s, {} s per guest; {} MiB guest, TCG",
+        a.mib, a.hot_mib, a.hot_rate_mibs, a.verify_secs, a.duration_secs, a.ram_mib
+    );
+    println!(
+        "{:<44} {:>11} {:>7} {:>12} {:>7} {:>9}",
+        "phase", "hot pass ms", "vs (a)", "full pass ms", "vs (a)", "samples"
+    );
+    let rows = [
+        ("(a) plain QEMU, no pager (median)", plain),
+        ("(b) pager, nothing evicted (median)", &r.nothing_evicted),
+        ("(c) pager, evicted: first pass after", &r.first_after),
+        ("(c') pager, evicted: later passes (median)", &r.later_after),
+    ];
+    for (label, t) in rows {
+        let (hot, full) = (median(t.hot_ms.clone()), median(t.full_ms.clone()));
+        println!(
+            "{:<44} {:>11} {:>7} {:>12} {:>7} {:>9}",
+            label,
+            fmt_ms(hot),
+            fmt_ratio(hot, base_hot),
+            fmt_ms(full),
+            fmt_ratio(full, base_full),
+            format!("{}/{}", t.hot_ms.len(), t.full_ms.len())
+        );
+    }
+    println!(
+        "hot pass: guest time inside the check+rewrite of every hot page once (memverify \
+         'hot pass' hot_pass_ms); full pass: memverify pass_ms; samples: hot/full"
+    );
+
+    let page = r
+        .stats_before
+        .pointer("/vms/0/page_size")
+        .and_then(Value::as_u64)
+        .unwrap_or(4096);
+    let mib = |pages: u64| (pages * page) as f64 / (1 << 20) as f64;
+    let p = |k: &str| {
+        r.evict_report
+            .pointer(&format!("/progress/{k}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    println!();
+    println!(
+        "eviction ({}): {} pages ({:.1} MiB) + {} zero pages in {} ms ({:.0} MB/s), {} skipped, \
+         {} abandoned; working-set estimate before: {} pages ({:.1} MiB)",
+        a.evict,
+        p("evicted"),
+        mib(p("evicted")),
+        p("zero"),
+        r.evict_report
+            .get("elapsed_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        r.evict_report
+            .get("mb_per_s")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        p("skipped"),
+        p("abandoned"),
+        r.stats_before
+            .pointer("/vms/0/eviction/wss/wss_pages")
+            .and_then(Value::as_u64)
+            .map_or("-".into(), |w| w.to_string()),
+        r.stats_before
+            .pointer("/vms/0/eviction/wss/wss_pages")
+            .and_then(Value::as_u64)
+            .map_or(0.0, mib),
+    );
+    println!(
+        "guest RAM file resident: {:.1} MiB before, {:.1} MiB after the eviction",
+        r.resident_before as f64 / (1 << 20) as f64,
+        r.resident_after as f64 / (1 << 20) as f64
+    );
+    println!(
+        "{:<36} {:>10} {:>10} {:>12} {:>11}",
+        "daemon faults", "faults", "wp_faults", "from device", "prefetched"
+    );
+    let keys = [
+        "faults",
+        "wp_faults",
+        "faults_to_source",
+        "pages_prefetched",
+    ];
+    let row = |label: &str, to: &Value, from: Option<&Value>| {
+        let d: Vec<u64> = keys
+            .iter()
+            .map(|k| metric(to, k).saturating_sub(from.map_or(0, |f| metric(f, k))))
+            .collect();
+        println!(
+            "{:<36} {:>10} {:>10} {:>12} {:>11}",
+            label, d[0], d[1], d[2], d[3]
+        );
+    };
+    row("(b) attach .. eviction start", &r.stats_before, None);
+    if r.stats_end.is_null() {
+        println!("(c) after the eviction: - (the daemon dropped the VM when QEMU exited)");
+    } else {
+        row(
+            "(c) eviction end .. guest done",
+            &r.stats_end,
+            Some(&r.stats_after_evict),
+        );
+    }
+}
+
+pub fn run(a: GuestBenchArgs) -> anyhow::Result<ExitCode> {
+    if a.hot_mib == 0 || a.hot_rate_mibs == 0 || a.hot_mib > a.mib {
+        bail!("--hot-mib must be between 1 and --mib, and --hot-rate-mibs at least 1");
+    }
+    if a.mib + 128 > a.ram_mib {
+        bail!(
+            "--ram-mib {} leaves less than 128 MiB beside --mib {} for the guest kernel",
+            a.ram_mib,
+            a.mib
+        );
+    }
+    let sweep_secs = a.hot_mib.div_ceil(a.hot_rate_mibs);
+    if a.duration_secs < a.verify_secs * 2 + 2 * sweep_secs {
+        bail!(
+            "--duration-secs {} is too short: the guest must run a full pass after the first \
+             one and two hot-set sweeps ({} s each) after the eviction; use at least {}",
+            a.duration_secs,
+            sweep_secs,
+            a.verify_secs * 2 + 2 * sweep_secs
+        );
+    }
+    evict_request(&a.evict)?;
+    let (kernel, initrd) = guest_image(&a)?;
+    let work = tempfile::Builder::new()
+        .prefix("pagewise-bench-guest-")
+        .tempdir_in(&a.dir)
+        .with_context(|| format!("creating a work directory in {}", a.dir.display()))?;
+    let setup = Setup {
+        work,
+        pagewise: std::env::current_exe().context("locating the pagewise binary")?,
+        kernel,
+        initrd,
+        boot_limit: Duration::from_secs(150),
+        run_limit: Duration::from_secs(a.duration_secs + 60),
+    };
+    let started = Instant::now();
+    let result = phase_plain(&a, &setup).and_then(|plain| Ok((plain, phase_pager(&a, &setup)?)));
+    if a.keep {
+        let kept = setup.work.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    let (plain, pager_run) = result?;
+    print_table(&a, &plain, &pager_run);
+    println!("run time {:.0} s", started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_memverify_lines() {
+        assert_eq!(
+            parse_line(
+                "memverify: pass 3 t=30.0s pages=65536 bad=0 hot_rewrites=61440 pass_ms=412\r\n"
+            ),
+            Some(GuestLine::Pass { pass: 3, ms: 412.0 })
+        );
+        assert_eq!(
+            parse_line("[ 12.3] memverify: hot pass 2 pages=8192 hot_pass_ms=181.5 wall_ms=4003"),
+            Some(GuestLine::HotPass {
+                pass: 2,
+                busy_ms: 181.5,
+                wall_ms: 4003.0
+            })
+        );
+        assert_eq!(
+            parse_line("memverify: DONE passes=4 bad_pages=0 hot_rewrites=9 rewrites_skipped=0 RESULT=PASS"),
+            Some(GuestLine::Done {
+                bad_pages: 0,
+                pass: true
+            })
+        );
+        assert_eq!(
+            parse_line("memverify: DONE passes=4 bad_pages=7 hot_rewrites=9 rewrites_skipped=0 RESULT=FAIL"),
+            Some(GuestLine::Done {
+                bad_pages: 7,
+                pass: false
+            })
+        );
+        assert_eq!(parse_line("memverify: filled 256 MiB in 0.9 s"), None);
+        assert_eq!(
+            parse_line("memverify: pass 3 t=1s pages=1 bad=0"),
+            None,
+            "no pass_ms"
+        );
+        assert_eq!(parse_line("guest: init up"), None);
+    }
+
+    #[test]
+    fn medians_and_ratios() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(fmt_ratio(Some(3.0), Some(2.0)), "1.50");
+        assert_eq!(fmt_ratio(Some(3.0), None), "-");
+    }
+
+    #[test]
+    fn eviction_goal_is_checked() {
+        assert_eq!(evict_request("auto").unwrap()["auto"], json!(true));
+        assert_eq!(
+            evict_request("48M").unwrap()["target_rss_bytes"],
+            json!(48u64 << 20)
+        );
+        assert!(evict_request("lots")
+            .unwrap_err()
+            .to_string()
+            .contains("--evict"));
+    }
+}
