@@ -9,15 +9,20 @@
 //! pass; a (c) figure only counts a pass or a hot-set sweep that started after the eviction
 //! ended (its end seen on the serial console minus its own duration).
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
+
+mod procs;
+mod report;
+mod serial;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
+
+use procs::{run_checked, tail, ChildGuard, ShmFile};
+use report::{print_table, PagerRun, PhaseTimes};
+use serial::{done_of, GuestLine, SerialLog};
 
 const VM_NAME: &str = "benchguest";
 
@@ -56,242 +61,6 @@ pub struct GuestBenchArgs {
     /// Keep the work directory (serial logs, daemon log).
     #[arg(long)]
     keep: bool,
-}
-
-/// A child process (QEMU, `pagewise serve`) killed and reaped on drop, whatever the exit path.
-struct ChildGuard {
-    child: Child,
-    name: &'static str,
-}
-
-impl ChildGuard {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        Ok(Self { child, name })
-    }
-
-    /// Fails when the process has exited (with its log's tail), else Ok.
-    fn check_alive(&mut self, log: &Path) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early ({status}): {}", self.name, tail(log));
-        }
-        Ok(())
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// The guest's RAM file in /dev/shm, removed on drop.
-struct ShmFile(PathBuf);
-
-impl ShmFile {
-    fn new(tag: &str) -> Self {
-        let path = PathBuf::from(format!(
-            "/dev/shm/pagewise-bench-guest-{}-{tag}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        Self(path)
-    }
-
-    /// Resident bytes (allocated blocks) of the RAM file.
-    fn resident_bytes(&self) -> u64 {
-        std::fs::metadata(&self.0).map_or(0, |m| m.blocks() * 512)
-    }
-}
-
-impl Drop for ShmFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// One memverify line of interest, parsed.
-#[derive(Debug, Clone, PartialEq)]
-enum GuestLine {
-    /// `memverify: pass N ... pass_ms=X`
-    Pass { pass: u64, ms: f64 },
-    /// `memverify: hot pass N pages=P hot_pass_ms=B wall_ms=W`
-    HotPass {
-        pass: u64,
-        busy_ms: f64,
-        wall_ms: f64,
-    },
-    /// `memverify: DONE ... bad_pages=B ... RESULT=R`
-    Done { bad_pages: u64, pass: bool },
-}
-
-fn field(line: &str, key: &str) -> Option<f64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
-fn parse_line(line: &str) -> Option<GuestLine> {
-    let rest = line.trim_end_matches('\r').split("memverify: ").nth(1)?;
-    let number = |s: &str| s.split_whitespace().next()?.parse::<u64>().ok();
-    if let Some(r) = rest.strip_prefix("hot pass ") {
-        return Some(GuestLine::HotPass {
-            pass: number(r)?,
-            busy_ms: field(r, "hot_pass_ms")?,
-            wall_ms: field(r, "wall_ms")?,
-        });
-    }
-    if let Some(r) = rest.strip_prefix("pass ") {
-        return Some(GuestLine::Pass {
-            pass: number(r)?,
-            ms: field(r, "pass_ms")?,
-        });
-    }
-    if rest.starts_with("DONE ") {
-        return Some(GuestLine::Done {
-            bad_pages: field(rest, "bad_pages")? as u64,
-            pass: rest.contains("RESULT=PASS"),
-        });
-    }
-    None
-}
-
-/// The serial console log, read as it grows; every parsed line keeps the host time at which
-/// it was first seen.
-struct SerialLog {
-    path: PathBuf,
-    offset: u64,
-    partial: String,
-    lines: Vec<(Instant, GuestLine)>,
-}
-
-impl SerialLog {
-    fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            offset: 0,
-            partial: String::new(),
-            lines: Vec::new(),
-        }
-    }
-
-    fn poll(&mut self) -> anyhow::Result<()> {
-        let Ok(mut f) = File::open(&self.path) else {
-            return Ok(()); // QEMU has not created it yet
-        };
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        self.offset += buf.len() as u64;
-        self.partial.push_str(&String::from_utf8_lossy(&buf));
-        let now = Instant::now();
-        while let Some(end) = self.partial.find('\n') {
-            let line: String = self.partial.drain(..=end).collect();
-            if let Some(parsed) = parse_line(&line) {
-                self.lines.push((now, parsed));
-            }
-        }
-        Ok(())
-    }
-
-    /// Poll until `found` picks something from the lines, the guest dies or `limit` passes.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        qemu: &mut ChildGuard,
-        qemu_log: &Path,
-        mut found: impl FnMut(&[(Instant, GuestLine)]) -> Option<T>,
-    ) -> anyhow::Result<T> {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.poll()?;
-            if let Some(t) = found(&self.lines) {
-                return Ok(t);
-            }
-            if let Err(e) = qemu.check_alive(qemu_log) {
-                return Err(e.context(format!(
-                    "waiting for {what}; guest console:\n{}",
-                    tail(&self.path)
-                )));
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{what} did not appear on the guest console within {limit:?}:\n{}",
-                    tail(&self.path)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    (n > 0).then(|| {
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    })
-}
-
-/// Passes and hot sweeps of one phase.
-#[derive(Debug, Default, Clone)]
-struct PhaseTimes {
-    full_ms: Vec<f64>,
-    hot_ms: Vec<f64>,
-}
-
-impl PhaseTimes {
-    fn from_lines<'a>(lines: impl Iterator<Item = &'a GuestLine>) -> Self {
-        let mut t = Self::default();
-        for l in lines {
-            match l {
-                GuestLine::Pass { ms, .. } => t.full_ms.push(*ms),
-                GuestLine::HotPass { busy_ms, .. } => t.hot_ms.push(*busy_ms),
-                GuestLine::Done { .. } => {}
-            }
-        }
-        t
-    }
-}
-
-fn done_of(lines: &[(Instant, GuestLine)]) -> Option<(u64, bool)> {
-    lines.iter().find_map(|(_, l)| match l {
-        GuestLine::Done { bad_pages, pass } => Some((*bad_pages, *pass)),
-        _ => None,
-    })
 }
 
 struct Setup {
@@ -430,21 +199,6 @@ fn phase_plain(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PhaseTimes> {
     Ok(PhaseTimes::from_lines(serial.lines.iter().map(|(_, l)| l)))
 }
 
-/// What phases (b) and (c) measured, plus the daemon's figures.
-struct PagerRun {
-    nothing_evicted: PhaseTimes,
-    /// The first full pass and the first hot sweep that started after the eviction ended.
-    first_after: PhaseTimes,
-    /// Later ones (the refaulted pages are resident again).
-    later_after: PhaseTimes,
-    stats_before: Value,
-    stats_after_evict: Value,
-    stats_end: Value,
-    evict_report: Value,
-    resident_before: u64,
-    resident_after: u64,
-}
-
 fn control(socket: &Path, req: &Value) -> anyhow::Result<Value> {
     pager::server::control::request(socket, req)
         .map_err(|e| anyhow!("control request {req} to {}: {e}", socket.display()))
@@ -481,18 +235,6 @@ fn evict(socket: &Path, goal: &str, limit: Duration) -> anyhow::Result<Value> {
             bail!("the eviction did not finish within {limit:?}");
         }
     }
-}
-
-fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
@@ -627,136 +369,6 @@ fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
     })
 }
 
-fn metric(stats: &Value, key: &str) -> u64 {
-    stats
-        .pointer(&format!("/vms/0/metrics/{key}"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-}
-
-fn fmt_ms(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.1}"))
-}
-
-fn fmt_ratio(v: Option<f64>, base: Option<f64>) -> String {
-    match (v, base) {
-        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
-        _ => "-".into(),
-    }
-}
-
-fn print_table(a: &GuestBenchArgs, plain: &PhaseTimes, r: &PagerRun) {
-    let base_hot = median(plain.hot_ms.clone());
-    let base_full = median(plain.full_ms.clone());
-    println!();
-    println!(
-        "pagewise bench guest: memverify {} MiB, hot set {} MiB at {} MiB/s, full pass every \
-         {} s, {} s per guest; {} MiB guest, TCG",
-        a.mib, a.hot_mib, a.hot_rate_mibs, a.verify_secs, a.duration_secs, a.ram_mib
-    );
-    println!(
-        "{:<44} {:>11} {:>7} {:>12} {:>7} {:>9}",
-        "phase", "hot pass ms", "vs (a)", "full pass ms", "vs (a)", "samples"
-    );
-    let rows = [
-        ("(a) plain QEMU, no pager (median)", plain),
-        ("(b) pager, nothing evicted (median)", &r.nothing_evicted),
-        ("(c) pager, evicted: first pass after", &r.first_after),
-        ("(c') pager, evicted: later passes (median)", &r.later_after),
-    ];
-    for (label, t) in rows {
-        let (hot, full) = (median(t.hot_ms.clone()), median(t.full_ms.clone()));
-        println!(
-            "{:<44} {:>11} {:>7} {:>12} {:>7} {:>9}",
-            label,
-            fmt_ms(hot),
-            fmt_ratio(hot, base_hot),
-            fmt_ms(full),
-            fmt_ratio(full, base_full),
-            format!("{}/{}", t.hot_ms.len(), t.full_ms.len())
-        );
-    }
-    println!(
-        "hot pass: guest time inside the check+rewrite of every hot page once (memverify \
-         'hot pass' hot_pass_ms); full pass: memverify pass_ms; samples: hot/full"
-    );
-
-    let page = r
-        .stats_before
-        .pointer("/vms/0/page_size")
-        .and_then(Value::as_u64)
-        .unwrap_or(4096);
-    let mib = |pages: u64| (pages * page) as f64 / (1 << 20) as f64;
-    let p = |k: &str| {
-        r.evict_report
-            .pointer(&format!("/progress/{k}"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    };
-    println!();
-    println!(
-        "eviction ({}): {} pages ({:.1} MiB) + {} zero pages in {} ms ({:.0} MB/s), {} skipped, \
-         {} abandoned; working-set estimate before: {} pages ({:.1} MiB)",
-        a.evict,
-        p("evicted"),
-        mib(p("evicted")),
-        p("zero"),
-        r.evict_report
-            .get("elapsed_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        r.evict_report
-            .get("mb_per_s")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
-        p("skipped"),
-        p("abandoned"),
-        r.stats_before
-            .pointer("/vms/0/eviction/wss/wss_pages")
-            .and_then(Value::as_u64)
-            .map_or("-".into(), |w| w.to_string()),
-        r.stats_before
-            .pointer("/vms/0/eviction/wss/wss_pages")
-            .and_then(Value::as_u64)
-            .map_or(0.0, mib),
-    );
-    println!(
-        "guest RAM file resident: {:.1} MiB before, {:.1} MiB after the eviction",
-        r.resident_before as f64 / (1 << 20) as f64,
-        r.resident_after as f64 / (1 << 20) as f64
-    );
-    println!(
-        "{:<36} {:>10} {:>10} {:>12} {:>11}",
-        "daemon faults", "faults", "wp_faults", "from device", "prefetched"
-    );
-    let keys = [
-        "faults",
-        "wp_faults",
-        "faults_to_source",
-        "pages_prefetched",
-    ];
-    let row = |label: &str, to: &Value, from: Option<&Value>| {
-        let d: Vec<u64> = keys
-            .iter()
-            .map(|k| metric(to, k).saturating_sub(from.map_or(0, |f| metric(f, k))))
-            .collect();
-        println!(
-            "{:<36} {:>10} {:>10} {:>12} {:>11}",
-            label, d[0], d[1], d[2], d[3]
-        );
-    };
-    row("(b) attach .. eviction start", &r.stats_before, None);
-    if r.stats_end.is_null() {
-        println!("(c) after the eviction: - (the daemon dropped the VM when QEMU exited)");
-    } else {
-        row(
-            "(c) eviction end .. guest done",
-            &r.stats_end,
-            Some(&r.stats_after_evict),
-        );
-    }
-}
-
 pub fn run(a: GuestBenchArgs) -> anyhow::Result<ExitCode> {
     if a.hot_mib == 0 || a.hot_rate_mibs == 0 || a.hot_mib > a.mib {
         bail!("--hot-mib must be between 1 and --mib, and --hot-rate-mibs at least 1");
@@ -807,54 +419,6 @@ pub fn run(a: GuestBenchArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_memverify_lines() {
-        assert_eq!(
-            parse_line(
-                "memverify: pass 3 t=30.0s pages=65536 bad=0 hot_rewrites=61440 pass_ms=412\r\n"
-            ),
-            Some(GuestLine::Pass { pass: 3, ms: 412.0 })
-        );
-        assert_eq!(
-            parse_line("[ 12.3] memverify: hot pass 2 pages=8192 hot_pass_ms=181.5 wall_ms=4003"),
-            Some(GuestLine::HotPass {
-                pass: 2,
-                busy_ms: 181.5,
-                wall_ms: 4003.0
-            })
-        );
-        assert_eq!(
-            parse_line("memverify: DONE passes=4 bad_pages=0 hot_rewrites=9 rewrites_skipped=0 RESULT=PASS"),
-            Some(GuestLine::Done {
-                bad_pages: 0,
-                pass: true
-            })
-        );
-        assert_eq!(
-            parse_line("memverify: DONE passes=4 bad_pages=7 hot_rewrites=9 rewrites_skipped=0 RESULT=FAIL"),
-            Some(GuestLine::Done {
-                bad_pages: 7,
-                pass: false
-            })
-        );
-        assert_eq!(parse_line("memverify: filled 256 MiB in 0.9 s"), None);
-        assert_eq!(
-            parse_line("memverify: pass 3 t=1s pages=1 bad=0"),
-            None,
-            "no pass_ms"
-        );
-        assert_eq!(parse_line("guest: init up"), None);
-    }
-
-    #[test]
-    fn medians_and_ratios() {
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(fmt_ratio(Some(3.0), Some(2.0)), "1.50");
-        assert_eq!(fmt_ratio(Some(3.0), None), "-");
-    }
 
     #[test]
     fn eviction_goal_is_checked() {
