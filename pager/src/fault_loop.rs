@@ -87,7 +87,8 @@ pub enum FaultLoopError {
     Remapped { from: u64, to: u64, len: u64 },
 }
 
-/// Why a page is fetched. The reason travels as the read's tag (`as u64`).
+/// Why a page is fetched. The reason travels as the read's tag (`as u64`): sources that
+/// batch requests submit lower tags first, so demand reads go out ahead of prefetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 enum FetchReason {
@@ -99,18 +100,9 @@ enum FetchReason {
     Background,
 }
 
-/// Background (idle) reads may hold at most this share of `max_inflight` (1/N), so demand
-/// faults and the prefetches around them always find free slots and never queue behind a
-/// full window of active-push reads.
-const BACKGROUND_SHARE_DIVISOR: usize = 2;
-
 impl FetchReason {
     fn tag(self) -> u64 {
         self as u64
-    }
-
-    fn is_background_tag(tag: u64) -> bool {
-        tag == FetchReason::Background.tag()
     }
 }
 
@@ -129,8 +121,6 @@ pub struct FaultLoop {
     prefetched: HashSet<u64>,
     /// Read attempts per in-flight page beyond the first.
     retries: HashMap<u64, u64>,
-    /// Background reads submitted and not yet completed.
-    background_in_flight: usize,
     events: Vec<Event>,
     completions: Vec<PageCompletion>,
     candidates: Vec<u64>,
@@ -156,7 +146,6 @@ impl FaultLoop {
             waiters: HashMap::new(),
             prefetched: HashSet::new(),
             retries: HashMap::new(),
-            background_in_flight: 0,
             events: Vec::with_capacity(64),
             completions: Vec::with_capacity(64),
             candidates: Vec::new(),
@@ -315,9 +304,6 @@ impl FaultLoop {
             self.vm.states.set(page, from);
             return Err(e.into());
         }
-        if why == FetchReason::Background {
-            self.background_in_flight += 1;
-        }
         if why != FetchReason::Demand {
             self.prefetched.insert(page);
             VmMetrics::add(&self.metrics().pages_prefetched, 1);
@@ -329,13 +315,6 @@ impl FaultLoop {
         self.config
             .max_inflight
             .saturating_sub(self.source.in_flight())
-    }
-
-    /// Free slots for background reads: within `room` and the background share.
-    fn background_room(&self) -> usize {
-        let cap = (self.config.max_inflight / BACKGROUND_SHARE_DIVISOR).max(1);
-        self.room()
-            .min(cap.saturating_sub(self.background_in_flight))
     }
 
     /// After a demand fault on `page`: let the policy pick more pages, within the budget.
@@ -361,7 +340,7 @@ impl FaultLoop {
         let mut candidates = std::mem::take(&mut self.candidates);
         let mut result = Ok(());
         for _ in 0..ROUNDS {
-            let budget = self.background_room();
+            let budget = self.room();
             if budget == 0 {
                 break;
             }
@@ -406,11 +385,6 @@ impl FaultLoop {
         let mut done = std::mem::take(&mut self.completions);
         done.clear();
         self.source.poll(&mut done, 0)?;
-        let background = done
-            .iter()
-            .filter(|c| FetchReason::is_background_tag(c.tag))
-            .count();
-        self.background_in_flight = self.background_in_flight.saturating_sub(background);
         let result = self.place_completions(&mut done);
         done.clear();
         self.completions = done;
@@ -431,9 +405,6 @@ impl FaultLoop {
         if attempts <= self.config.read_attempts {
             tracing::warn!(vm = %self.vm.name, page, attempts, %error, "page read failed, retrying");
             self.source.submit(page, tag)?;
-            if FetchReason::is_background_tag(tag) {
-                self.background_in_flight += 1;
-            }
             return Ok(());
         }
         self.retries.remove(&page);

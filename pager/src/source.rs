@@ -9,6 +9,7 @@ pub mod image;
 pub mod swapdev_source;
 
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 
 use swapdev::AlignedBuf;
 
@@ -24,6 +25,20 @@ pub enum PageContent {
     Zero,
     /// Exactly one page of bytes.
     Data(AlignedBuf),
+    /// One page at byte `at` of a buffer shared by a run of pages fetched with one read
+    /// (consecutive pages sit back to back in it, so a run is placed straight from it).
+    Shared { buf: Arc<AlignedBuf>, at: usize },
+}
+
+impl PageContent {
+    /// The page's bytes (`page_size` of them); `None` for a zero page.
+    pub fn bytes(&self, page_size: usize) -> Option<&[u8]> {
+        match self {
+            PageContent::Zero => None,
+            PageContent::Data(buf) => Some(&buf.as_slice()[..page_size]),
+            PageContent::Shared { buf, at } => Some(&buf.as_slice()[*at..*at + page_size]),
+        }
+    }
 }
 
 /// The answer to one [`PageSource::submit`].

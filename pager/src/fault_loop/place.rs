@@ -10,6 +10,19 @@ use crate::metrics::VmMetrics;
 use crate::page_state::PageState;
 use crate::source::{PageCompletion, PageContent};
 
+/// Whether `next` can be page `n` (0-based) of a run that starts with `first` and is placed
+/// with one COPY: the next slice of the same shared buffer, or another separate page buffer
+/// (gathered through the staging buffer).
+fn continues(first: &PageContent, n: usize, next: &PageContent, ps: usize) -> bool {
+    match (first, next) {
+        (PageContent::Shared { buf, at }, PageContent::Shared { buf: b, at: a }) => {
+            std::sync::Arc::ptr_eq(buf, b) && *a == at + n * ps
+        }
+        (PageContent::Data(_), PageContent::Data(_)) => true,
+        _ => false,
+    }
+}
+
 /// How a run of pages is filled.
 #[derive(Clone, Copy)]
 enum Fill<'a> {
@@ -112,30 +125,44 @@ impl FaultLoop {
                     }
                     self.place_run(page, n, Fill::Zero)?;
                 }
-                PageContent::Data(buf)
-                    if !(i < done.len()
-                        && self.extends_run(page, 1, &done[i])
-                        && matches!(done[i].result, Ok(PageContent::Data(_)))) =>
-                {
-                    // A single page: copy straight from the read buffer, no staging.
-                    self.place_run(page, 1, Fill::Bytes(&buf.as_slice()[..ps]))?;
-                }
-                PageContent::Data(buf) => {
-                    let mut staging = std::mem::take(&mut self.staging);
-                    staging.clear();
-                    staging.extend_from_slice(&buf.as_slice()[..ps]);
+                data => {
+                    // Extend over the following pages of the same contiguous run that come
+                    // from the same kind of buffer: slices of one shared run read are placed
+                    // straight from it; separate page buffers are gathered into one COPY.
+                    let from = i;
                     let mut n = 1;
-                    while i < done.len() && self.extends_run(page, n, &done[i]) {
-                        let Ok(PageContent::Data(next)) = &done[i].result else {
-                            break;
-                        };
-                        staging.extend_from_slice(&next.as_slice()[..ps]);
+                    while i < done.len()
+                        && self.extends_run(page, n, &done[i])
+                        && matches!(&done[i].result, Ok(next) if continues(&data, n as usize, next, ps))
+                    {
                         n += 1;
                         i += 1;
                     }
-                    let r = self.place_run(page, n, Fill::Bytes(&staging));
-                    self.staging = staging;
-                    r?;
+                    match &data {
+                        PageContent::Shared { buf, at } => {
+                            let bytes = &buf.as_slice()[*at..*at + n as usize * ps];
+                            self.place_run(page, n, Fill::Bytes(bytes))?;
+                        }
+                        _ if n == 1 => {
+                            let bytes = data.bytes(ps).expect("a page with bytes");
+                            self.place_run(page, 1, Fill::Bytes(bytes))?;
+                        }
+                        _ => {
+                            let mut staging = std::mem::take(&mut self.staging);
+                            staging.clear();
+                            staging.extend_from_slice(data.bytes(ps).expect("a page with bytes"));
+                            for c in &done[from..i] {
+                                if let Ok(next) = &c.result {
+                                    staging.extend_from_slice(
+                                        next.bytes(ps).expect("a page with bytes"),
+                                    );
+                                }
+                            }
+                            let r = self.place_run(page, n, Fill::Bytes(&staging));
+                            self.staging = staging;
+                            r?;
+                        }
+                    }
                 }
             }
         }

@@ -8,8 +8,12 @@
 //! - **direct** (the device's backend has a completion fd, e.g. the io_uring file backend
 //!   with its registered eventfd): the fault loop itself submits reads and reaps
 //!   completions; the backend's fd is the source's completion fd. No thread, no channel.
-//!   Buffered reads that hit the page cache complete inline when the ring is entered, so
-//!   `flush` reaps once right after submitting and the page is placed in the same loop turn.
+//!   Requests are queued and submitted together at the next `poll`/`flush`: sorted by tag
+//!   (the fault loop's demand reads first) then page, and consecutive pages with the same
+//!   tag that are raw records stored back to back go out as **one read** (up to
+//!   [`MAX_RUN_PAGES`]), whose buffer the fault loop places from directly. Buffered reads
+//!   that hit the page cache complete inline when the ring is entered, so `flush` reaps
+//!   once right after submitting and the page is placed in the same loop turn.
 //! - **threaded** (no completion fd, e.g. NBD): see [`io_thread`].
 
 mod io_thread;
@@ -18,12 +22,16 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use swapdev::{PageData, PageRead, PageState as DevicePageState, SwapDevice};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use swapdev::{PageData, PageRead, PageState as DevicePageState, RunRead, SwapDevice};
 
 use crate::page_state::{PageState, PageStateTable};
 
 use super::{PageCompletion, PageContent, PageSource, SourceError};
 use io_thread::IoThread;
+
+/// Most pages merged into one device read.
+pub const MAX_RUN_PAGES: u64 = 64;
 
 /// Pages of one VM's swap device.
 pub struct SwapdevSource {
@@ -44,9 +52,99 @@ enum Driver {
 struct DirectReads {
     /// A duplicate of the backend's completion fd (an eventfd the ring signals).
     completion_fd: OwnedFd,
+    /// Requests (page, tag) not yet given to the device.
+    queued: Vec<(u64, u64)>,
     /// Completions reaped by `flush` (or failed submits), not yet handed out.
     ready: VecDeque<PageCompletion>,
     reads: Vec<PageRead>,
+    runs: Vec<RunRead>,
+    page_size: usize,
+}
+
+impl DirectReads {
+    /// Give queued requests to the device: demand tags first, merging back-to-back raw
+    /// pages with the same tag into one read.
+    fn submit_queued(&mut self, dev: &mut SwapDevice) {
+        if self.queued.is_empty() {
+            return;
+        }
+        self.queued.sort_unstable_by_key(|&(page, tag)| (tag, page));
+        let mut i = 0;
+        while i < self.queued.len() {
+            let (page, tag) = self.queued[i];
+            let mut same = 1;
+            while i + same < self.queued.len()
+                && same < MAX_RUN_PAGES as usize
+                && self.queued[i + same] == (page + same as u64, tag)
+            {
+                same += 1;
+            }
+            let run = if same > 1 {
+                dev.raw_run_len(page, same as u64) as usize
+            } else {
+                0
+            };
+            let (n, submitted) = if run > 1 {
+                (run, dev.submit_read_run(page, run as u64, tag))
+            } else {
+                (1, dev.submit_read(page, tag))
+            };
+            if let Err(e) = submitted {
+                for &(p, t) in &self.queued[i..i + n] {
+                    self.ready.push_back(failed(p, t, e.to_string()));
+                }
+            }
+            i += n;
+        }
+        self.queued.clear();
+    }
+
+    /// Reap what the device finished (no waiting) into `ready`.
+    fn reap(&mut self, dev: &mut SwapDevice) -> swapdev::Result<()> {
+        self.reads.clear();
+        self.runs.clear();
+        let polled = dev.poll_ready(&mut self.reads, &mut self.runs);
+        self.ready.extend(self.reads.drain(..).map(convert));
+        for run in self.runs.drain(..) {
+            split_run(run, self.page_size, &mut self.ready);
+        }
+        polled.map(|_| ())
+    }
+}
+
+/// One completion per page of a run read; good pages share the run's buffer.
+fn split_run(run: RunRead, page_size: usize, out: &mut VecDeque<PageCompletion>) {
+    let RunRead {
+        tag,
+        first,
+        count,
+        result,
+        corrupt,
+    } = run;
+    match result {
+        Ok(buf) => {
+            let buf = Arc::new(buf);
+            for i in 0..count {
+                let page = first + i;
+                let completion = match corrupt.iter().find(|(p, _)| *p == page) {
+                    Some((_, e)) => failed(page, tag, e.to_string()),
+                    None => PageCompletion {
+                        page,
+                        tag,
+                        result: Ok(PageContent::Shared {
+                            buf: buf.clone(),
+                            at: i as usize * page_size,
+                        }),
+                    },
+                };
+                out.push_back(completion);
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            out.extend((first..first + count).map(|page| failed(page, tag, why.clone())));
+        }
+    }
 }
 
 fn lock(dev: &Mutex<SwapDevice>) -> std::sync::MutexGuard<'_, SwapDevice> {
@@ -109,8 +207,11 @@ impl SwapdevSource {
         let driver = match completion_fd {
             Some(completion_fd) => Driver::Direct(DirectReads {
                 completion_fd,
+                queued: Vec::new(),
                 ready: VecDeque::new(),
                 reads: Vec::new(),
+                runs: Vec::new(),
+                page_size,
             }),
             None => Driver::Threaded(IoThread::spawn(device.clone()).map_err(fail)?),
         };
@@ -161,11 +262,7 @@ impl PageSource for SwapdevSource {
             });
         }
         match &mut self.driver {
-            Driver::Direct(d) => {
-                if let Err(e) = lock(&self.device).submit_read(page, tag) {
-                    d.ready.push_back(failed(page, tag, e.to_string()));
-                }
-            }
+            Driver::Direct(d) => d.queued.push((page, tag)),
             Driver::Threaded(t) => {
                 if t.submit(page, tag).is_err() {
                     return Err(self.thread_stopped());
@@ -176,9 +273,9 @@ impl PageSource for SwapdevSource {
         Ok(())
     }
 
-    /// Direct driver: enter the ring (submits what `submit` queued) and reap what finished
-    /// inline (page-cache hits, zero pages); if anything is ready, set the completion fd so
-    /// the loop does not sleep on it.
+    /// Direct driver: submit what is queued, enter the ring and reap what finished inline
+    /// (page-cache hits, zero pages); if anything is ready, set the completion fd so the
+    /// loop does not sleep on it.
     fn flush(&mut self) -> Result<(), SourceError> {
         let Driver::Direct(d) = &mut self.driver else {
             return Ok(());
@@ -186,33 +283,46 @@ impl PageSource for SwapdevSource {
         if self.in_flight == d.ready.len() {
             return Ok(());
         }
-        d.reads.clear();
-        let polled = lock(&self.device).poll_reads(&mut d.reads, 0);
-        if let Err(e) = polled {
-            return Err(self.device_failed(e));
-        }
-        d.ready.extend(d.reads.drain(..).map(convert));
+        let reaped = {
+            let mut dev = lock(&self.device);
+            d.submit_queued(&mut dev);
+            d.reap(&mut dev)
+        };
         if !d.ready.is_empty() {
             signal(&d.completion_fd);
         }
-        Ok(())
+        reaped.map_err(|e| self.device_failed(e))
     }
 
     fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError> {
         let n = match &mut self.driver {
             Driver::Direct(d) => {
-                // Reset before reaping: a completion posted after this sets the fd again.
-                reset(&d.completion_fd);
-                let mut n = d.ready.len();
-                out.extend(d.ready.drain(..));
-                if self.in_flight > n {
-                    d.reads.clear();
-                    let polled = lock(&self.device).poll_reads(&mut d.reads, min.saturating_sub(n));
-                    n += d.reads.len();
-                    out.extend(d.reads.drain(..).map(convert));
-                    if let Err(e) = polled {
-                        self.in_flight -= n;
-                        return Err(self.device_failed(e));
+                let mut n = 0;
+                loop {
+                    // Reset before reaping: a completion posted after this sets the fd again.
+                    reset(&d.completion_fd);
+                    if self.in_flight > n + d.ready.len() {
+                        let mut dev = lock(&self.device);
+                        d.submit_queued(&mut dev);
+                        if let Err(e) = d.reap(&mut dev) {
+                            drop(dev);
+                            return Err(self.device_failed(e));
+                        }
+                    }
+                    n += d.ready.len();
+                    out.extend(d.ready.drain(..));
+                    if n >= min.min(self.in_flight) {
+                        break;
+                    }
+                    let mut fds = [PollFd::new(d.completion_fd.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(nix::Error::EINTR) => {}
+                        Err(e) => {
+                            return Err(SourceError::Source {
+                                name: self.description.clone(),
+                                why: format!("waiting for the swap device: {e}"),
+                            })
+                        }
                     }
                 }
                 n

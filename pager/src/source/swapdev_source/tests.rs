@@ -53,11 +53,17 @@ fn device(backend: Box<dyn Backend>) -> SwapDevice {
     dev
 }
 
+/// The tag `read_all` gives a page: groups of 50 share one (merging needs equal tags).
+fn tag_of(page: u64) -> u64 {
+    page / 50
+}
+
 /// Submit every page (shuffled order), wait on the completion fd, check every answer.
-fn read_all(mut src: SwapdevSource) {
+/// Returns how many pages came from a merged run read.
+fn read_all(mut src: SwapdevSource) -> usize {
     let order: Vec<u64> = (0..PAGES).map(|i| (i * 97) % PAGES).collect();
-    for (i, &p) in order.iter().enumerate() {
-        src.submit(p, i as u64).expect("submit");
+    for &p in &order {
+        src.submit(p, tag_of(p)).expect("submit");
     }
     src.flush().expect("flush");
     let mut got: Vec<PageCompletion> = Vec::new();
@@ -74,17 +80,21 @@ fn read_all(mut src: SwapdevSource) {
     }
     assert_eq!(src.in_flight(), 0);
     got.sort_by_key(|c| c.page);
+    let mut shared = 0;
     for (p, c) in got.iter().enumerate() {
         let p = p as u64;
         assert_eq!(c.page, p);
-        assert_eq!(order[c.tag as usize], p, "tag of page {p}");
-        match c.result.as_ref().expect("read ok") {
-            PageContent::Zero => assert!(p >= 200 || p % 10 == 9, "page {p} read as zero"),
-            PageContent::Data(buf) => assert_eq!(&buf.as_slice()[..PAGE], &content(p)[..]),
+        assert_eq!(c.tag, tag_of(p), "tag of page {p}");
+        let content_read = c.result.as_ref().expect("read ok");
+        match content_read.bytes(PAGE) {
+            None => assert!(p >= 200 || p % 10 == 9, "page {p} read as zero"),
+            Some(bytes) => assert_eq!(bytes, &content(p)[..], "page {p}"),
         }
+        shared += usize::from(matches!(content_read, PageContent::Shared { .. }));
     }
     // Out of range is refused at submit.
     assert!(src.submit(PAGES, 0).is_err());
+    shared
 }
 
 #[test]
@@ -102,7 +112,12 @@ fn direct_driver_serves_io_uring_files_without_a_thread() {
             src.is_direct(),
             "{dir}: file backend must use the direct driver"
         );
-        read_all(src);
+        // Pages 0..200 were written in page order: runs of 9 raw pages between zero pages.
+        let merged = read_all(src);
+        assert!(
+            merged >= 100,
+            "{dir}: only {merged} pages came from merged reads"
+        );
         // The device is still usable by others (the evictor) afterwards.
         dev.lock().unwrap().flush().expect("flush device");
     }
@@ -114,7 +129,45 @@ fn threaded_driver_serves_backends_without_completion_fd() {
     let dev = Arc::new(Mutex::new(device(Box::new(backend))));
     let src = SwapdevSource::new(dev, "test".into()).expect("source");
     assert!(!src.is_direct());
-    read_all(src);
+    assert_eq!(read_all(src), 0);
+}
+
+/// A run read verifies every page: a flipped byte in one page fails only that page; a run
+/// over a page that is not a raw record is refused.
+#[test]
+fn run_reads_check_each_page_and_refuse_non_raw_pages() {
+    let store = MemStore::new();
+    let mut dev = device(Box::new(MemBackend::new(store.clone())));
+    assert_eq!(dev.raw_run_len(0, 20), 9, "page 9 is a zero page");
+    let err = dev.submit_read_run(0, 10, 1).unwrap_err().to_string();
+    assert!(err.contains("only 9"), "{err}");
+    let snapshot = store.snapshot();
+    let needle = content(5);
+    // Raw payloads sit on 4 KiB boundaries.
+    let at = PAGE
+        * snapshot
+            .chunks_exact(PAGE)
+            .position(|c| c == &needle[..])
+            .expect("page 5 payload on the store");
+    store.corrupt(at as u64 + 100, 0x40);
+    dev.submit_read_run(0, 9, 7).unwrap();
+    let (mut pages, mut runs) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        dev.poll_ready(&mut pages, &mut runs).unwrap();
+        if !runs.is_empty() {
+            break;
+        }
+    }
+    assert!(pages.is_empty());
+    let run = runs.pop().expect("run read completed");
+    assert_eq!((run.tag, run.first, run.count), (7, 0, 9));
+    assert_eq!(run.corrupt.len(), 1);
+    assert_eq!(run.corrupt[0].0, 5);
+    assert!(run.corrupt[0].1.to_string().contains("checksum"));
+    let buf = run.result.expect("read ok");
+    for p in (0..9).filter(|&p| p != 5) {
+        assert_eq!(&buf[p * PAGE..(p + 1) * PAGE], &content(p as u64)[..]);
+    }
 }
 
 #[test]

@@ -417,3 +417,38 @@ fn completion_fd_signals_finished_reads() {
         assert_eq!(b.in_flight(), 0);
     }
 }
+
+/// On tmpfs reads are served by `pread` inside `submit`: ready at once, right bytes, and a
+/// read past the end is still a short-read error. Disk files keep reading through the ring.
+#[test]
+fn tmpfs_reads_complete_synchronously() {
+    let (_tmp, mut b) = open_in(TMPFS_DIR, DirectMode::Auto, 8);
+    assert!(b.reads_synchronously(), "{}", b.describe());
+    b.grow(2 * PAGE as u64).unwrap();
+    run_one(&mut b, 0, IoOp::Write { buf: page_of(11) }).unwrap();
+    b.submit(IoRequest {
+        tag: 3,
+        offset: 0,
+        op: IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        },
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    assert_eq!(b.complete(&mut got, 0).unwrap(), 1, "not ready at once");
+    let buf = got[0].result.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(buf.as_slice(), page_of(11).as_slice());
+    let past_end = run_one(
+        &mut b,
+        PAGE as u64,
+        IoOp::Read {
+            buf: AlignedBuf::new(2 * PAGE),
+        },
+    );
+    assert!(
+        matches!(past_end, Err(BackendError::Short { done, .. }) if done == PAGE),
+        "{past_end:?}"
+    );
+    let (_tmp, disk) = open_in(DISK_DIR, DirectMode::Auto, 8);
+    assert!(!disk.reads_synchronously(), "{}", disk.describe());
+}
