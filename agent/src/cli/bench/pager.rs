@@ -9,6 +9,13 @@
 //!
 //! The daemon is the real `pagewise serve` (a child process, restarted per policy); memhog
 //! runs in this process (its threads fault, the daemon serves them over its socket).
+//!
+//! Like with like: the null handler does no I/O (one static page, in-process), so the
+//! pager is also measured with the device on tmpfs (its own software cost), and the swap
+//! device file's own O_DIRECT read latency and streaming rate on its disk are measured
+//! ([`device_floor`]) and printed next to the disk rows.
+
+mod device_floor;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -107,6 +114,8 @@ struct ScanRow {
     pages_prefetched: u64,
     speedup_vs_baseline: f64,
     share_of_pwrite: f64,
+    /// MiB/s as a share of the device file's own sequential read rate on its disk.
+    share_of_device_seq: f64,
     mismatches: u64,
 }
 
@@ -117,6 +126,8 @@ struct BenchResult {
     /// memhog's sequential verify rate over memory prefilled from the image (no faults):
     /// the ceiling of any scan row.
     memhog_prefilled_mib_per_s: f64,
+    /// The swap device file read directly on its disk (no pager).
+    device_floor: device_floor::DeviceFloor,
     latency: Vec<LatencyRow>,
     scans: Vec<ScanRow>,
 }
@@ -297,7 +308,12 @@ fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
     Ok(rows)
 }
 
-fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<ScanRow>> {
+fn scans(
+    work: &Work,
+    a: &PagerBenchArgs,
+    pwrite: f64,
+    device_seq: f64,
+) -> anyhow::Result<Vec<ScanRow>> {
     let mut rows: Vec<ScanRow> = Vec::new();
     let patterns = [
         ("seq", Pattern::Sequential, 1),
@@ -342,6 +358,7 @@ fn scans(work: &Work, a: &PagerBenchArgs, pwrite: f64) -> anyhow::Result<Vec<Sca
                 pages_prefetched: counter(&vm, "pages_prefetched"),
                 speedup_vs_baseline: base / report.seconds.max(1e-9),
                 share_of_pwrite: mib / report.seconds.max(1e-9) / pwrite,
+                share_of_device_seq: mib / report.seconds.max(1e-9) / device_seq.max(1e-9),
                 mismatches: report.mismatches,
             });
         }
@@ -370,6 +387,19 @@ fn print(result: &BenchResult) {
             r.handler, r.faults, r.p50_us, r.p99_us, side
         );
     }
+    let floor = &result.device_floor;
+    println!(
+        "device file alone on its disk ({}pread, one at a time): 4 KiB random read p50 {:.1} us, \
+         p99 {:.1} us; 1 MiB sequential reads {:.0} MiB/s",
+        if floor.direct {
+            "O_DIRECT "
+        } else {
+            "buffered "
+        },
+        floor.read_4k_p50_us,
+        floor.read_4k_p99_us,
+        floor.seq_mib_per_s
+    );
     if let [null, pagers @ ..] = &result.latency[..] {
         for pager in pagers {
             println!(
@@ -379,7 +409,21 @@ fn print(result: &BenchResult) {
                 pager.p99_us / null.p99_us.max(1e-9)
             );
         }
+        if let Some(disk) = pagers.iter().find(|p| p.handler.ends_with(", disk")) {
+            let floor_p50 = null.p50_us + floor.read_4k_p50_us;
+            println!(
+                "{} / (null handler + one 4 KiB device read = {:.1} us): p50 {:.2}x",
+                disk.handler,
+                floor_p50,
+                disk.p50_us / floor_p50.max(1e-9)
+            );
+        }
     }
+    println!(
+        "the null handler runs in memhog's process and answers every fault with one static \
+         page: no I/O, no checksum, no content; the tmpfs row is the pager's own cost, the \
+         disk row adds the disk read"
+    );
     println!();
     println!(
         "scans (pwrite prefill of the image into a memfd: {:.0} MiB/s; memhog's sequential \
@@ -387,7 +431,7 @@ fn print(result: &BenchResult) {
         result.pwrite_mib_per_s, result.memhog_prefilled_mib_per_s
     );
     println!(
-        "{:<10} {:<14} {:>7} {:>6} {:>8} {:>8} {:>6} {:>8} {:>6} {:>9} {:>7} {:>5}",
+        "{:<10} {:<14} {:>7} {:>6} {:>8} {:>8} {:>6} {:>8} {:>6} {:>9} {:>7} {:>5} {:>5}",
         "pattern",
         "policy",
         "seconds",
@@ -399,11 +443,12 @@ fn print(result: &BenchResult) {
         "dev%",
         "prefetch",
         "speedup",
-        "%pwr"
+        "%pwr",
+        "%dev"
     );
     for r in &result.scans {
         println!(
-            "{:<10} {:<14} {:>7.2} {:>6.0} {:>8} {:>8} {:>5.1}% {:>8} {:>5.1}% {:>9} {:>6.1}x {:>4.0}%",
+            "{:<10} {:<14} {:>7.2} {:>6.0} {:>8} {:>8} {:>5.1}% {:>8} {:>5.1}% {:>9} {:>6.1}x {:>4.0}% {:>4.0}%",
             r.pattern,
             r.policy,
             r.seconds,
@@ -415,12 +460,17 @@ fn print(result: &BenchResult) {
             100.0 * r.device_fault_share,
             r.pages_prefetched,
             r.speedup_vs_baseline,
-            100.0 * r.share_of_pwrite
+            100.0 * r.share_of_pwrite,
+            100.0 * r.share_of_device_seq
         );
     }
     println!(
         "waits: first touches that found the page absent (memhog's mincore probe); dev-flt: \
          demand faults the daemon read from the device (its faults_to_source)"
+    );
+    println!(
+        "%pwr: share of the pwrite prefill rate (memory to memory); %dev: share of the device \
+         file's own sequential read rate on its disk (the ceiling of a scan served from it)"
     );
     println!("targets: seq >= 5x the first policy and >= 50% of pwrite; dev% < 17% (Hines)");
 }
@@ -455,14 +505,17 @@ pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
         device,
         pages,
     };
+    eprintln!("measuring the device file's own reads");
+    let floor = device_floor::measure(&work.device, 2000, 256 << 20)?;
     eprintln!("measuring fault latency");
     let latency = latency(&work, a.latency_pages)?;
     eprintln!("scanning under {} policies", a.policies.len());
-    let scans = scans(&work, &a, pwrite)?;
+    let scans = scans(&work, &a, pwrite, floor.seq_mib_per_s)?;
     let result = BenchResult {
         image_pages: pages,
         pwrite_mib_per_s: pwrite,
         memhog_prefilled_mib_per_s: prefilled,
+        device_floor: floor,
         latency,
         scans,
     };
