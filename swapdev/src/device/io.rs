@@ -32,8 +32,10 @@ pub(super) struct IoState {
 }
 
 impl IoState {
+    /// Page reads and run reads in flight (both point into the log: a checkpoint waits for
+    /// them before it frees segments).
     pub(super) fn user_reads_in_flight(&self) -> usize {
-        self.user_reads.len()
+        self.user_reads.len() + self.run_reads.len()
     }
 
     pub(super) fn run_reads_in_flight(&self) -> usize {

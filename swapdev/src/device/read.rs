@@ -190,7 +190,7 @@ impl SwapDevice {
         pages: &mut Vec<PageRead>,
         runs: &mut Vec<RunRead>,
     ) -> Result<usize> {
-        if self.io.user_reads_in_flight() + self.io.run_reads_in_flight() > 0 {
+        if self.io.user_reads_in_flight() > 0 {
             self.pump(0)?;
         }
         let n = self.io.ready.len() + self.io.ready_runs.len();
@@ -240,7 +240,7 @@ impl SwapDevice {
 
     /// Reads submitted and not yet handed out by `poll_reads`.
     pub fn reads_pending(&self) -> usize {
-        self.io.user_reads_in_flight() + self.io.ready.len()
+        self.io.user_reads_in_flight() - self.io.run_reads_in_flight() + self.io.ready.len()
     }
 
     /// Read one page synchronously.

@@ -197,3 +197,29 @@ fn direct_driver_returns_zero_pages_without_waiting_on_io() {
         .iter()
         .all(|c| matches!(c.result, Ok(PageContent::Zero))));
 }
+
+/// A checkpoint (which may free log segments) waits for run reads in flight, like for page
+/// reads: the run still lands with the right bytes.
+#[test]
+fn checkpoint_waits_for_run_reads_in_flight() {
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let backend = FileBackend::open(
+        tmp.path().join("dev.swap"),
+        FileOpenOptions {
+            create: true,
+            ..Default::default()
+        },
+    )
+    .expect("open");
+    let mut dev = device(Box::new(backend));
+    dev.submit_read_run(10, 9, 4).unwrap();
+    dev.checkpoint().unwrap();
+    let (mut pages, mut runs) = (Vec::new(), Vec::new());
+    dev.poll_ready(&mut pages, &mut runs).unwrap();
+    let run = runs.pop().expect("the checkpoint waited for the run read");
+    assert!(run.corrupt.is_empty());
+    let buf = run.result.expect("read ok");
+    for i in 0..9 {
+        assert_eq!(&buf[i * PAGE..(i + 1) * PAGE], &content(10 + i as u64)[..]);
+    }
+}
