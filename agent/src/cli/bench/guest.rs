@@ -25,6 +25,9 @@ use report::{print_table, PagerRun, PhaseTimes};
 use serial::{done_of, GuestLine, SerialLog};
 
 const VM_NAME: &str = "benchguest";
+/// Why a guest may print no `hot pass` line.
+const REBUILD_HINT: &str = "a guest whose memverify predates hot-pass timing prints none: \
+     rebuild it with tools/guest/build.sh";
 
 #[derive(clap::Args, Debug)]
 pub struct GuestBenchArgs {
@@ -290,7 +293,7 @@ fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
     )?;
     let mut serial = SerialLog::new(serial_path);
     serial.wait_for(
-        "the first full pass and hot sweep",
+        &format!("the first full pass and hot sweep ({REBUILD_HINT})"),
         s.boot_limit + Duration::from_secs(a.verify_secs * 2 + 30),
         &mut qemu,
         &log,
@@ -391,6 +394,7 @@ pub fn run(a: GuestBenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     evict_request(&a.evict)?;
+    procs::remove_stale_shm_files();
     let (kernel, initrd) = guest_image(&a)?;
     let work = tempfile::Builder::new()
         .prefix("pagewise-bench-guest-")
@@ -411,6 +415,9 @@ pub fn run(a: GuestBenchArgs) -> anyhow::Result<ExitCode> {
         eprintln!("kept {}", kept.display());
     }
     let (plain, pager_run) = result?;
+    if plain.hot_ms.is_empty() || plain.full_ms.is_empty() {
+        bail!("the plain guest printed no 'memverify: hot pass' or 'pass' line; {REBUILD_HINT}");
+    }
     print_table(&a, &plain, &pager_run);
     println!("run time {:.0} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)

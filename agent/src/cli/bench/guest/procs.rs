@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +18,17 @@ pub struct ChildGuard {
 impl ChildGuard {
     pub fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Killed with the bench even when the bench itself is killed (no Drop then).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -57,15 +69,14 @@ impl Drop for ChildGuard {
     }
 }
 
+const SHM_PREFIX: &str = "pagewise-bench-guest-";
+
 /// The guest's RAM file in /dev/shm, removed on drop.
 pub struct ShmFile(pub PathBuf);
 
 impl ShmFile {
     pub fn new(tag: &str) -> Self {
-        let path = PathBuf::from(format!(
-            "/dev/shm/pagewise-bench-guest-{}-{tag}",
-            std::process::id()
-        ));
+        let path = PathBuf::from(format!("/dev/shm/{SHM_PREFIX}{}-{tag}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         Self(path)
     }
@@ -73,6 +84,26 @@ impl ShmFile {
     /// Resident bytes (allocated blocks) of the RAM file.
     pub fn resident_bytes(&self) -> u64 {
         std::fs::metadata(&self.0).map_or(0, |m| m.blocks() * 512)
+    }
+}
+
+/// Remove RAM files left by benches that were killed (no `Drop` ran): their pid is gone.
+pub fn remove_stale_shm_files() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(SHM_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
