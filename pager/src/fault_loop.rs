@@ -125,6 +125,8 @@ pub struct FaultLoop {
     completions: Vec<PageCompletion>,
     candidates: Vec<u64>,
     staging: Vec<u8>,
+    /// One zeroed huge page, for hugetlbfs guests (no UFFDIO_ZEROPAGE there); empty until needed.
+    zero_huge_page: Vec<u8>,
 }
 
 impl FaultLoop {
@@ -150,6 +152,7 @@ impl FaultLoop {
             completions: Vec::with_capacity(64),
             candidates: Vec::new(),
             staging: Vec::new(),
+            zero_huge_page: Vec::new(),
         }
     }
 

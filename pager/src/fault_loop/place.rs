@@ -10,6 +10,9 @@ use crate::metrics::VmMetrics;
 use crate::page_state::PageState;
 use crate::source::{PageCompletion, PageContent};
 
+/// The base page size: guests with larger pages live on hugetlbfs.
+const BASE_PAGE_SIZE: u64 = 4096;
+
 /// Whether `next` can be page `n` (0-based) of a run that starts with `first` and is placed
 /// with one COPY: the next slice of the same shared buffer, or another separate page buffer
 /// (gathered through the staging buffer).
@@ -188,6 +191,16 @@ impl FaultLoop {
             let addr = base + done * ps;
             let len = (count - done) * ps;
             let result = match fill {
+                Fill::Zero if ps > BASE_PAGE_SIZE => {
+                    // hugetlbfs has no UFFDIO_ZEROPAGE (EINVAL): copy one zeroed huge page
+                    // at a time instead.
+                    if self.zero_huge_page.len() != ps as usize {
+                        self.zero_huge_page = vec![0u8; ps as usize];
+                    }
+                    self.vm
+                        .uffd
+                        .copy_from(addr, &self.zero_huge_page, PlaceMode::default())
+                }
                 Fill::Zero => self.vm.uffd.zeropage(addr, len, false),
                 Fill::Bytes(bytes) => {
                     let from = (done * ps) as usize;

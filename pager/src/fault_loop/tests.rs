@@ -236,3 +236,119 @@ fn background_prefetch_leaves_evicted_pages_alone_but_faults_fetch_them() {
     assert_eq!(&h.map[50 * PAGE..51 * PAGE], &image_page(50)[..]);
     h.stop();
 }
+
+/// A 2 MiB-page guest on hugetlbfs (memfd MFD_HUGETLB): hugetlbfs has no UFFDIO_ZEROPAGE,
+/// so zero pages must be placed by copying a zeroed huge page. Reserves huge pages for the
+/// test if the machine has too few, and gives them back afterwards.
+#[test]
+fn hugetlbfs_guest_gets_data_and_zero_huge_pages() {
+    const HUGE: usize = 2 << 20;
+    let pages = 4usize;
+    let nr_path = "/proc/sys/vm/nr_hugepages";
+    let before: usize = std::fs::read_to_string(nr_path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let free = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let raised = free(free_path) < pages;
+    if raised {
+        std::fs::write(nr_path, (before + pages).to_string())
+            .expect("reserving 2 MiB huge pages (needs root)");
+    }
+    assert!(
+        free(free_path) >= pages,
+        "could not reserve {pages} free 2 MiB huge pages (see {nr_path})"
+    );
+
+    // Image: huge pages 0 and 2 hold data, 1 and 3 are zero.
+    let huge_page = |i: usize| -> Vec<u8> {
+        if i % 2 == 1 {
+            vec![0; HUGE]
+        } else {
+            (0..HUGE).map(|j| ((i * 13 + j) % 241) as u8).collect()
+        }
+    };
+    let mut image = tempfile::NamedTempFile::new().unwrap();
+    for i in 0..pages {
+        image.write_all(&huge_page(i)).unwrap();
+    }
+    let memfd = nix::sys::memfd::memfd_create(
+        c"pw-hugetlb-test",
+        nix::sys::memfd::MFdFlags::MFD_HUGETLB | nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )
+    .unwrap();
+    nix::unistd::ftruncate(&memfd, (pages * HUGE) as i64).unwrap();
+    let file = std::fs::File::from(memfd);
+    // SAFETY: a fresh shared mapping of our own memfd; nothing else maps it.
+    let map = unsafe { memmap2::MmapOptions::new().len(pages * HUGE).map_mut(&file) }.unwrap();
+    let uffd = Uffd::new(UffdFlags {
+        nonblocking: true,
+        ..Default::default()
+    })
+    .unwrap();
+    uffd.api(Features::EVENT_REMOVE | Features::MISSING_HUGETLBFS)
+        .unwrap();
+    let addr = map.as_ptr() as u64;
+    uffd.register(addr, (pages * HUGE) as u64, RegisterMode::MISSING)
+        .unwrap();
+    let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+        base_host_virt_addr: addr,
+        size: pages * HUGE,
+        offset: 0,
+        page_size: HUGE,
+        page_size_kib: 0,
+    }])
+    .unwrap();
+    let vm = Arc::new(Vm::new(
+        "huge".into(),
+        uffd,
+        layout,
+        None,
+        PeerInfo::default(),
+    ));
+    let source = ImageFileSource::open(image.path(), HUGE, pages as u64).unwrap();
+    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
+    let fl = FaultLoop::new(
+        vm.clone(),
+        Box::new(source),
+        prefetch::by_name("none", pages as u64).unwrap(),
+        FaultLoopConfig::default(),
+        stop.clone(),
+        None,
+    );
+    let thread = std::thread::spawn(move || fl.run());
+    // Touch from another thread: if the loop fails, that thread stays blocked in its fault,
+    // and the test reports the loop's error instead of hanging.
+    let map = Arc::new(map);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let toucher = {
+        let map = map.clone();
+        std::thread::spawn(move || {
+            let wrong: Vec<usize> = (0..pages)
+                .filter(|&i| map[i * HUGE..(i + 1) * HUGE] != huge_page(i)[..])
+                .collect();
+            done_tx.send(wrong).unwrap();
+        })
+    };
+    let touched = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+    stop.write(1).unwrap();
+    let exit = thread.join().unwrap();
+    if raised {
+        std::fs::write(nr_path, before.to_string()).unwrap();
+    }
+    let wrong = touched.unwrap_or_else(|_| panic!("faults not served within 20 s; loop: {exit:?}"));
+    toucher.join().unwrap();
+    assert!(wrong.is_empty(), "huge pages with wrong content: {wrong:?}");
+    drop(map);
+    drop(file);
+    assert_eq!(exit.unwrap(), LoopExit::Stopped);
+    let m = vm.metrics.snapshot();
+    assert_eq!(m.pages_zeroed, 2);
+    assert_eq!(m.pages_copied, 2);
+}
