@@ -16,8 +16,8 @@ mod image;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use device::{
-    Access, CreateOptions, FsckReport, OpenOptions, PageData, PageRead, PageState, RunRead,
-    Stats, SwapDevice, DEFAULT_FENCE_INTERVAL,
+    Access, CreateOptions, FsckReport, OpenOptions, PageData, PageRead, PageState, RunRead, Stats,
+    SwapDevice, DEFAULT_FENCE_INTERVAL,
 };
 pub use error::{Result, SwapError};
 pub use format::{ChecksumKind, CodecPolicy};
