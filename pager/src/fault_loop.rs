@@ -166,6 +166,8 @@ impl FaultLoop {
 
     /// Serve faults until stopped, the VMM goes away, or an error makes serving impossible.
     pub fn run(mut self) -> Result<LoopExit, FaultLoopError> {
+        // One span for the loop's life: every event logged inside names the VM.
+        let _vm_span = tracing::info_span!("fault_loop", vm = %self.vm.name).entered();
         let zero = self.source.seed_zero_pages(&self.vm.states);
         tracing::info!(vm = %self.vm.name, source = %self.source.describe(),
             prefetch = self.prefetch.name(), zero, "fault loop started");
@@ -188,6 +190,8 @@ impl FaultLoop {
             if stop {
                 return Ok(LoopExit::Stopped);
             }
+            // Per wake-up, at trace level: a disabled callsite costs one cached check.
+            let _wake_span = tracing::trace_span!("wake", uffd_ready, source_ready).entered();
             let mut saw_faults = false;
             if uffd_ready {
                 saw_faults = self.drain_events()? > 0;
