@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -32,8 +32,11 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::{Backend, BackendError, IoCompletion, IoOp, IoRequest};
 use crate::AlignedBuf;
 
+mod open;
 #[cfg(test)]
 mod tests;
+
+use open::open_file;
 
 /// Queue depth used when the caller has no opinion.
 pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
@@ -421,83 +424,6 @@ impl FileBackend {
             result,
         });
     }
-}
-
-/// Open the file, trying O_DIRECT as `opts.direct` says. Returns (file, direct, alignment).
-fn open_file(path: &Path, opts: OpenOptions) -> Result<(File, bool, usize), BackendError> {
-    let open = |direct: bool| {
-        let mut o = std::fs::OpenOptions::new();
-        o.read(true).write(true).create(opts.create).mode(0o600);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(path)
-    };
-    let open_err =
-        |e: io::Error| BackendError::Setup(format!("cannot open {}: {e}", path.display()));
-    let refused = |why: String| {
-        BackendError::Setup(format!(
-            "O_DIRECT was required but {} does not support it: {why}",
-            path.display()
-        ))
-    };
-    if opts.direct == DirectMode::Never {
-        return Ok((open(false).map_err(open_err)?, false, 1));
-    }
-    let file = match open(true) {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            if opts.direct == DirectMode::Always {
-                return Err(refused(e.to_string()));
-            }
-            tracing::debug!(path = %path.display(), "O_DIRECT refused, using buffered I/O");
-            return Ok((open(false).map_err(open_err)?, false, 1));
-        }
-        Err(e) => return Err(open_err(e)),
-    };
-    match direct_alignment(&file) {
-        Some(0) if opts.direct == DirectMode::Always => {
-            Err(refused("statx reports no direct I/O alignment".to_string()))
-        }
-        Some(0) => {
-            drop(file);
-            Ok((open(false).map_err(open_err)?, false, 1))
-        }
-        Some(align) => Ok((file, true, align.max(1))),
-        None => Ok((file, true, FALLBACK_DIRECT_ALIGN)),
-    }
-}
-
-/// The O_DIRECT offset/length alignment of an open file: `Some(0)` when the filesystem says it
-/// does not support direct I/O, `None` when the kernel cannot tell.
-fn direct_alignment(file: &File) -> Option<usize> {
-    let meta = file.metadata().ok()?;
-    if meta.file_type().is_block_device() {
-        let mut sector: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one c_int to the pointer, which is valid for that.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut sector) };
-        return (rc == 0 && sector > 0).then_some(sector as usize);
-    }
-    // SAFETY: statx is plain old data; an all-zero value is valid.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the path is a valid NUL-terminated empty string, AT_EMPTY_PATH makes statx look
-    // at the fd itself, and `stx` is a valid, writable statx buffer.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
-        return None;
-    }
-    if stx.stx_dio_offset_align == 0 || stx.stx_dio_mem_align as usize > crate::BUF_ALIGN {
-        return Some(0);
-    }
-    Some(stx.stx_dio_offset_align as usize)
 }
 
 impl Backend for FileBackend {
