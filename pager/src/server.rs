@@ -437,4 +437,24 @@ impl Daemon {
     pub fn stop_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.stop.as_fd()
     }
+
+    /// Block until `fd` is readable (true) or shutdown was requested (false). A failed poll
+    /// is logged, naming `what`, and reads as shutdown: the caller's service loop ends.
+    pub fn wait_readable(&self, fd: std::os::fd::BorrowedFd<'_>, what: &str) -> bool {
+        loop {
+            let mut fds = [
+                PollFd::new(fd, PollFlags::POLLIN),
+                PollFd::new(self.stop_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(%e, "poll on the {what} failed");
+                    return false;
+                }
+            }
+            return fds[1].revents().is_none_or(|r| r.is_empty());
+        }
+    }
 }

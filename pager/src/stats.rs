@@ -114,26 +114,11 @@ pub fn spawn_metrics_endpoint(
 }
 
 fn serve_http(daemon: &Arc<Daemon>, listener: TcpListener) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     if listener.set_nonblocking(true).is_err() {
         return;
     }
-    loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(daemon.stop_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => {
-                tracing::error!(%e, "poll on the metrics endpoint failed");
-                return;
-            }
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return;
-        }
+    while daemon.wait_readable(listener.as_fd(), "metrics endpoint") {
         let Ok((mut stream, _)) = listener.accept() else {
             continue;
         };

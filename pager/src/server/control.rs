@@ -13,7 +13,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
 
 use super::Daemon;
@@ -206,21 +205,7 @@ pub fn serve_control(daemon: &Arc<Daemon>, listener: UnixListener) {
         tracing::error!(%e, "control socket set_nonblocking failed");
         return;
     }
-    loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(daemon.stop_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => {
-                tracing::error!(%e, "poll on the control socket failed");
-                return;
-            }
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return;
-        }
+    while daemon.wait_readable(listener.as_fd(), "control socket") {
         let mut stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
