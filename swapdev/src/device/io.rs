@@ -49,18 +49,24 @@ impl SwapDevice {
         self.io.next_id
     }
 
-    pub(super) fn submit_user_read(
-        &mut self,
-        offset: u64,
-        buf: AlignedBuf,
-        r: UserRead,
-    ) -> Result<()> {
+    /// Submit a read into `buf`; returns its tag for the caller to route the completion.
+    fn submit_read_into(&mut self, offset: u64, buf: AlignedBuf) -> Result<u64> {
         let tag = self.next_id();
         self.backend.submit(IoRequest {
             tag,
             offset,
             op: IoOp::Read { buf },
         })?;
+        Ok(tag)
+    }
+
+    pub(super) fn submit_user_read(
+        &mut self,
+        offset: u64,
+        buf: AlignedBuf,
+        r: UserRead,
+    ) -> Result<()> {
+        let tag = self.submit_read_into(offset, buf)?;
         self.io.user_reads.insert(tag, r);
         Ok(())
     }
@@ -71,12 +77,7 @@ impl SwapDevice {
         buf: AlignedBuf,
         r: RunRequest,
     ) -> Result<()> {
-        let tag = self.next_id();
-        self.backend.submit(IoRequest {
-            tag,
-            offset,
-            op: IoOp::Read { buf },
-        })?;
+        let tag = self.submit_read_into(offset, buf)?;
         self.io.run_reads.insert(tag, r);
         Ok(())
     }
