@@ -7,6 +7,7 @@ pub mod fault_loop;
 pub mod metrics;
 pub mod page_state;
 pub mod prefetch;
+pub mod route;
 pub mod server;
 pub mod source;
 pub mod stats;

@@ -49,21 +49,66 @@ pub struct PageCompletion {
     pub result: Result<PageContent, SourceError>,
 }
 
-/// A page source failed.
+/// Any error a store behind a source can report, kept as the cause of a [`SourceError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A page source failed. Variants say what the fault loop may do next: an I/O error is
+/// retried, a damaged page is never retried nor placed, a gone host pauses the pages it routes
+/// (a remote source) instead of tearing the VM down. No variant prints its cause inline: the
+/// binary prints the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("page {page} is beyond the source's {capacity} pages")]
     OutOfRange { page: u64, capacity: u64 },
-    #[error("reading page {page} failed: {source}")]
-    Read {
+    /// A transient failure reading one page (worth retrying).
+    #[error("reading page {page} failed")]
+    Io {
         page: u64,
         #[source]
-        source: std::io::Error,
+        source: BoxError,
     },
-    #[error("page {page}: {why}")]
-    Page { page: u64, why: String },
-    #[error("page source {name}: {why}")]
-    Source { name: String, why: String },
+    /// The store answered, but the page's content is wrong (checksum mismatch, undecodable):
+    /// retrying cannot help and the bytes must never reach the guest.
+    #[error("page {page} from {source_name} is damaged")]
+    Damaged {
+        page: u64,
+        source_name: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The host that serves this source is unreachable (connection lost or refused). Pages it
+    /// routes wait; the rest of the VM is served.
+    #[error("the host behind {source_name} is gone")]
+    HostGone {
+        source_name: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The source answered for a page it was not asked for, or one outside the guest.
+    #[error("{source_name} answered page {page}, which was not requested")]
+    Unrequested { page: u64, source_name: String },
+    /// The source as a whole cannot serve (set-up failed, its I/O thread stopped).
+    #[error("page source {source_name} failed")]
+    Unavailable {
+        source_name: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl SourceError {
+    /// Whether another attempt at the same page may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Io { .. })
+    }
+
+    /// Wrap any error as [`SourceError::Unavailable`] of `source_name`.
+    pub fn unavailable(source_name: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        SourceError::Unavailable {
+            source_name: source_name.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// Something that fetches guest pages asynchronously.

@@ -45,10 +45,7 @@ impl ImageFileSource {
         capacity_pages: u64,
     ) -> Result<Self, SourceError> {
         let path = path.as_ref().to_path_buf();
-        let fail = |why: String| SourceError::Source {
-            name: path.display().to_string(),
-            why,
-        };
+        let fail = |why: String| SourceError::unavailable(path.display().to_string(), why);
         let file = File::open(&path).map_err(|e| fail(format!("open: {e}")))?;
         let file_len = file
             .metadata()
@@ -83,12 +80,7 @@ impl ImageFileSource {
             match self.ring.submit_and_wait(wait) {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    return Err(SourceError::Source {
-                        name: self.describe(),
-                        why: format!("io_uring submit: {e}"),
-                    })
-                }
+                Err(e) => return Err(SourceError::unavailable(self.describe(), e)),
             }
         }
         self.unsubmitted = 0;
@@ -104,16 +96,16 @@ impl ImageFileSource {
             };
             let res = cqe.result();
             let result = if res < 0 {
-                Err(SourceError::Read {
+                Err(SourceError::Io {
                     page: read.page,
-                    source: std::io::Error::from_raw_os_error(-res),
+                    source: std::io::Error::from_raw_os_error(-res).into(),
                 })
             } else if (res as usize) < page_size
                 && read.page * page_size as u64 + (res as u64) < self.file_len
             {
-                Err(SourceError::Page {
+                Err(SourceError::Io {
                     page: read.page,
-                    why: format!("short read: {res} of {page_size} bytes"),
+                    source: format!("short read: {res} of {page_size} bytes").into(),
                 })
             } else if is_zero(read.buf.as_slice()) {
                 // A read ending at EOF leaves the rest of the zeroed buffer as zeros.
@@ -173,10 +165,10 @@ impl PageSource for ImageFileSource {
         // change) until the completion for `id` is reaped; the fd outlives the ring's use.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
-            return Err(SourceError::Source {
-                name: self.describe(),
-                why: "submission queue full after flushing".into(),
-            });
+            return Err(SourceError::unavailable(
+                self.describe(),
+                "submission queue full after flushing",
+            ));
         }
         self.pending.insert(id, PendingRead { page, tag, buf });
         self.unsubmitted += 1;

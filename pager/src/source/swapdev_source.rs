@@ -90,8 +90,9 @@ impl DirectReads {
                 (1, dev.submit_read(page, tag))
             };
             if let Err(e) = submitted {
+                let e = Arc::new(e);
                 for &(p, t) in &self.queued[i..i + n] {
-                    self.ready.push_back(failed(p, t, e.to_string()));
+                    self.ready.push_back(failed(p, t, e.clone()));
                 }
             }
             i += n;
@@ -119,15 +120,15 @@ fn split_run(run: RunRead, page_size: usize, out: &mut VecDeque<PageCompletion>)
         first,
         count,
         result,
-        corrupt,
+        mut corrupt,
     } = run;
     match result {
         Ok(buf) => {
             let buf = Arc::new(buf);
             for i in 0..count {
                 let page = first + i;
-                let completion = match corrupt.iter().find(|(p, _)| *p == page) {
-                    Some((_, e)) => failed(page, tag, e.to_string()),
+                let completion = match corrupt.iter().position(|(p, _)| *p == page) {
+                    Some(at) => failed(page, tag, Arc::new(corrupt.swap_remove(at).1)),
                     None => PageCompletion {
                         page,
                         tag,
@@ -141,8 +142,8 @@ fn split_run(run: RunRead, page_size: usize, out: &mut VecDeque<PageCompletion>)
             }
         }
         Err(e) => {
-            let why = e.to_string();
-            out.extend((first..first + count).map(|page| failed(page, tag, why.clone())));
+            let e = Arc::new(e);
+            out.extend((first..first + count).map(|page| failed(page, tag, e.clone())));
         }
     }
 }
@@ -155,10 +156,7 @@ fn convert(read: PageRead) -> PageCompletion {
     let result = match read.result {
         Ok(PageData::Data(buf)) => Ok(PageContent::Data(buf)),
         Ok(PageData::Zero | PageData::NotStored) => Ok(PageContent::Zero),
-        Err(e) => Err(SourceError::Page {
-            page: read.page,
-            why: e.to_string(),
-        }),
+        Err(e) => Err(read_error(read.page, Arc::new(e))),
     };
     PageCompletion {
         page: read.page,
@@ -167,11 +165,28 @@ fn convert(read: PageRead) -> PageCompletion {
     }
 }
 
-fn failed(page: u64, tag: u64, why: String) -> PageCompletion {
+fn failed(page: u64, tag: u64, error: Arc<swapdev::SwapError>) -> PageCompletion {
     PageCompletion {
         page,
         tag,
-        result: Err(SourceError::Page { page, why }),
+        result: Err(read_error(page, error)),
+    }
+}
+
+/// A swap-device read error as a source error: a checksum or decode failure is damage
+/// (never retried, never placed); anything else is an I/O error worth retrying.
+fn read_error(page: u64, error: Arc<swapdev::SwapError>) -> SourceError {
+    if matches!(*error, swapdev::SwapError::PageCorrupt { .. }) {
+        SourceError::Damaged {
+            page,
+            source_name: "swap device".into(),
+            source: Box::new(error),
+        }
+    } else {
+        SourceError::Io {
+            page,
+            source: Box::new(error),
+        }
     }
 }
 
@@ -189,10 +204,7 @@ fn reset(fd: &OwnedFd) {
 impl SwapdevSource {
     /// Serve reads from `device` (shared with whoever else needs it).
     pub fn new(device: Arc<Mutex<SwapDevice>>, description: String) -> Result<Self, SourceError> {
-        let fail = |why: String| SourceError::Source {
-            name: description.clone(),
-            why,
-        };
+        let fail = |why: String| SourceError::unavailable(description.clone(), why);
         let (page_size, capacity_pages, completion_fd) = {
             let d = lock(&device);
             let fd = match d.completion_fd() {
@@ -231,17 +243,14 @@ impl SwapdevSource {
     }
 
     fn thread_stopped(&self) -> SourceError {
-        SourceError::Source {
-            name: self.description.clone(),
-            why: "the swap device I/O thread has stopped (see the log)".into(),
-        }
+        SourceError::unavailable(
+            self.description.clone(),
+            "the swap device I/O thread has stopped (see the log)",
+        )
     }
 
     fn device_failed(&self, e: swapdev::SwapError) -> SourceError {
-        SourceError::Source {
-            name: self.description.clone(),
-            why: format!("the swap device read path failed: {e}"),
-        }
+        SourceError::unavailable(self.description.clone(), e)
     }
 }
 
@@ -318,10 +327,7 @@ impl PageSource for SwapdevSource {
                     match poll(&mut fds, PollTimeout::NONE) {
                         Ok(_) | Err(nix::Error::EINTR) => {}
                         Err(e) => {
-                            return Err(SourceError::Source {
-                                name: self.description.clone(),
-                                why: format!("waiting for the swap device: {e}"),
-                            })
+                            return Err(SourceError::unavailable(self.description.clone(), e))
                         }
                     }
                 }

@@ -145,7 +145,7 @@ fn submit(
     match lock(device).submit_read(page, tag) {
         Ok(()) => *pending += 1,
         Err(e) => {
-            let _ = done.send(super::failed(page, tag, e.to_string()));
+            let _ = done.send(super::failed(page, tag, std::sync::Arc::new(e)));
         }
     }
 }
