@@ -58,7 +58,8 @@ fn run(name: &str, pages: usize, source: Box<dyn PageSource>) {
         FaultLoopConfig::default(),
         stop.clone(),
         None,
-    );
+    )
+    .expect("fault loop");
     let t = std::thread::spawn(move || fl.run());
     let start = Instant::now();
     let mut sum = 0u64;

@@ -8,9 +8,17 @@
 //! ask the prefetch policy for more, submit reads -> completion -> UFFDIO_COPY per contiguous
 //! run ([`place`]) -> Present -> latency recorded. Many reads are in flight at once, so a slow
 //! read never holds up other faults; the loop never spins when idle.
+//!
+//! Several sources serve one VM: the page's [`Route`] (in the VM's route table) names the
+//! source that fetches it ([`sources`]). A [`LoopController`] sends the loop orders while it
+//! runs ([`orders`]): pushed pages to place, sources to install or remove, pause/resume, a
+//! state report.
 
 mod events;
+mod orders;
 mod place;
+mod reads;
+mod sources;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -24,8 +32,13 @@ use uffd::Event;
 use crate::metrics::VmMetrics;
 use crate::page_state::PageState;
 use crate::prefetch::PrefetchPolicy;
+use crate::route::Route;
 use crate::source::{PageCompletion, PageSource, SourceError};
 use crate::vm::Vm;
+
+use orders::OrderInbox;
+pub use orders::{LoopController, LoopReport, OrderError, PlaceReport, PushedPage, SourceReport};
+use sources::{Claim, SourceSet};
 
 /// Tunables of one VM's fault loop.
 #[derive(Debug, Clone, Copy)]
@@ -62,27 +75,35 @@ pub enum LoopExit {
 /// A fault loop failed; the VM is torn down, other VMs are unaffected.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultLoopError {
-    #[error("userfaultfd: {0}")]
+    #[error("userfaultfd")]
     Uffd(#[from] uffd::UffdError),
-    #[error("placing page {page}: {source}")]
+    #[error("placing page {page}")]
     Place {
         page: u64,
         #[source]
         source: uffd::CopyError,
     },
-    #[error("page source: {0}")]
+    #[error("page source")]
     Source(#[from] SourceError),
-    #[error("page {page} could not be read after {attempts} attempts, a guest thread waits on it: {source}")]
+    #[error("page {page} could not be read after {attempts} attempts, a guest thread waits on it")]
     ReadFailed {
         page: u64,
         attempts: u64,
         #[source]
         source: SourceError,
     },
+    #[error("page {page} is damaged and a guest thread waits on it; it is never placed")]
+    Damaged {
+        page: u64,
+        #[source]
+        source: SourceError,
+    },
     #[error("the userfaultfd reports an error condition (was UFFDIO_API done by the VMM?)")]
     UffdUnusable,
-    #[error("poll: {0}")]
+    #[error("poll")]
     Poll(#[from] nix::Error),
+    #[error("setting up the order channel")]
+    Orders(#[from] OrderError),
     #[error("the VMM remapped guest memory ({len:#x} bytes {from:#x} -> {to:#x}); mremap of guest RAM is not supported")]
     Remapped { from: u64, to: u64, len: u64 },
 }
@@ -98,6 +119,8 @@ enum FetchReason {
     Prefetch,
     /// The prefetch policy picked it while the loop was idle (active push).
     Background,
+    /// Pushed by someone else (a migration source) through an order.
+    Push,
 }
 
 impl FetchReason {
@@ -109,7 +132,14 @@ impl FetchReason {
 /// Page-fault loop state for one VM.
 pub struct FaultLoop {
     vm: Arc<Vm>,
-    source: Box<dyn PageSource>,
+    /// Page sources by route, and the claims of reads in flight.
+    sources: SourceSet,
+    orders: OrderInbox,
+    /// Serving paused by an order: page faults are held in `deferred`.
+    paused: bool,
+    deferred: Vec<(Event, Instant)>,
+    /// Faults on pages whose route has no live source, waiting for one.
+    parked: Vec<(u64, Instant)>,
     prefetch: Box<dyn PrefetchPolicy>,
     config: FaultLoopConfig,
     stop: Arc<EventFd>,
@@ -121,6 +151,8 @@ pub struct FaultLoop {
     prefetched: HashSet<u64>,
     /// Read attempts per in-flight page beyond the first.
     retries: HashMap<u64, u64>,
+    /// Completions of one source, as polled (before they are checked against the claims).
+    polled: Vec<PageCompletion>,
     events: Vec<Event>,
     completions: Vec<PageCompletion>,
     candidates: Vec<u64>,
@@ -130,6 +162,8 @@ pub struct FaultLoop {
 }
 
 impl FaultLoop {
+    /// A loop serving every page of `vm` from `source`: the route table routes all pages to
+    /// the source's route.
     pub fn new(
         vm: Arc<Vm>,
         source: Box<dyn PageSource>,
@@ -137,10 +171,36 @@ impl FaultLoop {
         config: FaultLoopConfig,
         stop: Arc<EventFd>,
         connection: Option<OwnedFd>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, FaultLoopError> {
+        let route = source.route();
+        let pages = vm.layout.pages();
+        vm.routes
+            .set_range(0..pages, route)
+            .expect("the route table has one entry per guest page");
+        Self::with_sources(vm, vec![source], prefetch, config, stop, connection)
+    }
+
+    /// A loop serving `vm` from several sources, each installed for its own
+    /// [`PageSource::route`]; the VM's route table (as prepared) says which page goes where.
+    pub fn with_sources(
+        vm: Arc<Vm>,
+        sources: Vec<Box<dyn PageSource>>,
+        prefetch: Box<dyn PrefetchPolicy>,
+        config: FaultLoopConfig,
+        stop: Arc<EventFd>,
+        connection: Option<OwnedFd>,
+    ) -> Result<Self, FaultLoopError> {
+        let mut set = SourceSet::default();
+        for source in sources {
+            set.install(source.route(), source);
+        }
+        Ok(Self {
             vm,
-            source,
+            sources: set,
+            orders: OrderInbox::new()?,
+            paused: false,
+            deferred: Vec::new(),
+            parked: Vec::new(),
             prefetch,
             config,
             stop,
@@ -148,12 +208,18 @@ impl FaultLoop {
             waiters: HashMap::new(),
             prefetched: HashSet::new(),
             retries: HashMap::new(),
+            polled: Vec::with_capacity(64),
             events: Vec::with_capacity(64),
             completions: Vec::with_capacity(64),
             candidates: Vec::new(),
             staging: Vec::new(),
             zero_huge_page: Vec::new(),
-        }
+        })
+    }
+
+    /// A handle to send this loop orders while it runs (valid until the loop ends).
+    pub fn controller(&self) -> LoopController {
+        LoopController::new(&self.orders)
     }
 
     pub fn vm(&self) -> &Arc<Vm> {
@@ -168,8 +234,21 @@ impl FaultLoop {
     pub fn run(mut self) -> Result<LoopExit, FaultLoopError> {
         // One span for the loop's life: every event logged inside names the VM.
         let _vm_span = tracing::info_span!("fault_loop", vm = %self.vm.name).entered();
-        let zero = self.source.seed_zero_pages(&self.vm.states);
-        tracing::info!(vm = %self.vm.name, source = %self.source.describe(),
+        let mut zero = 0;
+        let routes: Vec<Route> = self.sources.routes().collect();
+        for route in routes {
+            let vm = self.vm.clone();
+            let routed_here = move |page: u64| vm.routes.get(page) == Some(route);
+            if let Some(source) = self.sources.live(route) {
+                zero += source.seed_zero_pages(&self.vm.states, &routed_here);
+            }
+        }
+        let described: Vec<String> = self
+            .sources
+            .iter()
+            .map(|(r, s)| format!("{}: {}", r.name(), s.source.describe()))
+            .collect();
+        tracing::info!(vm = %self.vm.name, sources = ?described,
             prefetch = self.prefetch.name(), zero, "fault loop started");
         let result = match self.serve() {
             // ESRCH from the kernel: the VMM's address space is gone; a normal end.
@@ -185,41 +264,60 @@ impl FaultLoop {
 
     fn serve(&mut self) -> Result<LoopExit, FaultLoopError> {
         loop {
-            self.source.flush()?;
-            let (uffd_ready, source_ready, stop, hangup) = self.wait()?;
-            if stop {
+            for route in Route::ALL {
+                if let Some(source) = self.sources.live(route) {
+                    if let Err(e) = source.flush() {
+                        self.source_failed(route, e)?;
+                    }
+                }
+            }
+            let ready = self.wait()?;
+            if ready.stop {
                 return Ok(LoopExit::Stopped);
             }
             // Per wake-up, at trace level: a disabled callsite costs one cached check.
-            let _wake_span = tracing::trace_span!("wake", uffd_ready, source_ready).entered();
+            let _wake_span =
+                tracing::trace_span!("wake", uffd_ready = ready.uffd, orders = ready.orders)
+                    .entered();
             let mut saw_faults = false;
-            if uffd_ready {
+            if ready.orders {
+                self.drain_orders()?;
+            }
+            if ready.uffd {
                 saw_faults = self.drain_events()? > 0;
             }
-            if source_ready || self.source.in_flight() > 0 {
+            if self.sources.in_flight() > 0 {
                 self.drain_completions()?;
             }
-            if hangup {
+            if ready.hangup {
                 return Ok(LoopExit::PeerHangup);
             }
-            if !saw_faults {
+            if !saw_faults && !self.paused {
                 self.idle_prefetch()?;
             }
             self.metrics().inflight.store(
-                self.source.in_flight() as u64,
+                self.sources.in_flight() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
     }
 
-    /// Block until something needs doing. Returns (uffd, source, stop, hangup) readiness.
-    fn wait(&mut self) -> Result<(bool, bool, bool, bool), FaultLoopError> {
+    /// Block until something needs doing.
+    fn wait(&mut self) -> Result<Ready, FaultLoopError> {
         let uffd_fd: BorrowedFd<'_> = self.vm.uffd.as_fd();
         let mut fds = vec![
             PollFd::new(uffd_fd, PollFlags::POLLIN),
-            PollFd::new(self.source.completion_fd(), PollFlags::POLLIN),
             PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.orders.fd(), PollFlags::POLLIN),
         ];
+        const FIRST_SOURCE: usize = 3;
+        let mut sources = 0;
+        for (_, s) in self.sources.iter() {
+            if !s.gone {
+                fds.push(PollFd::new(s.source.completion_fd(), PollFlags::POLLIN));
+                sources += 1;
+            }
+        }
         if let Some(c) = &self.connection {
             fds.push(PollFd::new(
                 c.as_fd(),
@@ -244,9 +342,18 @@ impl FaultLoop {
             // E.g. a uffd whose UFFDIO_API handshake was never done reports POLLERR forever.
             return Err(FaultLoopError::UffdUnusable);
         }
-        let (u, s, st, c) = (ready(0), ready(1), ready(2), ready(3));
+        let connection_ready = self.connection.is_some() && ready(FIRST_SOURCE + sources);
+        let r = Ready {
+            uffd: ready(0),
+            stop: ready(1),
+            orders: ready(2),
+            hangup: false,
+        };
         drop(fds);
-        Ok((u, s, st, c && self.connection_closed()))
+        Ok(Ready {
+            hangup: connection_ready && self.connection_closed(),
+            ..r
+        })
     }
 
     /// The attach connection is readable: EOF or an error means the VMM is gone; stray bytes
@@ -289,13 +396,24 @@ impl FaultLoop {
         }
     }
 
-    /// Claim `page` for a fetch (-> InFlight) and submit its read. Demand faults and
-    /// prefetches around them fetch Missing and Evicted pages; background (idle) prefetch
-    /// fetches only Missing ones, so active push never undoes the evictor's work.
-    fn fetch(&mut self, page: u64, why: FetchReason) -> Result<bool, FaultLoopError> {
+    /// Claim `page` for a fetch (-> InFlight) and submit its read to the source its route
+    /// names. Demand faults and prefetches around them fetch Missing and Evicted pages;
+    /// background (idle) prefetch fetches only Missing ones, so active push never undoes the
+    /// evictor's work. Returns whether a read was submitted; a page whose route has no live
+    /// source is not claimed (a demand fault on it parks, see `missing_fault`).
+    fn fetch(&mut self, page: u64, why: FetchReason) -> Result<Fetch, FaultLoopError> {
+        let Some(route) = self.vm.routes.get(page) else {
+            return Ok(Fetch::NotClaimed);
+        };
+        if route == Route::Zero {
+            return Ok(Fetch::Zero);
+        }
+        if self.paused || self.sources.live(route).is_none() {
+            return Ok(Fetch::NoSource);
+        }
         let from_states: &[PageState] = match why {
             FetchReason::Background => &[PageState::Missing],
-            FetchReason::Demand | FetchReason::Prefetch => {
+            FetchReason::Demand | FetchReason::Prefetch | FetchReason::Push => {
                 &[PageState::Missing, PageState::Evicted]
             }
         };
@@ -305,23 +423,41 @@ impl FaultLoop {
                 .transition(page, from, PageState::InFlight)
                 .is_ok()
         }) else {
-            return Ok(false);
+            return Ok(Fetch::NotClaimed);
         };
-        if let Err(e) = self.source.submit(page, why.tag()) {
+        let submitted = match self.sources.live(route) {
+            Some(source) => source.submit(page, why.tag()),
+            None => unreachable!("checked above, nothing ran in between"),
+        };
+        if let Err(e) = submitted {
             self.vm.states.set(page, from);
-            return Err(e.into());
+            return match e {
+                SourceError::HostGone { .. } => {
+                    self.source_failed(route, e)?;
+                    Ok(Fetch::NoSource)
+                }
+                e => Err(e.into()),
+            };
         }
+        self.sources.claim(
+            page,
+            Claim {
+                route,
+                from,
+                tag: why.tag(),
+            },
+        );
         if why != FetchReason::Demand {
             self.prefetched.insert(page);
             VmMetrics::add(&self.metrics().pages_prefetched, 1);
         }
-        Ok(true)
+        Ok(Fetch::Submitted)
     }
 
     fn room(&self) -> usize {
         self.config
             .max_inflight
-            .saturating_sub(self.source.in_flight())
+            .saturating_sub(self.sources.in_flight())
     }
 
     /// After a demand fault on `page`: let the policy pick more pages, within the budget.
@@ -380,57 +516,39 @@ impl FaultLoop {
         let limit = self.vm.layout.pages();
         let mut submitted = 0;
         for &p in pages.iter().take(budget) {
-            if p < limit && self.vm.layout.addr_of_page(p).is_some() && self.fetch(p, why)? {
+            if p < limit
+                && self.vm.layout.addr_of_page(p).is_some()
+                && self.fetch(p, why)? == Fetch::Submitted
+            {
                 submitted += 1;
             }
         }
         Ok(submitted)
     }
+}
 
-    /// Collect finished reads and place them.
-    fn drain_completions(&mut self) -> Result<(), FaultLoopError> {
-        let mut done = std::mem::take(&mut self.completions);
-        done.clear();
-        self.source.poll(&mut done, 0)?;
-        let result = self.place_completions(&mut done);
-        done.clear();
-        self.completions = done;
-        result
-    }
+/// What woke the loop.
+struct Ready {
+    uffd: bool,
+    stop: bool,
+    orders: bool,
+    hangup: bool,
+}
 
-    /// A read failed: retry it, or give up (fatal only if a guest thread waits on it).
-    fn read_failed(
-        &mut self,
-        page: u64,
-        tag: u64,
-        error: SourceError,
-    ) -> Result<(), FaultLoopError> {
-        VmMetrics::add(&self.metrics().read_errors, 1);
-        let attempts = self.retries.entry(page).or_insert(1);
-        *attempts += 1;
-        let attempts = *attempts;
-        if attempts <= self.config.read_attempts {
-            tracing::warn!(vm = %self.vm.name, page, attempts, %error, "page read failed, retrying");
-            self.source.submit(page, tag)?;
-            return Ok(());
-        }
-        self.retries.remove(&page);
-        self.prefetched.remove(&page);
-        if self.waiters.contains_key(&page) {
-            return Err(FaultLoopError::ReadFailed {
-                page,
-                attempts,
-                source: error,
-            });
-        }
-        tracing::warn!(vm = %self.vm.name, page, %error, "prefetch read failed; page left for a later fault");
-        let _ = self
-            .vm
-            .states
-            .transition(page, PageState::InFlight, PageState::Missing);
-        Ok(())
-    }
+/// The outcome of [`FaultLoop::fetch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Claimed and submitted.
+    Submitted,
+    /// Not claimed: another component changed the page's state first.
+    NotClaimed,
+    /// The page's route is `Zero`: it is placed as a zero page, no read.
+    Zero,
+    /// The page's route has no live source (or serving is paused): not claimed.
+    NoSource,
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_routed;

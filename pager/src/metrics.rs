@@ -75,6 +75,14 @@ counters! {
     blocktime_ns,
     /// Reads currently in flight.
     inflight,
+    /// Pages pushed unasked (by a migration source) and placed.
+    pages_pushed,
+    /// Reads that returned a damaged page (checksum/decode failure): never placed.
+    pages_damaged,
+    /// Answers from a source for pages it was not asked for (dropped).
+    unrequested_pages,
+    /// Faults that waited for a source (none installed for their route, or its host gone).
+    faults_parked,
 }
 
 impl VmMetrics {

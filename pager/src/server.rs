@@ -316,7 +316,8 @@ impl Daemon {
             self.config.fault_loop,
             stop.clone(),
             Some(connection),
-        );
+        )
+        .map_err(|e| format!("starting the fault loop: {}", crate::error_chain(&e)))?;
         let mut vms = self.lock();
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             return Err("the pager is shutting down".into());

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use swapdev::AlignedBuf;
 
 use crate::page_state::PageStateTable;
+use crate::route::Route;
 
 pub use image::ImageFileSource;
 pub use swapdev_source::SwapdevSource;
@@ -134,11 +135,18 @@ pub trait PageSource: Send {
     fn completion_fd(&self) -> BorrowedFd<'_>;
     /// A short description for logs and stats, e.g. "swapdev /var/lib/pw/vm1.swap".
     fn describe(&self) -> String;
+    /// The route this source answers for in a routed fault loop.
+    fn route(&self) -> Route;
     /// Before serving starts: mark pages the source knows to be all-zero (or never stored)
-    /// as [`crate::page_state::PageState::Zero`] in `states`, when they are still `Missing`, so their faults
-    /// are answered with UFFDIO_ZEROPAGE without any I/O. Returns how many were marked.
-    fn seed_zero_pages(&mut self, states: &PageStateTable) -> u64 {
-        let _ = states;
+    /// as [`crate::page_state::PageState::Zero`] in `states`, when they are still `Missing`
+    /// and `routed_here` says this source answers for them, so their faults are answered with
+    /// UFFDIO_ZEROPAGE without any I/O. Returns how many were marked.
+    fn seed_zero_pages(
+        &mut self,
+        states: &PageStateTable,
+        routed_here: &dyn Fn(u64) -> bool,
+    ) -> u64 {
+        let _ = (states, routed_here);
         0
     }
 }

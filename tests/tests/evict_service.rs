@@ -106,7 +106,8 @@ impl Guest {
             FaultLoopConfig::default(),
             stop.clone(),
             None,
-        );
+        )
+        .unwrap();
         let fault_loop = Some(std::thread::spawn(move || fl.run()));
         Ok(Self {
             map,

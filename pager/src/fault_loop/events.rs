@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use uffd::{Event, PlaceMode};
 
-use super::{FaultLoop, FaultLoopError};
+use super::{FaultLoop, FaultLoopError, Fetch};
 use crate::metrics::VmMetrics;
 use crate::page_state::PageState;
 
@@ -16,6 +16,11 @@ impl FaultLoop {
         read_at: Instant,
     ) -> Result<(), FaultLoopError> {
         match ev {
+            Event::PageFault { .. } if self.paused => {
+                // Paused: the thread stays blocked; the fault is handled on resume.
+                self.deferred.push((ev, read_at));
+                Ok(())
+            }
             Event::PageFault {
                 addr, wp, minor, ..
             } => {
@@ -67,7 +72,11 @@ impl FaultLoop {
             end = format_args!("{end:#x}"), pages, "range discarded");
     }
 
-    fn missing_fault(&mut self, page: u64, read_at: Instant) -> Result<(), FaultLoopError> {
+    pub(super) fn missing_fault(
+        &mut self,
+        page: u64,
+        read_at: Instant,
+    ) -> Result<(), FaultLoopError> {
         VmMetrics::add(&self.metrics().faults, 1);
         match self.vm.states.get(page) {
             PageState::Removed | PageState::Zero => {
@@ -97,13 +106,40 @@ impl FaultLoop {
                 Ok(())
             }
             PageState::Missing | PageState::Evicted => {
-                if !self.fetch(page, super::FetchReason::Demand)? {
+                match self.fetch(page, super::FetchReason::Demand)? {
+                    Fetch::Submitted => {
+                        VmMetrics::add(&self.metrics().faults_to_source, 1);
+                        self.waiters.entry(page).or_default().push(read_at);
+                        self.prefetch_around(page)
+                    }
                     // Lost a race with another component changing the state: look again.
-                    return self.missing_fault_retry(page, read_at);
+                    Fetch::NotClaimed => self.missing_fault_retry(page, read_at),
+                    Fetch::Zero => {
+                        VmMetrics::add(&self.metrics().faults_avoided, 1);
+                        if self
+                            .vm
+                            .states
+                            .transition(page, PageState::Missing, PageState::InFlight)
+                            .is_err()
+                            && self
+                                .vm
+                                .states
+                                .transition(page, PageState::Evicted, PageState::InFlight)
+                                .is_err()
+                        {
+                            return self.missing_fault_retry(page, read_at);
+                        }
+                        self.waiters.entry(page).or_default().push(read_at);
+                        self.place_zero(page)
+                    }
+                    Fetch::NoSource => {
+                        // No live source for its route (or paused): the thread waits until
+                        // one is installed.
+                        VmMetrics::add(&self.metrics().faults_parked, 1);
+                        self.parked.push((page, read_at));
+                        Ok(())
+                    }
                 }
-                VmMetrics::add(&self.metrics().faults_to_source, 1);
-                self.waiters.entry(page).or_default().push(read_at);
-                self.prefetch_around(page)
             }
         }
     }

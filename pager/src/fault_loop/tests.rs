@@ -86,7 +86,8 @@ impl Harness {
             FaultLoopConfig::default(),
             stop.clone(),
             None,
-        );
+        )
+        .unwrap();
         let thread = Some(std::thread::spawn(move || fl.run()));
         Self {
             map,
@@ -321,7 +322,8 @@ fn hugetlbfs_guest_gets_data_and_zero_huge_pages() {
         FaultLoopConfig::default(),
         stop.clone(),
         None,
-    );
+    )
+    .unwrap();
     let thread = std::thread::spawn(move || fl.run());
     // Touch from another thread: if the loop fails, that thread stays blocked in its fault,
     // and the test reports the loop's error instead of hanging.

@@ -199,6 +199,10 @@ impl PageSource for ImageFileSource {
         self.completion.as_fd()
     }
 
+    fn route(&self) -> crate::route::Route {
+        crate::route::Route::Local
+    }
+
     fn describe(&self) -> String {
         format!("image {}", self.path.display())
     }

@@ -356,12 +356,21 @@ impl PageSource for SwapdevSource {
         self.description.clone()
     }
 
-    fn seed_zero_pages(&mut self, states: &PageStateTable) -> u64 {
+    fn route(&self) -> crate::route::Route {
+        crate::route::Route::Swapdev
+    }
+
+    fn seed_zero_pages(
+        &mut self,
+        states: &PageStateTable,
+        routed_here: &dyn Fn(u64) -> bool,
+    ) -> u64 {
         let dev = lock(&self.device);
         let pages = (states.len() as u64).min(self.capacity_pages);
         let mut marked = 0;
         for page in 0..pages {
             if dev.page_state(page) != DevicePageState::Stored
+                && routed_here(page)
                 && states
                     .transition(page, PageState::Missing, PageState::Zero)
                     .is_ok()

@@ -107,7 +107,7 @@ impl Guest {
             FaultLoopConfig::default(),
             stop.clone(),
             None,
-        );
+        )?;
         let fault_loop = Some(std::thread::spawn(move || {
             if let Err(e) = fl.run() {
                 eprintln!("bench fault loop: {e}");

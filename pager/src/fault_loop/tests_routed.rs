@@ -1,0 +1,509 @@
+//! Routed sources, orders and read failures, on real memory: an anonymous mapping registered
+//! with a real uffd, the real fault loop, and in-memory page sources whose answers the tests
+//! script (good pages, damaged pages, I/O errors, a gone host, answers nobody asked for).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use swapdev::AlignedBuf;
+use uffd::{Features, RegisterMode, Uffd, UffdFlags};
+
+use super::{FaultLoop, FaultLoopConfig, FaultLoopError, LoopController, LoopExit, PushedPage};
+use crate::attach::protocol::GuestRegionUffdMapping;
+use crate::page_state::PageState;
+use crate::prefetch;
+use crate::route::Route;
+use crate::source::{PageCompletion, PageContent, PageSource, SourceError};
+use crate::vm::{GuestLayout, PeerInfo, Vm};
+
+const PAGE: usize = 4096;
+
+/// Content of page `i` as source `salt` holds it.
+fn page_bytes(salt: u8, i: u64) -> Vec<u8> {
+    (0..PAGE)
+        .map(|j| (i as usize * 31 + j).wrapping_add(salt as usize * 101) as u8 | 1)
+        .collect()
+}
+
+fn buf_of(bytes: &[u8]) -> AlignedBuf {
+    let mut b = AlignedBuf::new(bytes.len());
+    b.as_mut_slice().copy_from_slice(bytes);
+    b
+}
+
+/// How a scripted source answers one page.
+#[derive(Debug, Clone, Copy)]
+enum Script {
+    /// Fails with an I/O error this many times, then answers.
+    IoErrors(u32),
+    /// Answers with a damaged-page error, every time.
+    Damaged,
+    /// Answers with "host gone".
+    HostGone,
+    /// Also answers page `page + 1000` (never asked for), then the page itself.
+    AlsoUnrequested,
+}
+
+/// An in-memory source: page `i` is `page_bytes(salt, i)`, answered at once through an eventfd.
+struct ScriptedSource {
+    salt: u8,
+    route: Route,
+    pages: u64,
+    script: Arc<Mutex<HashMap<u64, Script>>>,
+    ready: VecDeque<PageCompletion>,
+    efd: EventFd,
+    /// Pages asked for, in order.
+    asked: Arc<Mutex<Vec<u64>>>,
+}
+
+impl ScriptedSource {
+    fn new(salt: u8, route: Route, pages: u64) -> Self {
+        Self {
+            salt,
+            route,
+            pages,
+            script: Arc::default(),
+            ready: VecDeque::new(),
+            efd: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .unwrap(),
+            asked: Arc::default(),
+        }
+    }
+
+    fn with(self, page: u64, script: Script) -> Self {
+        self.script.lock().unwrap().insert(page, script);
+        self
+    }
+}
+
+impl PageSource for ScriptedSource {
+    fn page_size(&self) -> usize {
+        PAGE
+    }
+    fn capacity_pages(&self) -> u64 {
+        self.pages
+    }
+    fn submit(&mut self, page: u64, tag: u64) -> Result<(), SourceError> {
+        self.asked.lock().unwrap().push(page);
+        let mut script = self.script.lock().unwrap();
+        let result = match script.get_mut(&page) {
+            Some(Script::IoErrors(n)) if *n > 0 => {
+                *n -= 1;
+                Err(SourceError::Io {
+                    page,
+                    source: "scripted I/O error".into(),
+                })
+            }
+            Some(Script::Damaged) => Err(SourceError::Damaged {
+                page,
+                source_name: "scripted".into(),
+                source: "checksum mismatch".into(),
+            }),
+            Some(Script::HostGone) => {
+                return Err(SourceError::HostGone {
+                    source_name: "scripted".into(),
+                    source: "connection reset".into(),
+                })
+            }
+            Some(Script::AlsoUnrequested) => {
+                self.ready.push_back(PageCompletion {
+                    page: page + 1000,
+                    tag,
+                    result: Ok(PageContent::Data(buf_of(&page_bytes(self.salt, page)))),
+                });
+                Ok(PageContent::Data(buf_of(&page_bytes(self.salt, page))))
+            }
+            _ => Ok(PageContent::Data(buf_of(&page_bytes(self.salt, page)))),
+        };
+        self.ready.push_back(PageCompletion { page, tag, result });
+        self.efd.write(1).unwrap();
+        Ok(())
+    }
+    fn poll(&mut self, out: &mut Vec<PageCompletion>, _min: usize) -> Result<usize, SourceError> {
+        let _ = self.efd.read();
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        Ok(n)
+    }
+    fn in_flight(&self) -> usize {
+        self.ready.len()
+    }
+    fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.efd.as_fd()
+    }
+    fn describe(&self) -> String {
+        format!("scripted {}", self.route.name())
+    }
+    fn route(&self) -> Route {
+        self.route
+    }
+}
+
+struct Guest {
+    map: MmapMut,
+    vm: Arc<Vm>,
+    stop: Arc<EventFd>,
+    control: LoopController,
+    thread: Option<std::thread::JoinHandle<Result<LoopExit, FaultLoopError>>>,
+}
+
+impl Guest {
+    /// `pages` pages; `route_of` routes them; `sources` serve them.
+    fn start(
+        pages: u64,
+        route_of: impl Fn(u64) -> Route,
+        sources: Vec<Box<dyn PageSource>>,
+        policy: &str,
+        states: &[(std::ops::Range<u64>, PageState)],
+    ) -> Self {
+        let uffd = Uffd::new(UffdFlags {
+            nonblocking: true,
+            ..Default::default()
+        })
+        .unwrap();
+        uffd.api(Features::EVENT_REMOVE).unwrap();
+        let map = MmapMut::map_anon(pages as usize * PAGE).unwrap();
+        let addr = map.as_ptr() as u64;
+        uffd.register(addr, pages * PAGE as u64, RegisterMode::MISSING)
+            .unwrap();
+        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+            base_host_virt_addr: addr,
+            size: pages as usize * PAGE,
+            offset: 0,
+            page_size: PAGE,
+            page_size_kib: 0,
+        }])
+        .unwrap();
+        let vm = Arc::new(Vm::new("r".into(), uffd, layout, None, PeerInfo::default()));
+        for p in 0..pages {
+            vm.routes.set_range(p..p + 1, route_of(p)).unwrap();
+        }
+        for (range, state) in states {
+            vm.states.set_range(range.clone(), *state);
+        }
+        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
+        let fl = FaultLoop::with_sources(
+            vm.clone(),
+            sources,
+            prefetch::by_name(policy, pages).unwrap(),
+            FaultLoopConfig::default(),
+            stop.clone(),
+            None,
+        )
+        .unwrap();
+        let control = fl.controller();
+        let thread = Some(std::thread::spawn(move || fl.run()));
+        Self {
+            map,
+            vm,
+            stop,
+            control,
+            thread,
+        }
+    }
+
+    fn page(&self, i: u64) -> &[u8] {
+        &self.map[i as usize * PAGE..(i as usize + 1) * PAGE]
+    }
+
+    /// Touch page `i` from another thread; the receiver gets its first byte once served.
+    fn touch_async(&self, i: u64) -> std::sync::mpsc::Receiver<u8> {
+        let addr = self.map.as_ptr() as usize + i as usize * PAGE;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: `addr` lies in the guest mapping, alive until the test ends (tests end
+            // the loop and drop the mapping only after this thread was answered or the uffd
+            // was closed, which releases it).
+            let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+            let _ = tx.send(b);
+        });
+        rx
+    }
+
+    fn stop(&mut self) -> Result<LoopExit, FaultLoopError> {
+        self.stop.write(1).unwrap();
+        self.thread.take().unwrap().join().unwrap()
+    }
+
+    fn wait_exit(&mut self) -> Result<LoopExit, FaultLoopError> {
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let since = Instant::now();
+    while !f() {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn each_route_is_answered_by_its_own_source() {
+    let pages = 24;
+    let route_of = |p: u64| match p {
+        0..8 => Route::Local,
+        8..16 => Route::Remote,
+        _ => Route::Zero,
+    };
+    let local = ScriptedSource::new(1, Route::Local, pages);
+    let remote = ScriptedSource::new(2, Route::Remote, pages);
+    let (local_asked, remote_asked) = (local.asked.clone(), remote.asked.clone());
+    let mut g = Guest::start(
+        pages,
+        route_of,
+        vec![Box::new(local), Box::new(remote)],
+        "none",
+        &[],
+    );
+    for p in 0..pages {
+        let want = match route_of(p) {
+            Route::Local => page_bytes(1, p),
+            Route::Remote => page_bytes(2, p),
+            _ => vec![0; PAGE],
+        };
+        assert_eq!(g.page(p), &want[..], "page {p}");
+    }
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+    assert_eq!(*local_asked.lock().unwrap(), (0..8).collect::<Vec<_>>());
+    assert_eq!(*remote_asked.lock().unwrap(), (8..16).collect::<Vec<_>>());
+    assert_eq!(g.vm.metrics.snapshot().pages_zeroed, 8);
+}
+
+#[test]
+fn a_fault_without_a_source_waits_for_one_to_be_installed() {
+    let pages = 8;
+    let local = ScriptedSource::new(1, Route::Local, pages);
+    let mut g = Guest::start(
+        pages,
+        |p| if p < 4 { Route::Local } else { Route::Remote },
+        vec![Box::new(local)],
+        "none",
+        &[],
+    );
+    let answer = g.touch_async(5);
+    assert!(
+        answer.recv_timeout(Duration::from_millis(300)).is_err(),
+        "served without a source"
+    );
+    let report = g.control.report().unwrap();
+    assert_eq!(report.parked_faults, 1, "{report:?}");
+    g.control
+        .install_source(
+            Route::Remote,
+            Box::new(ScriptedSource::new(2, Route::Remote, pages)),
+        )
+        .unwrap();
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(2, 5)[0]
+    );
+    assert_eq!(g.page(1), &page_bytes(1, 1)[..]);
+    g.stop().unwrap();
+    assert_eq!(g.vm.metrics.snapshot().faults_parked, 1);
+}
+
+#[test]
+fn a_gone_host_parks_its_pages_and_a_new_source_resumes_them() {
+    let pages = 8;
+    let gone = ScriptedSource::new(2, Route::Remote, pages).with(6, Script::HostGone);
+    let local = ScriptedSource::new(1, Route::Local, pages);
+    let mut g = Guest::start(
+        pages,
+        |p| if p < 4 { Route::Local } else { Route::Remote },
+        vec![Box::new(local), Box::new(gone)],
+        "none",
+        &[],
+    );
+    let answer = g.touch_async(6);
+    eventually("the remote source marked gone", || {
+        g.control
+            .report()
+            .unwrap()
+            .sources
+            .iter()
+            .any(|s| s.route == Route::Remote && s.gone)
+    });
+    // The rest of the VM is still served.
+    assert_eq!(g.page(2), &page_bytes(1, 2)[..]);
+    assert!(answer.try_recv().is_err());
+    assert_eq!(
+        g.vm.states.get(6),
+        PageState::Missing,
+        "a parked page is not claimed"
+    );
+    g.control
+        .install_source(
+            Route::Remote,
+            Box::new(ScriptedSource::new(3, Route::Remote, pages)),
+        )
+        .unwrap();
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(3, 6)[0]
+    );
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+}
+
+#[test]
+fn paused_faults_wait_and_are_served_on_resume() {
+    let pages = 8;
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Local,
+        vec![Box::new(ScriptedSource::new(1, Route::Local, pages))],
+        "none",
+        &[],
+    );
+    g.control.pause().unwrap();
+    let answer = g.touch_async(3);
+    assert!(
+        answer.recv_timeout(Duration::from_millis(300)).is_err(),
+        "served while paused"
+    );
+    let report = g.control.report().unwrap();
+    assert!(report.paused);
+    assert_eq!(report.deferred_faults, 1, "{report:?}");
+    g.control.resume().unwrap();
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(1, 3)[0]
+    );
+    g.stop().unwrap();
+}
+
+#[test]
+fn pushed_pages_are_placed_once_and_never_overwrite_what_the_guest_has() {
+    let pages = 16;
+    let local = ScriptedSource::new(1, Route::Remote, pages);
+    let asked = local.asked.clone();
+    let mut g = Guest::start(pages, |_| Route::Remote, vec![Box::new(local)], "none", &[]);
+    // The guest already has page 0 (from its source) and writes to it.
+    assert_eq!(g.page(0), &page_bytes(1, 0)[..]);
+    g.map[0] = 0x55;
+    let pushed = |p: u64| PushedPage {
+        page: p,
+        content: PageContent::Data(buf_of(&page_bytes(9, p))),
+    };
+    let report = g
+        .control
+        .place(vec![
+            pushed(0),
+            pushed(4),
+            pushed(5),
+            PushedPage {
+                page: 6,
+                content: PageContent::Zero,
+            },
+            pushed(pages),
+            pushed(u64::MAX),
+            PushedPage {
+                page: 7,
+                content: PageContent::Data(AlignedBuf::new(100)),
+            },
+        ])
+        .unwrap();
+    assert_eq!(report.placed, 3, "{report:?}");
+    assert_eq!(report.already_present, 1, "{report:?}");
+    assert_eq!(report.rejected, 3, "{report:?}");
+    assert_eq!(g.map[0], 0x55, "a push overwrote the guest's own write");
+    assert_eq!(g.page(4), &page_bytes(9, 4)[..]);
+    assert_eq!(g.page(5), &page_bytes(9, 5)[..]);
+    assert!(g.page(6).iter().all(|&b| b == 0));
+    assert_eq!(
+        g.page(7),
+        &page_bytes(1, 7)[..],
+        "a short pushed buffer was refused"
+    );
+    g.stop().unwrap();
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![0, 7],
+        "pushed pages were fetched again"
+    );
+    assert_eq!(g.vm.metrics.snapshot().pages_pushed, 3);
+}
+
+#[test]
+fn failed_prefetches_keep_evicted_pages_evicted() {
+    let pages = 32;
+    let source = ScriptedSource::new(1, Route::Swapdev, pages)
+        .with(11, Script::IoErrors(100))
+        .with(12, Script::Damaged);
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Swapdev,
+        vec![Box::new(source)],
+        "bubble",
+        &[(8..16, PageState::Evicted)],
+    );
+    // A demand fault on page 10; bubbling prefetches its neighbours 11 and 12, which fail.
+    assert_eq!(g.page(10), &page_bytes(1, 10)[..]);
+    eventually("the failed prefetches settled", || {
+        g.vm.states.get(11) != PageState::InFlight && g.vm.states.get(12) != PageState::InFlight
+    });
+    assert_eq!(g.vm.states.get(11), PageState::Evicted);
+    assert_eq!(g.vm.states.get(12), PageState::Evicted);
+    g.stop().unwrap();
+    let m = g.vm.metrics.snapshot();
+    assert_eq!(m.pages_damaged, 1, "{m:?}");
+    // Page 11: the first read and its retries (3 attempts in all); page 12: one read only.
+    assert_eq!(m.read_errors, 4, "{m:?}");
+}
+
+#[test]
+fn an_io_error_is_retried_and_the_page_served() {
+    let pages = 8;
+    let source = ScriptedSource::new(1, Route::Local, pages).with(2, Script::IoErrors(2));
+    let mut g = Guest::start(pages, |_| Route::Local, vec![Box::new(source)], "none", &[]);
+    assert_eq!(g.page(2), &page_bytes(1, 2)[..]);
+    g.stop().unwrap();
+    assert_eq!(g.vm.metrics.snapshot().read_errors, 2);
+}
+
+#[test]
+fn a_damaged_page_a_thread_waits_on_fails_at_once_and_is_never_placed() {
+    let pages = 8;
+    let source = ScriptedSource::new(1, Route::Local, pages).with(3, Script::Damaged);
+    let asked = source.asked.clone();
+    let mut g = Guest::start(pages, |_| Route::Local, vec![Box::new(source)], "none", &[]);
+    let answer = g.touch_async(3);
+    let exit = g.wait_exit();
+    match exit {
+        Err(FaultLoopError::Damaged { page: 3, .. }) => {}
+        other => panic!("expected a damaged-page error naming page 3, got {other:?}"),
+    }
+    assert_eq!(
+        crate::error_chain(&exit.unwrap_err()),
+        "page 3 is damaged and a guest thread waits on it; it is never placed: \
+         page 3 from scripted is damaged: checksum mismatch"
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![3],
+        "a damaged page was retried"
+    );
+    assert_ne!(g.vm.states.get(3), PageState::Present);
+    // Closing the uffd releases the blocked thread (the kernel then fills the page itself).
+    let Guest { map, vm, .. } = g;
+    drop(vm);
+    answer.recv_timeout(Duration::from_secs(5)).unwrap();
+    drop(map);
+}
+
+#[test]
+fn answers_nobody_asked_for_are_dropped() {
+    let pages = 8;
+    let source = ScriptedSource::new(1, Route::Local, pages).with(1, Script::AlsoUnrequested);
+    let mut g = Guest::start(pages, |_| Route::Local, vec![Box::new(source)], "none", &[]);
+    assert_eq!(g.page(1), &page_bytes(1, 1)[..]);
+    g.stop().unwrap();
+    assert_eq!(g.vm.metrics.snapshot().unrequested_pages, 1);
+}
