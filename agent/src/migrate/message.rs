@@ -369,6 +369,16 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), WireError>
     Ok(())
 }
 
+/// Write one `Page` frame straight from `data` (no copy of the page).
+pub fn write_page(w: &mut impl Write, page: u64, data: &[u8]) -> Result<(), WireError> {
+    let head = FrameHeader::new(Command::Page, 12 + data.len()).encode();
+    w.write_all(&head)?;
+    w.write_all(&page.to_le_bytes())?;
+    w.write_all(&page_checksum(data).to_le_bytes())?;
+    w.write_all(data)?;
+    Ok(())
+}
+
 /// Read one message. `agreed` is the connection's version once the hellos settled it.
 pub fn read_message(r: &mut impl Read, agreed: Option<u16>) -> Result<Message, WireError> {
     let mut head = [0u8; HEADER_LEN];

@@ -1,6 +1,9 @@
 //! Live migration between hosts: the wire protocol ([`frame`], [`message`]) and the
-//! peers' mutual authentication ([`auth`]).
+//! peers' mutual authentication ([`auth`]), the destination's remote page source
+//! ([`remote`]) and the source's answers to it ([`page_server`]).
 
 pub mod auth;
 pub mod frame;
 pub mod message;
+pub mod page_server;
+pub mod remote;

@@ -290,6 +290,13 @@ impl FaultLoop {
     /// back to the state it had, and a waiting fault asks again (of the new source, or it
     /// parks until there is one).
     fn reissue(&mut self, route: Route) -> Result<(), FaultLoopError> {
+        self.void_claims(route);
+        self.retry_parked()
+    }
+
+    /// Every read in flight at `route` is void: its page goes back to the state it had and
+    /// its waiting faults park until a source serves the route again.
+    pub(super) fn void_claims(&mut self, route: Route) {
         for (page, claim) in self.sources.drop_claims_of(route) {
             let _ = self
                 .vm
@@ -303,7 +310,6 @@ impl FaultLoop {
                 }
             }
         }
-        self.retry_parked()
     }
 
     /// Faults parked for want of a live source: try them again.

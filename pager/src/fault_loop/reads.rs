@@ -22,6 +22,7 @@ impl FaultLoop {
                 tracing::warn!(vm = %self.vm.name, route = route.name(), error = %crate::error_chain(&e),
                     "the host behind a page source is gone; its pages wait for a new source");
                 self.sources.mark_gone(route);
+                self.void_claims(route);
                 Ok(())
             }
             e => Err(e.into()),

@@ -87,11 +87,12 @@ impl SourceSet {
             .filter_map(|r| self.slots[Self::slot(r)].as_ref().map(|s| (r, s)))
     }
 
-    /// Reads in flight over every source.
+    /// Reads in flight over every live source (a gone host's reads are void).
     pub fn in_flight(&self) -> usize {
         self.slots
             .iter()
             .flatten()
+            .filter(|s| !s.gone)
             .map(|s| s.source.in_flight())
             .sum()
     }
