@@ -6,4 +6,5 @@ pub mod auth;
 pub mod frame;
 pub mod message;
 pub mod page_server;
+pub mod qmp;
 pub mod remote;
