@@ -226,6 +226,16 @@ fn nfs_storm_child() {
 
 type Expect = Option<u64>;
 
+/// The storm writer, killed if the test fails before it does (it never stops by itself).
+struct Writer(std::process::Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn kill9_write_storm_over_nfs() {
     if std::env::var(CHILD_ENV).is_ok() {
@@ -244,20 +254,22 @@ fn kill9_write_storm_over_nfs() {
     for round in 0..4u64 {
         // Odd rounds: the NFS server dies (kill -9) under the writer first.
         let kill_server = round % 2 == 1;
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "nfs_storm_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &spec)
-            .env("PAGEWISE_NFS_STORM_BASE", ((round + 1) << 32).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn storm child");
-        let stdout = child.stdout.take().unwrap();
+        let mut child = Writer(
+            Command::new(&exe)
+                .args([
+                    "--exact",
+                    "nfs_storm_child",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, &spec)
+                .env("PAGEWISE_NFS_STORM_BASE", ((round + 1) << 32).to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn storm child"),
+        );
+        let stdout = child.0.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel::<String>();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -285,11 +297,11 @@ fn kill9_write_storm_over_nfs() {
             std::thread::sleep(Duration::from_millis(200));
         }
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(child.0.id() as i32),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        child.wait().unwrap();
+        child.0.wait().unwrap();
         reader.join().unwrap();
         if kill_server {
             server.restart();
