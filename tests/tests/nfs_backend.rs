@@ -128,6 +128,7 @@ fn setup_errors_name_server_export_and_path() {
         msg.contains("127.0.0.1") && msg.contains("/no/such/export/x.img") && msg.contains(&export),
         "{msg}"
     );
+    eprintln!("outside every export: {msg}");
 
     // A missing file without create.
     let err = open_backend(&server.spec("missing.img"), &SpecOptions::default())
@@ -138,6 +139,7 @@ fn setup_errors_name_server_export_and_path() {
         err.contains("cannot open /missing.img in export") && err.contains(&export),
         "{err}"
     );
+    eprintln!("missing file: {err}");
     // A missing directory even with create.
     let err = NfsBackend::connect(
         "127.0.0.1",
@@ -163,6 +165,21 @@ fn setup_errors_name_server_export_and_path() {
         "{err}"
     );
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
+    eprintln!("server down: {err}");
+
+    // Nothing answers at all (no rpcbind either): only when the helper owns rpcbind (on a
+    // machine whose system rpcbind runs, stopping it is not ours to do).
+    if server.kill_rpcbind() {
+        let err = open_backend(&server.spec("x.img"), &SpecOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("NFS server 127.0.0.1 did not answer") && err.contains(&export),
+            "{err}"
+        );
+        eprintln!("with no rpcbind: {err}");
+    }
 }
 
 #[test]

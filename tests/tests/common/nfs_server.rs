@@ -180,6 +180,19 @@ impl NfsServer {
         });
     }
 
+    /// Stop rpcbind if this helper started it (true); a system rpcbind is left alone (false).
+    pub fn kill_rpcbind(&mut self) -> bool {
+        let Some(mut c) = self.rpcbind.take() else {
+            return false;
+        };
+        let _ = c.kill();
+        let _ = c.wait();
+        wait_for("port 111 to close", Duration::from_secs(10), || {
+            !listening(111)
+        });
+        true
+    }
+
     /// Start Ganesha again on the same export after `kill`.
     pub fn restart(&mut self) {
         self.kill();

@@ -46,8 +46,8 @@ pub enum NfsError {
     #[error("libnfs could not create a context (out of memory?)")]
     Context,
     #[error(
-        "NFS server {server} did not answer (no reply from rpcbind/MOUNT, and mounting {export} \
-         failed: {message})"
+        "NFS server {server} did not answer (no export list from its rpcbind/MOUNT service, and \
+         mounting {export} failed: {message})"
     )]
     Unreachable {
         server: String,
