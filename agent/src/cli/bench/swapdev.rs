@@ -186,7 +186,13 @@ fn measure(
     dev.close()?;
     let mut raw = open(false)?;
     // The last `pages` pages of the store lie inside the (empty) data area.
-    let region_start = raw.size()? - a.pages * PS as u64;
+    let size = raw.size()?;
+    let region_start = size.checked_sub(a.pages * PS as u64).with_context(|| {
+        format!(
+            "{label} holds {size} bytes, fewer than the {} pages asked for",
+            a.pages
+        )
+    })?;
     // Fill the raw region first (untimed): random reads of never-written (sparse) blocks
     // would not touch the disk and flatter the baseline.
     prefill(raw.as_mut(), region_start, a.pages, pool)?;
