@@ -79,6 +79,19 @@ fn conformance_read_write_flush_trim() {
         matches!(err, BackendError::Short { done: 100, .. }),
         "{err:?}"
     );
+    // Over the 1 GiB request limit: refused at submit, nothing sent (the buffer is never
+    // touched, so it costs no memory).
+    let err = b
+        .submit(IoRequest {
+            tag: 5,
+            offset: 0,
+            op: IoOp::Read {
+                buf: AlignedBuf::new(swapdev::backend::nfs::MAX_REQUEST + PAGE),
+            },
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    assert_eq!(b.in_flight(), 0);
     // Zero-length requests complete at once.
     run_one(
         b.as_mut(),

@@ -120,6 +120,10 @@ impl Default for NfsOptions {
     }
 }
 
+/// Largest read or write in one request: libnfs returns the byte count of a call as a C
+/// `int` (and READ3/WRITE3 counts are 32-bit), so anything near 2 GiB would be misreported.
+pub const MAX_REQUEST: usize = 1 << 30;
+
 /// What a submitted request is, while libnfs works on it.
 struct Pending {
     tag: u64,
@@ -364,6 +368,19 @@ impl Backend for NfsBackend {
             IoOp::Read { buf } | IoOp::Write { buf } if buf.is_empty() => {
                 self.complete_now(tag, None);
                 Ok(())
+            }
+            IoOp::Read { buf } | IoOp::Write { buf } if buf.len() > MAX_REQUEST => {
+                let why = format!(
+                    "a request of {} bytes is larger than the NFS backend's {MAX_REQUEST}-byte \
+                     limit (libnfs reports transfer sizes as int); split it",
+                    buf.len()
+                );
+                let kind = io::ErrorKind::InvalidInput;
+                Err(BackendError::Io {
+                    op: "submit",
+                    offset,
+                    source: io::Error::new(kind, why),
+                })
             }
             IoOp::Read { buf } => {
                 let len = buf.len();
