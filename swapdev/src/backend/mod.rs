@@ -98,4 +98,5 @@ pub trait Backend: Send {
 pub mod file;
 pub mod mem;
 pub mod nbd;
+pub mod nfs;
 pub mod spec;

@@ -5,6 +5,10 @@
 //!   IPv6 hosts in brackets (`nbd://[::1]:10809/swap`).
 //! - `nbd+unix:///EXPORT?socket=/path/to.sock`: NBD over a Unix socket.
 //!
+//! - `nfs://SERVER/EXPORT/PATH`: a file in an NFSv3 export, through libnfs ([`NfsBackend`]).
+//!   `/EXPORT/PATH` is one absolute path on the server; the export is the longest one the
+//!   server lists that contains it. Ports come from the server's rpcbind.
+//!
 //! An empty export name (`nbd://host` or `nbd+unix:///?socket=...`) selects the server's
 //! default export. Export names may be percent-encoded.
 
@@ -13,6 +17,7 @@ use std::path::PathBuf;
 
 use super::file::{DirectMode, FileBackend, OpenOptions, DEFAULT_QUEUE_DEPTH};
 use super::nbd::{NbdAddress, NbdBackend, NbdOptions};
+use super::nfs::NfsBackend;
 use super::{Backend, BackendError};
 
 /// The IANA port for NBD.
@@ -46,7 +51,15 @@ impl Default for SpecOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
     File(PathBuf),
-    Nbd { address: NbdAddress, export: String },
+    Nbd {
+        address: NbdAddress,
+        export: String,
+    },
+    /// `path`: absolute on the server, export included.
+    Nfs {
+        server: String,
+        path: String,
+    },
 }
 
 impl fmt::Display for BackendSpec {
@@ -56,14 +69,15 @@ impl fmt::Display for BackendSpec {
             BackendSpec::Nbd { address, export } => {
                 write!(f, "nbd export '{export}' at {address}")
             }
+            BackendSpec::Nfs { server, path } => write!(f, "nfs file {path} on {server}"),
         }
     }
 }
 
 fn invalid(spec: &str, why: impl fmt::Display) -> BackendError {
     BackendError::Setup(format!(
-        "invalid backend spec '{spec}': {why} (expected a file path, nbd://HOST[:PORT]/EXPORT \
-         or nbd+unix:///EXPORT?socket=PATH)"
+        "invalid backend spec '{spec}': {why} (expected a file path, nbd://HOST[:PORT]/EXPORT, \
+         nbd+unix:///EXPORT?socket=PATH or nfs://SERVER/EXPORT/PATH)"
     ))
 }
 
@@ -85,6 +99,7 @@ pub fn parse_spec(spec: &str) -> Result<BackendSpec, BackendError> {
     match scheme.to_ascii_lowercase().as_str() {
         "nbd" | "nbd+tcp" => parse_tcp(spec, rest),
         "nbd+unix" => parse_unix(spec, rest),
+        "nfs" => parse_nfs(spec, rest),
         other => Err(invalid(spec, format!("unsupported scheme '{other}'"))),
     }
 }
@@ -180,6 +195,34 @@ fn parse_unix(spec: &str, rest: &str) -> Result<BackendSpec, BackendError> {
     })
 }
 
+fn parse_nfs(spec: &str, rest: &str) -> Result<BackendSpec, BackendError> {
+    let (server, path, query) = split_uri(rest);
+    if let Some(q) = query {
+        return Err(invalid(spec, format!("unexpected query '{q}' for NFS")));
+    }
+    if server.is_empty() {
+        return Err(invalid(spec, "missing NFS server"));
+    }
+    if server.contains(':') || server.contains('@') {
+        return Err(invalid(
+            spec,
+            format!("NFS server '{server}' must be a bare host (ports come from its rpcbind)"),
+        ));
+    }
+    let path = percent_decode(spec, path)?;
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    if comps.len() < 2 || path.ends_with('/') {
+        return Err(invalid(spec, "NFS needs /EXPORT/PATH naming a file"));
+    }
+    if comps.iter().any(|c| *c == "." || *c == "..") {
+        return Err(invalid(spec, "NFS path must not contain '.' or '..'"));
+    }
+    Ok(BackendSpec::Nfs {
+        server: server.to_string(),
+        path: format!("/{}", comps.join("/")),
+    })
+}
+
 fn percent_decode(spec: &str, s: &str) -> Result<String, BackendError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -214,6 +257,10 @@ pub fn open_backend(spec: &str, opts: &SpecOptions) -> Result<Box<dyn Backend>, 
         }
         BackendSpec::Nbd { address, export } => {
             Ok(Box::new(NbdBackend::connect(address, &export, opts.nbd)?))
+        }
+        BackendSpec::Nfs { server, path } => {
+            let b: NfsBackend = super::nfs::open(&server, &path, opts.create)?;
+            Ok(Box::new(b))
         }
     }
 }
@@ -298,6 +345,28 @@ mod tests {
     }
 
     #[test]
+    fn nfs_uris() {
+        assert_eq!(
+            parse_spec("nfs://127.0.0.1/srv/nfs/vm%201.swap").unwrap(),
+            BackendSpec::Nfs {
+                server: "127.0.0.1".into(),
+                path: "/srv/nfs/vm 1.swap".into()
+            }
+        );
+        assert_eq!(
+            parse_spec("NFS://filer//a//b").unwrap(),
+            BackendSpec::Nfs {
+                server: "filer".into(),
+                path: "/a/b".into()
+            }
+        );
+        assert_eq!(
+            describe_spec("nfs://filer/a/b").unwrap(),
+            "nfs file /a/b on filer"
+        );
+    }
+
+    #[test]
     fn bad_specs_have_clear_errors() {
         let cases = [
             ("", "it is empty"),
@@ -320,6 +389,12 @@ mod tests {
             ),
             ("nbd://h/bad%zz", "bad percent escape"),
             ("nbd://h/%ff", "invalid UTF-8"),
+            ("nfs:///export/x", "missing NFS server"),
+            ("nfs://h:2049/export/x", "must be a bare host"),
+            ("nfs://h/export", "needs /EXPORT/PATH"),
+            ("nfs://h/export/dir/", "needs /EXPORT/PATH"),
+            ("nfs://h/export/../x", "'..'"),
+            ("nfs://h/e/x?v=4", "unexpected query"),
         ];
         for (spec, want) in cases {
             let err = parse_spec(spec).unwrap_err().to_string();

@@ -12,6 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use swapdev::backend::file::{DirectMode, FileBackend, OpenOptions as FileOpts};
+use swapdev::backend::spec::{describe_spec, open_backend, SpecOptions};
 use swapdev::backend::{Backend, IoCompletion, IoOp, IoRequest};
 use swapdev::format::{decode_lz4, encode_page, lz4_scratch_len, Codec};
 use swapdev::{
@@ -40,10 +41,17 @@ pub struct SwapdevBenchArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also measure a swap device on this backend spec (nfs://SERVER/EXPORT/PATH,
+    /// nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH); repeatable. NFS files are
+    /// created; an NBD export must hold the device (it is overwritten).
+    #[arg(long = "backend", value_name = "SPEC")]
+    backends: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 struct IoRow {
+    /// "file (io_uring, O_DIRECT)" or the description of a `--backend` spec.
+    backend: String,
     op: &'static str,
     qd: usize,
     raw_mb_s: f64,
@@ -112,7 +120,6 @@ pub fn run(a: SwapdevBenchArgs) -> Result<ExitCode> {
     );
     let dir = ScratchDir::new(&a.dir)?;
     let path = dir.0.join("bench.swap");
-    let phase = Duration::from_secs_f64(a.secs);
     let mut rng = StdRng::seed_from_u64(1);
     let pool: Vec<Vec<u8>> = (0..256)
         .map(|_| {
@@ -121,11 +128,50 @@ pub fn run(a: SwapdevBenchArgs) -> Result<ExitCode> {
             v
         })
         .collect();
+    let open_local =
+        |_create: bool| -> Result<Box<dyn Backend>> { Ok(Box::new(open_file(&path, a.qd)?)) };
+    let mut io = measure(
+        "file (io_uring, O_DIRECT)",
+        &open_local,
+        &a,
+        &pool,
+        &mut rng,
+    )?;
+    for spec in &a.backends {
+        let open = |create: bool| -> Result<Box<dyn Backend>> {
+            let opts = SpecOptions {
+                create,
+                ..SpecOptions::default()
+            };
+            open_backend(spec, &opts).with_context(|| format!("opening {spec}"))
+        };
+        let label = describe_spec(spec).unwrap_or_else(|_| spec.clone());
+        io.extend(measure(&label, &open, &a, &pool, &mut rng)?);
+    }
+    let report = Report {
+        file: path.display().to_string(),
+        pages: a.pages,
+        io,
+        codec: codec_rows(&mut rng),
+    };
+    print_report(&report, a.json)?;
+    Ok(ExitCode::SUCCESS)
+}
 
+/// The write and read rows of one backend: raw (the backend alone) and through a swap
+/// device on it, at the same queue depth. `open(create)` opens the backend afresh.
+fn measure(
+    label: &str,
+    open: &dyn Fn(bool) -> Result<Box<dyn Backend>>,
+    a: &SwapdevBenchArgs,
+    pool: &[Vec<u8>],
+    rng: &mut StdRng,
+) -> Result<Vec<IoRow>> {
+    let phase = Duration::from_secs_f64(a.secs);
     // Format first: the raw phases then use the device's data area as their region (an
     // empty device does not care what its data area holds).
     let dev = SwapDevice::create(
-        Box::new(open_file(&path, a.qd)?),
+        open(true)?,
         CreateOptions {
             vm_uuid: swapdev::Uuid::new_v4(),
             page_size: PS as u32,
@@ -133,46 +179,49 @@ pub fn run(a: SwapdevBenchArgs) -> Result<ExitCode> {
             host_id: "bench".into(),
             codec: a.codec,
             checksum: ChecksumKind::Crc32c,
-            force: false,
+            force: true,
         },
-    )?;
+    )
+    .with_context(|| format!("creating a swap device on {label}"))?;
     dev.close()?;
-    // The last `pages` pages of the file lie inside the (sparse, empty) data area.
-    let region_start = std::fs::metadata(&path)?.len() - a.pages * PS as u64;
-
-    let mut raw = open_file(&path, a.qd)?;
+    let mut raw = open(false)?;
+    // The last `pages` pages of the store lie inside the (empty) data area.
+    let size = raw.size()?;
+    let region_start = size.checked_sub(a.pages * PS as u64).with_context(|| {
+        format!(
+            "{label} holds {size} bytes, fewer than the {} pages asked for",
+            a.pages
+        )
+    })?;
     // Fill the raw region first (untimed): random reads of never-written (sparse) blocks
     // would not touch the disk and flatter the baseline.
-    prefill(&mut raw, region_start, a.pages, &pool)?;
+    prefill(raw.as_mut(), region_start, a.pages, pool)?;
     let (raw_w_bytes, raw_w_t) = raw_phase(
-        &mut raw,
+        raw.as_mut(),
         true,
         region_start,
         a.pages,
         a.qd,
         phase,
-        &pool,
-        &mut rng,
+        pool,
+        rng,
     )?;
     let (raw_r_bytes, raw_r_t) = raw_phase(
-        &mut raw,
+        raw.as_mut(),
         false,
         region_start,
         a.pages,
         a.qd,
         phase,
-        &pool,
-        &mut rng,
+        pool,
+        rng,
     )?;
     drop(raw);
 
-    let mut dev = SwapDevice::open(
-        Box::new(open_file(&path, a.qd)?),
-        OpenOptions::read_write("bench", true, false),
-    )?;
+    let mut dev = SwapDevice::open(open(false)?, OpenOptions::read_write("bench", true, false))?;
     // Writes: every page once, in random order, `qd` pages per call, until time is up.
     let mut order: Vec<u64> = (0..a.pages).collect();
-    order.shuffle(&mut rng);
+    order.shuffle(rng);
     let t = Instant::now();
     let mut written = 0usize;
     for chunk in order.chunks(a.qd) {
@@ -217,6 +266,7 @@ pub fn run(a: SwapdevBenchArgs) -> Result<ExitCode> {
     let row = |op, rb: u64, rt, sb: u64, st| {
         let (r, s) = (mb_s(rb as f64, rt), mb_s(sb as f64, st));
         IoRow {
+            backend: label.to_string(),
             op,
             qd: a.qd,
             raw_mb_s: r,
@@ -226,21 +276,14 @@ pub fn run(a: SwapdevBenchArgs) -> Result<ExitCode> {
             ratio: s / r,
         }
     };
-    let report = Report {
-        file: path.display().to_string(),
-        pages: a.pages,
-        io: vec![
-            row("write", raw_w_bytes, raw_w_t, (written * PS) as u64, sw_w_t),
-            row("read", raw_r_bytes, raw_r_t, reads * PS as u64, sw_r_t),
-        ],
-        codec: codec_rows(&mut rng),
-    };
-    print_report(&report, a.json)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(vec![
+        row("write", raw_w_bytes, raw_w_t, (written * PS) as u64, sw_w_t),
+        row("read", raw_r_bytes, raw_r_t, reads * PS as u64, sw_r_t),
+    ])
 }
 
 /// Write every page of the raw region sequentially, 1 MiB at a time, 8 in flight.
-fn prefill(be: &mut FileBackend, start: u64, pages: u64, pool: &[Vec<u8>]) -> Result<()> {
+fn prefill(be: &mut dyn Backend, start: u64, pages: u64, pool: &[Vec<u8>]) -> Result<()> {
     let chunk_pages = 256u64;
     let mut chunk = AlignedBuf::new(chunk_pages as usize * PS);
     for (i, page) in chunk.chunks_mut(PS).enumerate() {
@@ -279,7 +322,7 @@ fn prefill(be: &mut FileBackend, start: u64, pages: u64, pool: &[Vec<u8>]) -> Re
 /// Random 4 KiB writes or reads over `pages` pages from `start`, `qd` in flight, for `phase`.
 #[allow(clippy::too_many_arguments)]
 fn raw_phase(
-    be: &mut FileBackend,
+    be: &mut dyn Backend,
     write: bool,
     start: u64,
     pages: u64,
@@ -399,13 +442,15 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         "swap device {} ({} pages of 4 KiB), random 4 KiB pages",
         r.file, r.pages
     );
+    let w = r.io.iter().map(|row| row.backend.len()).max().unwrap_or(7);
     println!(
-        "{:<6} {:>3} {:>14} {:>12} {:>14} {:>12} {:>8}",
-        "op", "qd", "raw MB/s", "raw IOPS", "swapdev MB/s", "swapdev IOPS", "ratio"
+        "{:<w$} {:<6} {:>3} {:>14} {:>12} {:>14} {:>12} {:>8}",
+        "backend", "op", "qd", "raw MB/s", "raw IOPS", "swapdev MB/s", "swapdev IOPS", "ratio"
     );
     for row in &r.io {
         println!(
-            "{:<6} {:>3} {:>14.1} {:>12.0} {:>14.1} {:>12.0} {:>7.0}%",
+            "{:<w$} {:<6} {:>3} {:>14.1} {:>12.0} {:>14.1} {:>12.0} {:>7.0}%",
+            row.backend,
             row.op,
             row.qd,
             row.raw_mb_s,
