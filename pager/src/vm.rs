@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use uffd::Uffd;
 
 use crate::attach::protocol::{validate_regions, GuestRegionUffdMapping, HandshakeError};
-use crate::dirty::DirtyBitmap;
+use crate::dirty::WriteTracker;
 use crate::metrics::VmMetrics;
 use crate::page_state::{PageState, PageStateTable};
 
@@ -172,7 +172,7 @@ pub struct Vm {
     /// The guest memory file (shmem/hugetlbfs), when the VMM sent one.
     pub memory_file: Option<OwnedFd>,
     pub states: PageStateTable,
-    pub dirty: DirtyBitmap,
+    pub dirty: WriteTracker,
     pub metrics: VmMetrics,
     pub peer: PeerInfo,
     /// Whether the VMM registered the memory with WP too (write tracking/eviction possible).
@@ -201,7 +201,7 @@ impl Vm {
             layout,
             memory_file,
             states: PageStateTable::new(pages, PageState::Missing),
-            dirty: DirtyBitmap::new(pages),
+            dirty: WriteTracker::new(pages),
             metrics: VmMetrics::default(),
             peer,
             wp_registered: false,

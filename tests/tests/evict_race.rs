@@ -2,7 +2,7 @@
 //!
 //! A memfd mapped shared and registered MISSING|WP with a real userfaultfd stands in for a
 //! VMM's guest RAM; a fault-handler thread serves it the way the daemon's fault loop does
-//! (write-protect faults through `evict::resolve_write_fault`, MISSING faults from the page
+//! (write-protect faults through `dirty::resolve_write_fault`, MISSING faults from the page
 //! store). Writer threads each own a set of pages and, before every write, check that the
 //! page still holds the last value they wrote there, while the evictor evicts those same
 //! pages in a loop and the working-set sampler re-protects everything periodically.
@@ -229,13 +229,13 @@ fn a_victim_written_after_selection_stays_resident() -> anyhow::Result<()> {
     // The first progress report comes after victim selection, before the first batch.
     let r = pager::evict::run_eviction(
         &target,
-        &guest.dirty,
+        &guest.wss_writes,
         pager::evict::EvictGoal::TargetResidentPages(0),
         16,
         &cancel,
         &mut |_| {
             if std::mem::take(&mut first) {
-                guest.dirty.mark(40);
+                guest.writes.mark_written(40);
             }
         },
     )?;

@@ -385,3 +385,66 @@ fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Resu
     assert_eq!(guest.stop(), LoopExit::Stopped);
     Ok(())
 }
+
+/// A migration-style consumer on the real fault loop: pages that become resident through a
+/// MISSING fault count as written for it (`placed_counts_as_written`, marked from the fault
+/// loop's placement path), not for the working-set consumer; both see WP-fault writes; each
+/// harvest clears only its own view.
+#[test]
+fn a_migration_subscriber_sees_pages_placed_by_missing_faults() -> anyhow::Result<()> {
+    use pager::dirty::SubscribeOptions;
+    let mut guest = Guest::start()?;
+    let wss = guest.vm.dirty.subscribe(SubscribeOptions::default())?;
+    let migration = guest.vm.dirty.subscribe(SubscribeOptions {
+        placed_counts_as_written: true,
+    })?;
+    assert_eq!(guest.vm.dirty.subscribers(), 2);
+    // First touches (reads) of 16 absent pages: MISSING faults, placed by the fault loop.
+    for p in 0..16 {
+        assert_eq!(guest.word(p, 1).load(Ordering::SeqCst), 0);
+    }
+    // The fault loop marks right after the COPY that woke the reader: wait for it.
+    wait_for(Duration::from_secs(5), || {
+        (migration.count() == 16).then_some(())
+    })
+    .expect("placed pages marked for the migration");
+    assert_eq!(migration.harvest(), (0..16).collect::<Vec<u64>>());
+    assert_eq!(
+        wss.count(),
+        0,
+        "reads are not writes for the working-set consumer"
+    );
+
+    // A pre-copy round: protect everything, then harvest (both consumers).
+    let base = guest.map.as_ptr() as u64;
+    guest
+        .vm
+        .uffd
+        .write_protect(base, PAGES * PAGE as u64, true, false)?;
+    wss.harvest();
+    migration.harvest();
+    // A write to a resident page: a WP fault, seen by both.
+    guest.word(3, 0).store(7, Ordering::SeqCst);
+    // A page absent at the protect, read in (placed writable) and then written: the write
+    // takes no WP fault, so only the placement mark tells pre-copy to send it again.
+    let wp_before = guest.vm.metrics.snapshot().wp_faults;
+    assert_eq!(guest.word(40, 1).load(Ordering::SeqCst), 0);
+    guest.word(40, 1).store(41, Ordering::SeqCst);
+    let wp_after = guest.vm.metrics.snapshot().wp_faults;
+    wait_for(Duration::from_secs(5), || {
+        migration.is_dirty(40).then_some(())
+    })
+    .expect("page 40 marked for the migration");
+    assert_eq!(migration.harvest(), vec![3, 40]);
+    let seen_by_wss = wss.harvest();
+    assert!(seen_by_wss.contains(&3), "{seen_by_wss:?}");
+    eprintln!(
+        "write to a page placed after the protect: {} WP faults, working-set consumer saw {seen_by_wss:?}",
+        wp_after - wp_before
+    );
+    assert_eq!(migration.count(), 0);
+    drop(migration);
+    assert_eq!(guest.vm.dirty.subscribers(), 1);
+    assert_eq!(guest.stop(), LoopExit::Stopped);
+    Ok(())
+}

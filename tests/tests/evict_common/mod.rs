@@ -14,10 +14,9 @@ use std::thread::JoinHandle;
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use pager::dirty::DirtyBitmap;
+use pager::dirty::{resolve_write_fault, Subscription, WriteFaultAction, WriteTracker};
 use pager::evict::{
-    forget_removed, resolve_write_fault, EvictionTarget, MemoryLayout, PageStore, RegionMap,
-    StoreError, WriteFaultAction,
+    forget_removed, EvictionTarget, MemoryLayout, PageStore, RegionMap, StoreError,
 };
 use pager::page_state::{PageState, PageStateTable};
 use pager::wss::{WorkingSetTracker, WssConfig, WssSample};
@@ -95,7 +94,10 @@ pub struct Guest {
     pub uffd: Uffd,
     pub layout: MemoryLayout,
     pub states: PageStateTable,
-    pub dirty: DirtyBitmap,
+    /// The VM's write log (the handler marks it on WP faults).
+    pub writes: WriteTracker,
+    /// The working-set tracker's (and victim selection's) subscription to it.
+    pub wss_writes: Subscription,
     pub tracker: WorkingSetTracker,
     pub store: FileStore,
 }
@@ -141,13 +143,16 @@ impl Guest {
         )?;
         let states = PageStateTable::new(pages as usize, PageState::Present);
         let tracker = WorkingSetTracker::new(&states, WssConfig::default());
+        let writes = WriteTracker::new(pages as usize);
+        let wss_writes = writes.subscribe(Default::default())?;
         Ok(Self {
             memfd,
             map,
             uffd,
             layout,
             states,
-            dirty: DirtyBitmap::new(pages as usize),
+            writes,
+            wss_writes,
             tracker,
             store: FileStore::new()?,
         })
@@ -187,7 +192,7 @@ impl Guest {
             &self.uffd,
             &self.layout,
             &self.states,
-            &self.dirty,
+            &self.wss_writes,
             &self.tracker,
         )?)
     }
@@ -310,7 +315,7 @@ fn serve(g: &Guest, stop: &AtomicBool) -> HandlerCounts {
                         match resolve_write_fault(
                             &g.uffd,
                             &g.states,
-                            &g.dirty,
+                            &g.writes,
                             page,
                             page_addr,
                             PAGE as u64,
