@@ -5,22 +5,20 @@
 //! the fault loop, the working-set estimate must find the hot set, and refaults are counted.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
+mod evict_common;
+
 use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, VmEviction};
-use pager::fault_loop::{FaultLoop, FaultLoopConfig, LoopExit};
+use pager::fault_loop::LoopExit;
 use pager::page_state::PageState;
-use pager::source::ImageFileSource;
 use pager::vm::{GuestLayout, PeerInfo, Vm};
 use pager::wss::WssConfig;
 use rand::Rng;
-use uffd::{Features, RegisterMode, Uffd, UffdFlags};
+use uffd::{Uffd, UffdFlags};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 1024;
@@ -42,94 +40,7 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-struct Guest {
-    map: memmap2::MmapRaw,
-    vm: Arc<Vm>,
-    stop: Arc<EventFd>,
-    fault_loop: Option<JoinHandle<Result<LoopExit, pager::fault_loop::FaultLoopError>>>,
-    _image: tempfile::NamedTempFile,
-    image_path: std::path::PathBuf,
-}
-
-impl Guest {
-    fn start() -> anyhow::Result<Self> {
-        let fd = nix::sys::memfd::memfd_create(
-            c"pw-evict-service",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?;
-        let memfd = File::from(fd);
-        memfd.set_len(PAGES * PAGE as u64)?;
-        let map = memmap2::MmapOptions::new()
-            .len((PAGES as usize) * PAGE)
-            .map_raw(&memfd)?;
-        let uffd = Uffd::new(UffdFlags {
-            nonblocking: true,
-            ..Default::default()
-        })?;
-        uffd.api(
-            Features::EVENT_REMOVE
-                | Features::MISSING_SHMEM
-                | Features::WP_HUGETLBFS_SHMEM
-                | Features::WP_UNPOPULATED,
-        )?;
-        let base = map.as_ptr() as u64;
-        uffd.register(
-            base,
-            PAGES * PAGE as u64,
-            RegisterMode::MISSING | RegisterMode::WP,
-        )?;
-        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: base,
-            size: PAGES as usize * PAGE,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }])?;
-        let image = tempfile::NamedTempFile::new()?;
-        image.as_file().set_len(PAGES * PAGE as u64)?;
-        let image_path = image.path().to_path_buf();
-        let mut vm = Vm::new(
-            "evict-e2e".into(),
-            uffd,
-            layout,
-            Some(OwnedFd::from(memfd)),
-            PeerInfo::default(),
-        );
-        vm.wp_registered = true;
-        let vm = Arc::new(vm);
-        let source = ImageFileSource::open(&image_path, PAGE, PAGES)?;
-        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
-        let fl = FaultLoop::new(
-            vm.clone(),
-            Box::new(source),
-            pager::prefetch::by_name("none", PAGES)?,
-            FaultLoopConfig::default(),
-            stop.clone(),
-            None,
-        );
-        let fault_loop = Some(std::thread::spawn(move || fl.run()));
-        Ok(Self {
-            map,
-            vm,
-            stop,
-            fault_loop,
-            _image: image,
-            image_path,
-        })
-    }
-
-    /// Word `w` of `page`.
-    fn word(&self, page: u64, w: u64) -> &AtomicU64 {
-        assert!(page < PAGES && w < (PAGE / 8) as u64);
-        // SAFETY: inside our live shared mapping, 8-byte aligned, only accessed atomically.
-        unsafe { &*((self.map.as_ptr() as u64 + page * PAGE as u64 + w * 8) as *const AtomicU64) }
-    }
-
-    fn stop(&mut self) -> LoopExit {
-        self.stop.write(1).unwrap();
-        self.fault_loop.take().unwrap().join().unwrap().unwrap()
-    }
-}
+type Guest = evict_common::real_loop::LoopGuest;
 
 fn writer(g: Arc<Guest>, first: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<u64>) {
     let mut last: Vec<u64> = (0..HOT_PER_WRITER)
@@ -157,7 +68,7 @@ fn writer(g: Arc<Guest>, first: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<u6
 
 #[test]
 fn evicts_cold_pages_under_a_running_fault_loop_and_serves_them_back() -> anyhow::Result<()> {
-    let guest = Guest::start()?;
+    let guest = Guest::start(PAGES, false)?;
     // Every page: word 1 = its tag; the first touch of each faults through the fault loop.
     for p in 0..PAGES {
         guest.word(p, 1).store(p * 3 + 1, Ordering::SeqCst);
@@ -324,7 +235,7 @@ fn refuses_vms_without_memory_file_or_wp() -> anyhow::Result<()> {
 #[test]
 fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
-    let guest = Guest::start()?;
+    let guest = Guest::start(PAGES, false)?;
     for p in 0..64 {
         guest.word(p, 1).store(p + 100, Ordering::SeqCst);
     }
@@ -393,7 +304,7 @@ fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Resu
 #[test]
 fn a_migration_subscriber_sees_pages_placed_by_missing_faults() -> anyhow::Result<()> {
     use pager::dirty::SubscribeOptions;
-    let mut guest = Guest::start()?;
+    let mut guest = Guest::start(PAGES, false)?;
     let wss = guest.vm.dirty.subscribe(SubscribeOptions::default())?;
     let migration = guest.vm.dirty.subscribe(SubscribeOptions {
         placed_counts_as_written: true,

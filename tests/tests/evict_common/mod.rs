@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod real_loop;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -224,32 +226,54 @@ impl Guest {
         pages: &[u64],
         buf: &mut Vec<u8>,
     ) -> anyhow::Result<u64> {
-        let mut n = 0;
-        buf.resize(PAGE, 0);
-        for &p in pages {
-            if self
-                .states
-                .transition(p, PageState::Present, PageState::Evicting)
-                .is_err()
-            {
-                continue;
-            }
-            self.memfd.read_exact_at(buf, p * PAGE as u64)?;
-            self.store
-                .store_pages(&[(p, &buf[..])])
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            fallocate(
-                self.memfd.as_fd(),
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                (p * PAGE as u64) as i64,
-                PAGE as i64,
-            )?;
-            self.states.set(p, PageState::Evicted);
-            self.uffd.wake(self.addr(p), PAGE as u64)?;
-            n += 1;
-        }
-        Ok(n)
+        evict_without_write_protect(
+            &self.states,
+            self.memfd.as_fd(),
+            &self.store,
+            &self.uffd,
+            &|p| self.addr(p),
+            pages,
+            buf,
+        )
     }
+}
+
+/// The broken eviction of the negative controls, for any guest: claim, read, store, punch,
+/// publish, wake, but no write-protect, so a write between the read and the punch is lost.
+pub fn evict_without_write_protect(
+    states: &PageStateTable,
+    memory_file: std::os::fd::BorrowedFd<'_>,
+    store: &dyn PageStore,
+    uffd: &Uffd,
+    host_addr: &dyn Fn(u64) -> u64,
+    pages: &[u64],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<u64> {
+    let mut n = 0;
+    buf.resize(PAGE, 0);
+    for &p in pages {
+        if states
+            .transition(p, PageState::Present, PageState::Evicting)
+            .is_err()
+        {
+            continue;
+        }
+        let got = nix::sys::uio::pread(memory_file, buf, (p * PAGE as u64) as i64)?;
+        anyhow::ensure!(got == PAGE, "short read of page {p}");
+        store
+            .store_pages(&[(p, &buf[..])])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        fallocate(
+            memory_file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (p * PAGE as u64) as i64,
+            PAGE as i64,
+        )?;
+        states.set(p, PageState::Evicted);
+        uffd.wake(host_addr(p), PAGE as u64)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// What the fault handler did.
