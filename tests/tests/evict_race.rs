@@ -144,8 +144,24 @@ fn race(
     enough: u64,
     stop_on_loss: bool,
 ) -> anyhow::Result<RaceOutcome> {
+    race_on(
+        Guest::new(WRITERS as u64 * PAGES_PER_WRITER)?,
+        protected,
+        max,
+        enough,
+        stop_on_loss,
+    )
+}
+
+fn race_on(
+    guest: Guest,
+    protected: bool,
+    max: Duration,
+    enough: u64,
+    stop_on_loss: bool,
+) -> anyhow::Result<RaceOutcome> {
     let pages = WRITERS as u64 * PAGES_PER_WRITER;
-    let guest = Arc::new(Guest::new(pages)?);
+    let guest = Arc::new(guest);
     let handler = Handler::spawn(guest.clone());
     let writers = Writers::spawn(&guest);
     let lost_seen = writers.lost_seen.clone();
@@ -167,6 +183,9 @@ fn race(
             match target.evict_batch(&batch, &mut buf) {
                 Ok(o) => evicted += (o.evicted + o.zero) as u64,
                 Err((_, e)) => anyhow::bail!("eviction failed: {e}"),
+            }
+            if stop_on_loss && lost_seen.load(Ordering::Relaxed) > 0 {
+                break;
             }
             if last_sample.elapsed() > Duration::from_millis(30) {
                 guest.protect_and_sample()?;
@@ -225,6 +244,32 @@ fn evicting_without_write_protect_loses_writes() -> anyhow::Result<()> {
     assert!(
         o.lost + o.final_mismatches > 0,
         "the checker saw no lost write in {} unprotected evictions",
+        o.evicted
+    );
+    Ok(())
+}
+
+/// The other write-tracking flavour, `UFFD_FEATURE_WP_ASYNC`, under the full real protocol
+/// (claim, write-protect, read, store, punch, wake): the kernel resolves the writers' WP
+/// faults itself, so nothing holds a write between the read and the punch and writes are
+/// lost. Why pagewise keeps synchronous WP (docs/evict.md, "Write tracking").
+#[test]
+fn eviction_on_a_wp_async_uffd_loses_writes() -> anyhow::Result<()> {
+    let guest = Guest::with_features(WRITERS as u64 * PAGES_PER_WRITER, uffd::Features::WP_ASYNC)?;
+    let o = race_on(guest, true, Duration::from_secs(20), u64::MAX, true)?;
+    eprintln!(
+        "WP_ASYNC, full protocol: {} evictions, {} writes, {} lost, {} final mismatches, \
+         handler {:?}",
+        o.evicted, o.writes, o.lost, o.final_mismatches, o.handler
+    );
+    assert_eq!(
+        o.handler.tracked + o.handler.held_for_eviction,
+        0,
+        "WP faults reached the pager"
+    );
+    assert!(
+        o.lost + o.final_mismatches > 0,
+        "no write lost in {} evictions with WP_ASYNC",
         o.evicted
     );
     Ok(())

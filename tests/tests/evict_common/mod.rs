@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod real_loop;
+pub mod write_flavours;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -107,6 +108,12 @@ pub struct Guest {
 impl Guest {
     /// `pages` pages; word 0 of each page is 0, word 1 is `page + 1`, the rest 0xA5.
     pub fn new(pages: u64) -> anyhow::Result<Self> {
+        Self::with_features(pages, Features::empty())
+    }
+
+    /// [`Guest::new`] with `extra` uffd features (e.g. `WP_ASYNC`, which makes the kernel
+    /// resolve write-protect faults itself).
+    pub fn with_features(pages: u64, extra: Features) -> anyhow::Result<Self> {
         let fd = nix::sys::memfd::memfd_create(
             c"pw-evict-test",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
@@ -131,7 +138,8 @@ impl Guest {
             Features::EVENT_REMOVE
                 | Features::MISSING_SHMEM
                 | Features::WP_HUGETLBFS_SHMEM
-                | Features::WP_UNPOPULATED,
+                | Features::WP_UNPOPULATED
+                | extra,
         )?;
         let base = map.as_ptr() as u64;
         uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
