@@ -159,3 +159,39 @@ fn concurrent_marks_and_harvests_lose_nothing() {
         }
     });
 }
+
+/// Cost of the placement-path call (docs/evict.md, "Write tracking"):
+/// `cargo test -p pager --release --lib -- --ignored --nocapture mark_costs`
+#[test]
+#[ignore = "a measurement; run it by name"]
+fn mark_costs() {
+    const N: u64 = 4_000_000;
+    let t = WriteTracker::new(1 << 20);
+    let time = |f: &dyn Fn(u64)| {
+        let started = std::time::Instant::now();
+        for i in 0..N {
+            f(i % (1 << 20));
+        }
+        started.elapsed().as_secs_f64() * 1e9 / N as f64
+    };
+    // Best of three: the machine is shared.
+    let time = |f: &dyn Fn(u64)| (0..3).map(|_| time(f)).fold(f64::MAX, f64::min);
+    let none = time(&|p| t.mark_placed(p, 1));
+    let _wss = sub(&t);
+    let written_1 = time(&|p| {
+        t.mark_written(p);
+    });
+    let _mig = t
+        .subscribe(SubscribeOptions {
+            placed_counts_as_written: true,
+        })
+        .unwrap();
+    let placed_1 = time(&|p| t.mark_placed(p, 1));
+    let written_2 = time(&|p| {
+        t.mark_written(p);
+    });
+    println!(
+        "ns per call: mark_placed, nobody asks {none:.1}; mark_placed, 1 of 2 asks {placed_1:.1}; \
+         mark_written, 1 subscriber {written_1:.1}; 2 subscribers {written_2:.1}"
+    );
+}
