@@ -5,7 +5,7 @@
 //! - [`batch`]: the race-free protocol for one batch (claim, write-protect, read, store,
 //!   punch, publish, wake).
 //! - [`victims`]: which pages to evict for a goal (target RSS, cold for S, auto).
-//! - [`faults`]: the fault loop's half: write-protect faults and REMOVE events.
+//! - [`faults`]: REMOVE events (the write-fault protocol is `crate::dirty::fault`).
 //! - [`sampler`]: periodic re-protection + working-set samples.
 //! - [`store`]: page stores (raw memory image); the swap device implements [`PageStore`] too.
 //! - [`service`]: one daemon VM's eviction service (tracker, sampler thread, requests, stats).
@@ -25,15 +25,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use crate::dirty::{resolve_write_fault, WriteFaultAction};
 pub use batch::{BatchOutcome, EvictionTarget};
-pub use faults::{forget_removed, resolve_write_fault, WriteFaultAction};
+pub use faults::forget_removed;
 pub use layout::{MemoryLayout, RegionMap, Run};
 pub use sampler::{protect_and_sample, Sampler, SamplerTarget};
 pub use service::{EvictConfig, EvictStats, VmEviction};
 pub use store::{ImageFileStore, SwapdevStore};
 pub use victims::{resident_pages, select_victims, EvictGoal};
 
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{DirtyError, Subscription};
 
 /// An error from the page store (the swap device), boxed so any store fits.
 pub type StoreError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,6 +83,8 @@ pub enum EvictError {
     NoEstimateYet,
     #[error("this VM cannot be evicted: {0}")]
     Unsupported(String),
+    #[error("write tracking for the evictor")]
+    Tracking(#[from] DirtyError),
     #[error("eviction cancelled after {evicted} pages")]
     Cancelled { evicted: u64 },
 }
@@ -122,12 +125,13 @@ pub const DEFAULT_BATCH_PAGES: usize = 256;
 /// Most bytes one batch stages in memory.
 pub const MAX_BATCH_BYTES: usize = 8 << 20;
 
-/// Evict toward `goal`, `batch_pages` at a time, calling `progress` after each batch.
+/// Evict toward `goal`, `batch_pages` at a time (victims not written since `dirty`'s last
+/// harvest; the working-set sampler's subscription), calling `progress` after each batch.
 /// Stops early when `cancel` is set, when the resident target is reached, or after a batch
 /// where every page failed (an error the next batch would hit again).
 pub fn run_eviction(
     target: &EvictionTarget<'_>,
-    dirty: &DirtyBitmap,
+    dirty: &Subscription,
     goal: EvictGoal,
     batch_pages: usize,
     cancel: &AtomicBool,

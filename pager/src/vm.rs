@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use uffd::Uffd;
 
 use crate::attach::protocol::{validate_regions, GuestRegionUffdMapping, HandshakeError};
-use crate::dirty::DirtyBitmap;
+use crate::dirty::WriteTracker;
 use crate::metrics::VmMetrics;
 use crate::page_state::{PageState, PageStateTable};
 use crate::route::{Route, RouteTable};
@@ -175,7 +175,7 @@ pub struct Vm {
     pub states: PageStateTable,
     /// Which source answers each absent page (see [`crate::route`]).
     pub routes: RouteTable,
-    pub dirty: DirtyBitmap,
+    pub dirty: WriteTracker,
     pub metrics: VmMetrics,
     pub peer: PeerInfo,
     /// Whether the VMM registered the memory with WP too (write tracking/eviction possible).
@@ -205,7 +205,7 @@ impl Vm {
             memory_file,
             states: PageStateTable::new(pages, PageState::Missing),
             routes: RouteTable::new(pages, Route::Swapdev),
-            dirty: DirtyBitmap::new(pages),
+            dirty: WriteTracker::new(pages),
             metrics: VmMetrics::default(),
             peer,
             wp_registered: false,

@@ -4,8 +4,9 @@
 //! Two signals feed the estimate:
 //! - **writes**: every sampling interval the whole guest range is write-protected (synchronous
 //!   uffd-WP); the first write to a page in the interval faults, the fault loop marks the
-//!   page in the VM's [`DirtyBitmap`] and un-protects it. [`WorkingSetTracker::sample`]
-//!   harvests that bitmap.
+//!   page in the VM's write tracker and un-protects it. [`WorkingSetTracker::sample`]
+//!   harvests the tracker's own [`Subscription`] (other consumers, e.g. a migration, keep
+//!   their own views).
 //! - **fault-ins**: a page that was absent at the previous sample and is resident now was
 //!   touched (first touch, or a *refault* when it was one we had evicted). Reads of resident
 //!   pages are invisible; they show up once the page has been evicted and is read again.
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::dirty::DirtyBitmap;
+use crate::dirty::Subscription;
 use crate::page_state::{PageState, PageStateTable};
 
 /// Length of one timestamp tick.
@@ -237,7 +238,7 @@ impl WorkingSetTracker {
     /// Close the current interval. Call it right AFTER write-protecting the guest range for
     /// the next interval (so no write escapes both intervals): harvests `dirty`, detects
     /// fault-ins from `states`, updates per-page timestamps and returns the sample.
-    pub fn sample(&self, states: &PageStateTable, dirty: &DirtyBitmap, now: Instant) -> WssSample {
+    pub fn sample(&self, states: &PageStateTable, dirty: &Subscription, now: Instant) -> WssSample {
         let mut inner = self.lock();
         let mut tick = self.tick(now);
         if let Some(&last) = inner.ticks.back() {
@@ -355,7 +356,9 @@ mod tests {
     #[test]
     fn writes_and_fault_ins_make_the_working_set() {
         let states = PageStateTable::new(256, PageState::Present);
-        let dirty = DirtyBitmap::new(256);
+        let dirty = crate::dirty::WriteTracker::new(256)
+            .subscribe(Default::default())
+            .unwrap();
         let t = WorkingSetTracker::new(
             &states,
             WssConfig {
@@ -386,7 +389,9 @@ mod tests {
     #[test]
     fn refaults_of_evicted_pages_are_counted_once() {
         let states = PageStateTable::new(128, PageState::Present);
-        let dirty = DirtyBitmap::new(128);
+        let dirty = crate::dirty::WriteTracker::new(128)
+            .subscribe(Default::default())
+            .unwrap();
         let t = WorkingSetTracker::new(&states, WssConfig::default());
         states.set_range(0..20, PageState::Evicted);
         t.note_evicted(&(0..20).collect::<Vec<_>>());
@@ -411,7 +416,9 @@ mod tests {
     #[test]
     fn evict_refault_evict_inside_one_interval_is_seen() {
         let states = PageStateTable::new(64, PageState::Present);
-        let dirty = DirtyBitmap::new(64);
+        let dirty = crate::dirty::WriteTracker::new(64)
+            .subscribe(Default::default())
+            .unwrap();
         let t = WorkingSetTracker::new(&states, WssConfig::default());
         t.note_evicted(&[7]);
         // Page 7 refaulted (fault loop made it Present) and is evicted again before a sample.
@@ -425,7 +432,9 @@ mod tests {
     #[test]
     fn removed_pages_are_not_refaults() {
         let states = PageStateTable::new(64, PageState::Present);
-        let dirty = DirtyBitmap::new(64);
+        let dirty = crate::dirty::WriteTracker::new(64)
+            .subscribe(Default::default())
+            .unwrap();
         let t = WorkingSetTracker::new(&states, WssConfig::default());
         states.set(3, PageState::Evicted);
         t.note_evicted(&[3]);
@@ -447,7 +456,9 @@ mod tests {
             .unwrap();
         // 2 s after start -> tick 21; a page never seen (0) and one seen at 1.5 s qualify.
         assert_eq!(th, 21);
-        let dirty = DirtyBitmap::new(8);
+        let dirty = crate::dirty::WriteTracker::new(8)
+            .subscribe(Default::default())
+            .unwrap();
         dirty.mark(1);
         t.sample(&states, &dirty, at(&t, 1500));
         dirty.mark(2);
@@ -470,7 +481,7 @@ mod tests {
             ),
         ) {
             let states = PageStateTable::new(64, PageState::Present);
-            let dirty = DirtyBitmap::new(64);
+            let dirty = crate::dirty::WriteTracker::new(64).subscribe(Default::default()).unwrap();
             let t = WorkingSetTracker::new(&states, WssConfig { window, history: 16 });
             let mut accessed: Vec<std::collections::BTreeSet<u64>> = Vec::new();
             for (i, (writes, refaults)) in intervals.iter().enumerate() {

@@ -5,22 +5,20 @@
 //! the fault loop, the working-set estimate must find the hot set, and refaults are counted.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
+mod evict_common;
+
 use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, VmEviction};
-use pager::fault_loop::{FaultLoop, FaultLoopConfig, LoopExit};
+use pager::fault_loop::LoopExit;
 use pager::page_state::PageState;
-use pager::source::ImageFileSource;
 use pager::vm::{GuestLayout, PeerInfo, Vm};
 use pager::wss::WssConfig;
 use rand::Rng;
-use uffd::{Features, RegisterMode, Uffd, UffdFlags};
+use uffd::{Uffd, UffdFlags};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 1024;
@@ -42,95 +40,7 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-struct Guest {
-    map: memmap2::MmapRaw,
-    vm: Arc<Vm>,
-    stop: Arc<EventFd>,
-    fault_loop: Option<JoinHandle<Result<LoopExit, pager::fault_loop::FaultLoopError>>>,
-    _image: tempfile::NamedTempFile,
-    image_path: std::path::PathBuf,
-}
-
-impl Guest {
-    fn start() -> anyhow::Result<Self> {
-        let fd = nix::sys::memfd::memfd_create(
-            c"pw-evict-service",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?;
-        let memfd = File::from(fd);
-        memfd.set_len(PAGES * PAGE as u64)?;
-        let map = memmap2::MmapOptions::new()
-            .len((PAGES as usize) * PAGE)
-            .map_raw(&memfd)?;
-        let uffd = Uffd::new(UffdFlags {
-            nonblocking: true,
-            ..Default::default()
-        })?;
-        uffd.api(
-            Features::EVENT_REMOVE
-                | Features::MISSING_SHMEM
-                | Features::WP_HUGETLBFS_SHMEM
-                | Features::WP_UNPOPULATED,
-        )?;
-        let base = map.as_ptr() as u64;
-        uffd.register(
-            base,
-            PAGES * PAGE as u64,
-            RegisterMode::MISSING | RegisterMode::WP,
-        )?;
-        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: base,
-            size: PAGES as usize * PAGE,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }])?;
-        let image = tempfile::NamedTempFile::new()?;
-        image.as_file().set_len(PAGES * PAGE as u64)?;
-        let image_path = image.path().to_path_buf();
-        let mut vm = Vm::new(
-            "evict-e2e".into(),
-            uffd,
-            layout,
-            Some(OwnedFd::from(memfd)),
-            PeerInfo::default(),
-        );
-        vm.wp_registered = true;
-        let vm = Arc::new(vm);
-        let source = ImageFileSource::open(&image_path, PAGE, PAGES)?;
-        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
-        let fl = FaultLoop::new(
-            vm.clone(),
-            Box::new(source),
-            pager::prefetch::by_name("none", PAGES)?,
-            FaultLoopConfig::default(),
-            stop.clone(),
-            None,
-        )
-        .unwrap();
-        let fault_loop = Some(std::thread::spawn(move || fl.run()));
-        Ok(Self {
-            map,
-            vm,
-            stop,
-            fault_loop,
-            _image: image,
-            image_path,
-        })
-    }
-
-    /// Word `w` of `page`.
-    fn word(&self, page: u64, w: u64) -> &AtomicU64 {
-        assert!(page < PAGES && w < (PAGE / 8) as u64);
-        // SAFETY: inside our live shared mapping, 8-byte aligned, only accessed atomically.
-        unsafe { &*((self.map.as_ptr() as u64 + page * PAGE as u64 + w * 8) as *const AtomicU64) }
-    }
-
-    fn stop(&mut self) -> LoopExit {
-        self.stop.write(1).unwrap();
-        self.fault_loop.take().unwrap().join().unwrap().unwrap()
-    }
-}
+type Guest = evict_common::real_loop::LoopGuest;
 
 fn writer(g: Arc<Guest>, first: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<u64>) {
     let mut last: Vec<u64> = (0..HOT_PER_WRITER)
@@ -158,7 +68,7 @@ fn writer(g: Arc<Guest>, first: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<u6
 
 #[test]
 fn evicts_cold_pages_under_a_running_fault_loop_and_serves_them_back() -> anyhow::Result<()> {
-    let guest = Guest::start()?;
+    let guest = Guest::start(PAGES, false)?;
     // Every page: word 1 = its tag; the first touch of each faults through the fault loop.
     for p in 0..PAGES {
         guest.word(p, 1).store(p * 3 + 1, Ordering::SeqCst);
@@ -325,7 +235,7 @@ fn refuses_vms_without_memory_file_or_wp() -> anyhow::Result<()> {
 #[test]
 fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
-    let guest = Guest::start()?;
+    let guest = Guest::start(PAGES, false)?;
     for p in 0..64 {
         guest.word(p, 1).store(p + 100, Ordering::SeqCst);
     }
@@ -384,5 +294,142 @@ fn discarded_pages_are_forgotten_in_the_store_and_read_as_zero() -> anyhow::Resu
     drop(svc);
     let mut guest = guest;
     assert_eq!(guest.stop(), LoopExit::Stopped);
+    Ok(())
+}
+
+/// A migration-style consumer on the real fault loop: pages that become resident through a
+/// MISSING fault count as written for it (`placed_counts_as_written`, marked from the fault
+/// loop's placement path), not for the working-set consumer; both see WP-fault writes; each
+/// harvest clears only its own view.
+#[test]
+fn a_migration_subscriber_sees_pages_placed_by_missing_faults() -> anyhow::Result<()> {
+    use pager::dirty::SubscribeOptions;
+    let mut guest = Guest::start(PAGES, false)?;
+    let wss = guest.vm.dirty.subscribe(SubscribeOptions::default())?;
+    let migration = guest.vm.dirty.subscribe(SubscribeOptions {
+        placed_counts_as_written: true,
+    })?;
+    assert_eq!(guest.vm.dirty.subscribers(), 2);
+    // First touches (reads) of 16 absent pages: MISSING faults, placed by the fault loop.
+    for p in 0..16 {
+        assert_eq!(guest.word(p, 1).load(Ordering::SeqCst), 0);
+    }
+    // The fault loop marks right after the COPY that woke the reader: wait for it.
+    wait_for(Duration::from_secs(5), || {
+        (migration.count() == 16).then_some(())
+    })
+    .expect("placed pages marked for the migration");
+    assert_eq!(migration.harvest(), (0..16).collect::<Vec<u64>>());
+    assert_eq!(
+        wss.count(),
+        0,
+        "reads are not writes for the working-set consumer"
+    );
+
+    // A pre-copy round: protect everything, then harvest (both consumers).
+    let base = guest.map.as_ptr() as u64;
+    guest
+        .vm
+        .uffd
+        .write_protect(base, PAGES * PAGE as u64, true, false)?;
+    wss.harvest();
+    migration.harvest();
+    // A write to a resident page: a WP fault, seen by both.
+    guest.word(3, 0).store(7, Ordering::SeqCst);
+    // A page absent at the protect, read in (placed writable) and then written: the write
+    // takes no WP fault, so only the placement mark tells pre-copy to send it again.
+    let wp_before = guest.vm.metrics.snapshot().wp_faults;
+    assert_eq!(guest.word(40, 1).load(Ordering::SeqCst), 0);
+    guest.word(40, 1).store(41, Ordering::SeqCst);
+    let wp_after = guest.vm.metrics.snapshot().wp_faults;
+    wait_for(Duration::from_secs(5), || {
+        migration.is_dirty(40).then_some(())
+    })
+    .expect("page 40 marked for the migration");
+    assert_eq!(migration.harvest(), vec![3, 40]);
+    let seen_by_wss = wss.harvest();
+    assert!(seen_by_wss.contains(&3), "{seen_by_wss:?}");
+    eprintln!(
+        "write to a page placed after the protect: {} WP faults, working-set consumer saw {seen_by_wss:?}",
+        wp_after - wp_before
+    );
+    assert_eq!(migration.count(), 0);
+    drop(migration);
+    assert_eq!(guest.vm.dirty.subscribers(), 1);
+    assert_eq!(guest.stop(), LoopExit::Stopped);
+    Ok(())
+}
+
+/// Write-tracking cost per flavour (docs/evict.md, "Write tracking"): a writer sweeping a
+/// 16 MiB hot set of a 64 MiB guest as fast as it can, sampled every 1000 and 100 ms, by
+/// sync WP through the real fault loop and by WP_ASYNC + PAGEMAP_SCAN. Prints a table.
+/// `cargo test -p pagewise-tests --release --test evict_service -- --ignored --nocapture
+/// write_tracking_flavours`
+#[test]
+#[ignore = "a measurement (~75 s); run it by name"]
+fn write_tracking_flavours() -> anyhow::Result<()> {
+    use evict_common::write_flavours::{measure, Flavour};
+    let (pages, hot) = (16384, 4096);
+    let run = Duration::from_secs(4);
+    println!(
+        "{:<18} {:>11} {:>6} {:>7} {:>10} {:>8} {:>9} {:>8} {:>9} {:>9}",
+        "flavour, interval",
+        "writes/s",
+        "vs off",
+        "samples",
+        "harvest us",
+        "written",
+        "WP faults",
+        "write ns",
+        "1st us",
+        "1st p90"
+    );
+    for flavour in [Flavour::SyncWp, Flavour::AsyncWp] {
+        let mut off = 0.0;
+        for interval in [None, Some(1000), Some(100)] {
+            // The median of three runs by writes/s (the machine is shared).
+            let mut runs = (0..3)
+                .map(|_| {
+                    measure(
+                        flavour,
+                        pages,
+                        hot,
+                        interval.map(Duration::from_millis),
+                        run,
+                    )
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            runs.sort_by(|a, b| a.writes_per_s.total_cmp(&b.writes_per_s));
+            let r = runs[1];
+            if interval.is_none() {
+                off = r.writes_per_s;
+            }
+            let label = format!(
+                "{:?}, {}",
+                flavour,
+                interval.map_or("off".to_string(), |ms| format!("{ms} ms"))
+            );
+            println!(
+                "{label:<18} {:>11.0} {:>6.2} {:>7} {:>10.1} {:>8.0} {:>9} {:>8.0} {:>9.2} {:>9.2}",
+                r.writes_per_s,
+                r.writes_per_s / off,
+                r.samples,
+                r.harvest_us,
+                r.written_per_sample,
+                r.wp_faults,
+                r.clean_write_ns,
+                r.first_write_us,
+                r.first_write_p90_us
+            );
+            assert!(r.writes_per_s > 0.0);
+            if interval.is_some() {
+                // The hot set is seen written, whichever flavour.
+                assert!(
+                    r.written_per_sample * r.samples as f64 >= hot as f64,
+                    "{r:?}"
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use uffd::{Uffd, UffdError};
 
 use super::layout::MemoryLayout;
-use crate::dirty::DirtyBitmap;
+use crate::dirty::Subscription;
 use crate::page_state::PageStateTable;
 use crate::wss::{WorkingSetTracker, WssSample};
 
@@ -20,7 +20,7 @@ pub fn protect_and_sample(
     uffd: &Uffd,
     layout: &MemoryLayout,
     states: &PageStateTable,
-    dirty: &DirtyBitmap,
+    dirty: &Subscription,
     tracker: &WorkingSetTracker,
 ) -> Result<WssSample, UffdError> {
     let ps = layout.page_size();
@@ -35,7 +35,8 @@ pub trait SamplerTarget: Send + Sync + 'static {
     fn uffd(&self) -> &Uffd;
     fn layout(&self) -> &MemoryLayout;
     fn states(&self) -> &PageStateTable;
-    fn dirty(&self) -> &DirtyBitmap;
+    /// The tracker's own write-tracking subscription.
+    fn writes(&self) -> &Subscription;
     fn tracker(&self) -> &WorkingSetTracker;
     /// Runs after every sample on the sampler thread (housekeeping; default: nothing).
     fn after_sample(&self) {}
@@ -72,7 +73,7 @@ impl Sampler {
                         target.uffd(),
                         target.layout(),
                         target.states(),
-                        target.dirty(),
+                        target.writes(),
                         target.tracker(),
                     ) {
                         Ok(s) => {

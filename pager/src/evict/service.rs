@@ -15,7 +15,7 @@ use super::{
     forget_removed, run_eviction, EvictError, EvictGoal, EvictProgress, EvictReport,
     EvictionTarget, PageStore, StoreError,
 };
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{SubscribeOptions, Subscription};
 use crate::page_state::{PageState, PageStateTable};
 use crate::vm::{GuestLayout, Vm};
 use crate::wss::{WorkingSetTracker, WssConfig, WssSummary};
@@ -61,6 +61,8 @@ struct Shared {
     vm: Arc<Vm>,
     layout: MemoryLayout,
     tracker: WorkingSetTracker,
+    /// The working-set tracker's and victim selection's view of the VM's writes.
+    writes: Subscription,
     store: Arc<dyn PageStore>,
     /// Pages seen `Removed` and already forgotten in the store (cleared when they leave
     /// `Removed`, so a later discard is forgotten again).
@@ -103,8 +105,8 @@ impl SamplerTarget for Shared {
     fn states(&self) -> &PageStateTable {
         &self.vm.states
     }
-    fn dirty(&self) -> &DirtyBitmap {
-        &self.vm.dirty
+    fn writes(&self) -> &Subscription {
+        &self.writes
     }
     fn tracker(&self) -> &WorkingSetTracker {
         &self.tracker
@@ -167,12 +169,14 @@ impl VmEviction {
         }
         let layout = MemoryLayout::from(&vm.layout);
         let tracker = WorkingSetTracker::new(&vm.states, config.wss);
+        let writes = vm.dirty.subscribe(SubscribeOptions::default())?;
         let words = vm.states.len().div_ceil(64);
         Ok(Self {
             shared: Arc::new(Shared {
                 vm,
                 layout,
                 tracker,
+                writes,
                 store,
                 forgotten: Mutex::new(vec![0; words]),
             }),
@@ -235,7 +239,7 @@ impl VmEviction {
         };
         let report = run_eviction(
             &target,
-            &vm.dirty,
+            &self.shared.writes,
             goal,
             batch_pages.unwrap_or(self.config.batch_pages),
             cancel,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::EvictError;
-use crate::dirty::DirtyBitmap;
+use crate::dirty::Subscription;
 use crate::page_state::{PageState, PageStateTable};
 use crate::wss::WorkingSetTracker;
 
@@ -46,7 +46,7 @@ pub fn resident_pages(states: &PageStateTable) -> usize {
 /// The victims for `goal`, coldest first, and the resident target they aim at (if any).
 pub fn select_victims(
     states: &PageStateTable,
-    dirty: &DirtyBitmap,
+    dirty: &Subscription,
     tracker: &WorkingSetTracker,
     goal: EvictGoal,
     now: Instant,
@@ -103,9 +103,11 @@ mod tests {
     use super::*;
     use crate::wss::WssConfig;
 
-    fn setup() -> (PageStateTable, DirtyBitmap, WorkingSetTracker, Instant) {
+    fn setup() -> (PageStateTable, Subscription, WorkingSetTracker, Instant) {
         let states = PageStateTable::new(100, PageState::Present);
-        let dirty = DirtyBitmap::new(100);
+        let dirty = crate::dirty::WriteTracker::new(100)
+            .subscribe(Default::default())
+            .unwrap();
         let t = WorkingSetTracker::new(
             &states,
             WssConfig {

@@ -177,7 +177,7 @@ impl FaultLoop {
     }
 
     /// Write-protect fault (synchronous WP; see docs/pager.md and the evictor). The protocol
-    /// lives in `evict::resolve_write_fault`: `Evicting` -> leave the writer to the evictor;
+    /// lives in `dirty::resolve_write_fault`: `Evicting` -> leave the writer to the evictor;
     /// `Present` -> claim it (`Present -> InFlight`) so the evictor cannot protect and read it
     /// while we make it writable, mark it dirty, un-protect (wakes the writer), `Present`
     /// again; anything else -> un-protect + wake.
@@ -185,7 +185,7 @@ impl FaultLoop {
         VmMetrics::add(&self.metrics().wp_faults, 1);
         let addr = self.page_addr(page);
         let vm = &self.vm;
-        match crate::evict::resolve_write_fault(
+        match crate::dirty::resolve_write_fault(
             &vm.uffd,
             &vm.states,
             &vm.dirty,
@@ -193,7 +193,7 @@ impl FaultLoop {
             addr,
             vm.page_size(),
         ) {
-            Ok(crate::evict::WriteFaultAction::Released(other)) => {
+            Ok(crate::dirty::WriteFaultAction::Released(other)) => {
                 tracing::debug!(vm = %vm.name, page, ?other, "WP fault on a page in an unexpected state; un-protected");
             }
             Ok(_) => {}

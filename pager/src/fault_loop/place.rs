@@ -67,6 +67,7 @@ impl FaultLoop {
                 }
             }
         }
+        self.vm.dirty.mark_placed(first, count);
         let counter = if zero {
             &self.vm.metrics.pages_zeroed
         } else {

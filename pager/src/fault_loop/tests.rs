@@ -191,6 +191,7 @@ fn write_to_a_reprotected_present_page_marks_it_dirty_and_proceeds() {
     let mut h = Harness::start_regions(&[8], "none", RegisterMode::MISSING | RegisterMode::WP);
     assert_eq!(h.map[3 * PAGE], image_page(3)[0]);
     let addr = h.map.as_ptr() as u64 + 3 * PAGE as u64;
+    let writes = h.vm.dirty.subscribe(Default::default()).unwrap();
     // Write tracking re-protects a present page; the next write must fault to the loop.
     h.vm.uffd
         .write_protect(addr, PAGE as u64, true, false)
@@ -201,9 +202,9 @@ fn write_to_a_reprotected_present_page_marks_it_dirty_and_proceeds() {
     });
     writer.join().unwrap();
     assert_eq!(h.map[3 * PAGE], 0xee);
-    assert!(h.vm.dirty.is_dirty(3));
-    assert_eq!(h.vm.dirty.count(), 1);
-    // The loop holds the page InFlight around the un-protect (see evict::resolve_write_fault)
+    assert!(writes.is_dirty(3));
+    assert_eq!(writes.count(), 1);
+    // The loop holds the page InFlight around the un-protect (see dirty::resolve_write_fault)
     // and stores Present right after the writer was woken.
     let since = std::time::Instant::now();
     while h.vm.states.get(3) != PageState::Present {

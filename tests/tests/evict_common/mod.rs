@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod real_loop;
+pub mod write_flavours;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -14,10 +17,9 @@ use std::thread::JoinHandle;
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use pager::dirty::DirtyBitmap;
+use pager::dirty::{resolve_write_fault, Subscription, WriteFaultAction, WriteTracker};
 use pager::evict::{
-    forget_removed, resolve_write_fault, EvictionTarget, MemoryLayout, PageStore, RegionMap,
-    StoreError, WriteFaultAction,
+    forget_removed, EvictionTarget, MemoryLayout, PageStore, RegionMap, StoreError,
 };
 use pager::page_state::{PageState, PageStateTable};
 use pager::wss::{WorkingSetTracker, WssConfig, WssSample};
@@ -95,7 +97,10 @@ pub struct Guest {
     pub uffd: Uffd,
     pub layout: MemoryLayout,
     pub states: PageStateTable,
-    pub dirty: DirtyBitmap,
+    /// The VM's write log (the handler marks it on WP faults).
+    pub writes: WriteTracker,
+    /// The working-set tracker's (and victim selection's) subscription to it.
+    pub wss_writes: Subscription,
     pub tracker: WorkingSetTracker,
     pub store: FileStore,
 }
@@ -103,6 +108,12 @@ pub struct Guest {
 impl Guest {
     /// `pages` pages; word 0 of each page is 0, word 1 is `page + 1`, the rest 0xA5.
     pub fn new(pages: u64) -> anyhow::Result<Self> {
+        Self::with_features(pages, Features::empty())
+    }
+
+    /// [`Guest::new`] with `extra` uffd features (e.g. `WP_ASYNC`, which makes the kernel
+    /// resolve write-protect faults itself).
+    pub fn with_features(pages: u64, extra: Features) -> anyhow::Result<Self> {
         let fd = nix::sys::memfd::memfd_create(
             c"pw-evict-test",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
@@ -127,7 +138,8 @@ impl Guest {
             Features::EVENT_REMOVE
                 | Features::MISSING_SHMEM
                 | Features::WP_HUGETLBFS_SHMEM
-                | Features::WP_UNPOPULATED,
+                | Features::WP_UNPOPULATED
+                | extra,
         )?;
         let base = map.as_ptr() as u64;
         uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
@@ -141,13 +153,16 @@ impl Guest {
         )?;
         let states = PageStateTable::new(pages as usize, PageState::Present);
         let tracker = WorkingSetTracker::new(&states, WssConfig::default());
+        let writes = WriteTracker::new(pages as usize);
+        let wss_writes = writes.subscribe(Default::default())?;
         Ok(Self {
             memfd,
             map,
             uffd,
             layout,
             states,
-            dirty: DirtyBitmap::new(pages as usize),
+            writes,
+            wss_writes,
             tracker,
             store: FileStore::new()?,
         })
@@ -187,7 +202,7 @@ impl Guest {
             &self.uffd,
             &self.layout,
             &self.states,
-            &self.dirty,
+            &self.wss_writes,
             &self.tracker,
         )?)
     }
@@ -219,32 +234,54 @@ impl Guest {
         pages: &[u64],
         buf: &mut Vec<u8>,
     ) -> anyhow::Result<u64> {
-        let mut n = 0;
-        buf.resize(PAGE, 0);
-        for &p in pages {
-            if self
-                .states
-                .transition(p, PageState::Present, PageState::Evicting)
-                .is_err()
-            {
-                continue;
-            }
-            self.memfd.read_exact_at(buf, p * PAGE as u64)?;
-            self.store
-                .store_pages(&[(p, &buf[..])])
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            fallocate(
-                self.memfd.as_fd(),
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                (p * PAGE as u64) as i64,
-                PAGE as i64,
-            )?;
-            self.states.set(p, PageState::Evicted);
-            self.uffd.wake(self.addr(p), PAGE as u64)?;
-            n += 1;
-        }
-        Ok(n)
+        evict_without_write_protect(
+            &self.states,
+            self.memfd.as_fd(),
+            &self.store,
+            &self.uffd,
+            &|p| self.addr(p),
+            pages,
+            buf,
+        )
     }
+}
+
+/// The broken eviction of the negative controls, for any guest: claim, read, store, punch,
+/// publish, wake, but no write-protect, so a write between the read and the punch is lost.
+pub fn evict_without_write_protect(
+    states: &PageStateTable,
+    memory_file: std::os::fd::BorrowedFd<'_>,
+    store: &dyn PageStore,
+    uffd: &Uffd,
+    host_addr: &dyn Fn(u64) -> u64,
+    pages: &[u64],
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<u64> {
+    let mut n = 0;
+    buf.resize(PAGE, 0);
+    for &p in pages {
+        if states
+            .transition(p, PageState::Present, PageState::Evicting)
+            .is_err()
+        {
+            continue;
+        }
+        let got = nix::sys::uio::pread(memory_file, buf, (p * PAGE as u64) as i64)?;
+        anyhow::ensure!(got == PAGE, "short read of page {p}");
+        store
+            .store_pages(&[(p, &buf[..])])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        fallocate(
+            memory_file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (p * PAGE as u64) as i64,
+            PAGE as i64,
+        )?;
+        states.set(p, PageState::Evicted);
+        uffd.wake(host_addr(p), PAGE as u64)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// What the fault handler did.
@@ -310,7 +347,7 @@ fn serve(g: &Guest, stop: &AtomicBool) -> HandlerCounts {
                         match resolve_write_fault(
                             &g.uffd,
                             &g.states,
-                            &g.dirty,
+                            &g.writes,
                             page,
                             page_addr,
                             PAGE as u64,
