@@ -1,6 +1,7 @@
 //! `pager` — pages in motion into a live address space, through userfaultfd.
 
 pub mod attach;
+pub mod conventions;
 pub mod dirty;
 pub mod evict;
 pub mod fault_loop;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use pager::conventions::default_stats_socket;
 use pager::server::control;
 use serde_json::{json, Value};
 
@@ -27,7 +28,7 @@ pub struct StatsArgs {
 }
 
 fn control_socket(path: PathBuf) -> PathBuf {
-    let derived = super::serve::default_stats_socket(&path);
+    let derived = default_stats_socket(&path);
     if !path.to_string_lossy().ends_with(".stats") && derived.exists() {
         derived
     } else {
