@@ -10,6 +10,8 @@ use pager::conventions::default_stats_socket;
 use pager::server::control;
 use serde_json::{json, Value};
 
+mod table;
+
 #[derive(Args, Debug)]
 pub struct StatsArgs {
     /// The control socket (`pagewise serve`'s --stats-socket), or the serve socket itself,
@@ -46,7 +48,7 @@ pub fn run(args: StatsArgs) -> Result<ExitCode> {
     if args.json || args.request.is_some() {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        print!("{}", pager::stats::render_table(&result));
+        print!("{}", table::render_table(&result));
     }
     Ok(ExitCode::SUCCESS)
 }
