@@ -5,6 +5,7 @@ pub mod conventions;
 pub mod dirty;
 pub mod evict;
 pub mod fault_loop;
+pub mod layout;
 pub mod metrics;
 pub mod page_state;
 pub mod prefetch;

@@ -115,8 +115,10 @@ impl GuestRegionUffdMapping {
     }
 }
 
-/// Check regions: non-empty, page sizes 4 KiB or 2 MiB, sizes/addresses/offsets aligned, no
-/// overlaps in address space.
+/// Check regions: non-empty, page sizes 4 KiB or 2 MiB, sizes/addresses/offsets aligned,
+/// neither address + size nor offset + size overflowing u64, no overlaps in address space.
+/// (Overlapping file offsets and the fit in the swap device are checked by
+/// [`crate::layout::GuestLayout`].)
 pub fn validate_regions(regions: &[GuestRegionUffdMapping]) -> Result<(), HandshakeError> {
     if regions.is_empty() {
         return Err(HandshakeError::BadRegion {
@@ -143,7 +145,16 @@ pub fn validate_regions(regions: &[GuestRegionUffdMapping]) -> Result<(), Handsh
             )));
         }
         if r.base_host_virt_addr.checked_add(r.size as u64).is_none() {
-            return Err(bad("address range overflows".into()));
+            return Err(bad(format!(
+                "address {:#x} + size {:#x} overflows u64",
+                r.base_host_virt_addr, r.size
+            )));
+        }
+        if r.offset.checked_add(r.size as u64).is_none() {
+            return Err(bad(format!(
+                "offset {:#x} + size {:#x} overflows u64",
+                r.offset, r.size
+            )));
         }
         for (j, o) in regions.iter().enumerate().take(i) {
             let (a0, a1) = (r.base_host_virt_addr, r.base_host_virt_addr + r.size as u64);
@@ -455,5 +466,28 @@ mod tests {
         r.page_size = 512;
         r.page_size_kib = 0;
         assert!(validate_regions(&[r]).is_err());
+    }
+
+    #[test]
+    fn regions_whose_arithmetic_overflows_are_refused_naming_the_region() {
+        // offset + size past u64::MAX (the end would wrap to 0x1000).
+        let top = u64::MAX - 0xfff;
+        let err =
+            validate_regions(&[region(0x1000, 4096, 0), region(0x10_0000, 8192, top)]).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::BadRegion { index: 1, .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("region 1") && msg.contains("offset"), "{msg}");
+        // Ending exactly at 2^64 does not fit either.
+        assert!(validate_regions(&[region(0x1000, 4096, top)]).is_err());
+        // host address + size past u64::MAX.
+        let err = validate_regions(&[region(top, 8192, 0)]).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::BadRegion { index: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("address"), "{err}");
     }
 }

@@ -9,33 +9,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::Uffd;
 
-use super::layout::{MemoryLayout, RegionMap};
 use super::sampler::{Sampler, SamplerTarget};
 use super::{
     forget_removed, run_eviction, EvictError, EvictGoal, EvictProgress, EvictReport,
     EvictionTarget, PageStore, StoreError,
 };
 use crate::dirty::DirtyBitmap;
+use crate::layout::GuestLayout;
 use crate::page_state::{PageState, PageStateTable};
-use crate::vm::{GuestLayout, Vm};
+use crate::vm::Vm;
 use crate::wss::{WorkingSetTracker, WssConfig, WssSummary};
-
-impl From<&GuestLayout> for MemoryLayout {
-    fn from(l: &GuestLayout) -> Self {
-        let regions = l
-            .regions()
-            .iter()
-            .map(|r| RegionMap {
-                host_addr: r.host_addr,
-                file_offset: r.offset,
-                len: r.size,
-            })
-            .collect();
-        // GuestLayout has already validated alignment and overlaps.
-        MemoryLayout::new(l.page_size() as usize, regions)
-            .expect("a validated GuestLayout is a valid MemoryLayout")
-    }
-}
 
 /// Tunables of a VM's eviction service.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +42,6 @@ impl Default for EvictConfig {
 
 struct Shared {
     vm: Arc<Vm>,
-    layout: MemoryLayout,
     tracker: WorkingSetTracker,
     store: Arc<dyn PageStore>,
     /// Pages seen `Removed` and already forgotten in the store (cleared when they leave
@@ -97,8 +79,8 @@ impl SamplerTarget for Shared {
     fn uffd(&self) -> &Uffd {
         &self.vm.uffd
     }
-    fn layout(&self) -> &MemoryLayout {
-        &self.layout
+    fn layout(&self) -> &GuestLayout {
+        &self.vm.layout
     }
     fn states(&self) -> &PageStateTable {
         &self.vm.states
@@ -165,13 +147,11 @@ impl VmEviction {
                 vm.name
             )));
         }
-        let layout = MemoryLayout::from(&vm.layout);
         let tracker = WorkingSetTracker::new(&vm.states, config.wss);
         let words = vm.states.len().div_ceil(64);
         Ok(Self {
             shared: Arc::new(Shared {
                 vm,
-                layout,
                 tracker,
                 store,
                 forgotten: Mutex::new(vec![0; words]),
@@ -228,7 +208,7 @@ impl VmEviction {
         let target = EvictionTarget {
             uffd: &vm.uffd,
             memory_file,
-            layout: &self.shared.layout,
+            layout: &self.shared.vm.layout,
             states: &vm.states,
             store: self.shared.store.as_ref(),
             tracker: Some(&self.shared.tracker),
@@ -273,7 +253,7 @@ impl VmEviction {
             zero_pages: n(PageState::Zero),
             removed_pages: n(PageState::Removed),
             missing_pages: n(PageState::Missing),
-            page_size: self.shared.layout.page_size() as u64,
+            page_size: self.shared.vm.layout.page_size() as u64,
             sampler_running: self
                 .sampler
                 .lock()
