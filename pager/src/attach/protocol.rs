@@ -69,11 +69,12 @@ pub struct AttachReply {
     pub swapdev: Option<String>,
 }
 
-/// Why a handshake was refused.
+/// Why a handshake was refused. The refusal reaches the VMM and the log as one line, so the
+/// I/O and JSON causes are printed inline (and therefore not also chained as `source`).
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("handshake I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("peer closed the connection before a complete handshake ({0} bytes received)")]
     Truncated(usize),
     #[error("handshake larger than {MAX_HANDSHAKE_BYTES} bytes")]
@@ -83,11 +84,23 @@ pub enum HandshakeError {
     #[error("unsupported pagewise handshake version {got} (this pager speaks {PROTOCOL_VERSION})")]
     UnsupportedVersion { got: u32 },
     #[error("malformed handshake JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("handshake carried {got} fds, expected {expected}")]
     FdCount { got: usize, expected: &'static str },
     #[error("invalid region {index}: {why}")]
     BadRegion { index: usize, why: String },
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for HandshakeError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Json(e)
+    }
 }
 
 /// A received, not yet validated, handshake.
