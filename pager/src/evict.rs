@@ -1,7 +1,7 @@
 //! Cold-page offload while the VM runs: eviction that never loses a write, plus the
 //! working-set sampler that tells which pages are cold.
 //!
-//! - [`layout`]: guest page <-> host address, contiguous runs.
+//! - [`crate::layout`] (not in this module): guest page <-> host address, contiguous runs.
 //! - [`batch`]: the race-free protocol for one batch (claim, write-protect, read, store,
 //!   punch, publish, wake).
 //! - [`victims`]: which pages to evict for a goal (target RSS, cold for S, auto).
@@ -14,7 +14,6 @@
 pub mod batch;
 pub mod control;
 pub mod faults;
-pub mod layout;
 pub mod sampler;
 pub mod service;
 pub mod store;
@@ -26,9 +25,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use crate::dirty::{resolve_write_fault, WriteFaultAction};
+pub use crate::layout::Run;
 pub use batch::{BatchOutcome, EvictionTarget};
 pub use faults::forget_removed;
-pub use layout::{MemoryLayout, RegionMap, Run};
 pub use sampler::{protect_and_sample, Sampler, SamplerTarget};
 pub use service::{EvictConfig, EvictStats, VmEviction};
 pub use store::{ImageFileStore, SwapdevStore};
@@ -51,8 +50,8 @@ pub trait PageStore: Send + Sync {
 /// Errors of eviction and working-set tracking. Each names what failed and where.
 #[derive(Debug, thiserror::Error)]
 pub enum EvictError {
-    #[error("guest memory layout: {0}")]
-    Layout(String),
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
     #[error("guest page {page} is outside every guest memory region")]
     PageOutOfRange { page: u64 },
     #[error("userfaultfd: {0}")]

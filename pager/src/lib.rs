@@ -1,9 +1,11 @@
 //! `pager` — pages in motion into a live address space, through userfaultfd.
 
 pub mod attach;
+pub mod conventions;
 pub mod dirty;
 pub mod evict;
 pub mod fault_loop;
+pub mod layout;
 pub mod metrics;
 pub mod page_state;
 pub mod prefetch;

@@ -277,7 +277,7 @@ impl Daemon {
         Self::check_free(&self.lock(), &name, &key)?;
         let opened = self.provider.open(&name, &a.layout)?;
         let src_bytes = opened.source.capacity_pages() * opened.source.page_size() as u64;
-        if opened.source.page_size() as u64 != a.layout.page_size() {
+        if opened.source.page_size() != a.layout.page_size() {
             return Err(format!(
                 "page size mismatch: the VM uses {} bytes, {} has {} bytes",
                 a.layout.page_size(),
@@ -285,14 +285,9 @@ impl Daemon {
                 opened.source.page_size()
             ));
         }
-        if a.layout.span_bytes() > src_bytes {
-            return Err(format!(
-                "guest memory ends at {} bytes (offset+size of its regions) but {} holds only {} bytes",
-                a.layout.span_bytes(),
-                opened.description,
-                src_bytes
-            ));
-        }
+        a.layout
+            .check_fits(&opened.description, src_bytes)
+            .map_err(|e| e.to_string())?;
         let prefetch = crate::prefetch::by_name(&self.config.prefetch, a.layout.pages())
             .map_err(|e| e.to_string())?;
         let connection: OwnedFd = stream

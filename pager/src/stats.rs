@@ -1,12 +1,10 @@
-//! Presenting VM metrics: a human table, Prometheus text format, and a tiny loopback-only
-//! HTTP responder serving `/metrics`.
+//! Exporting VM metrics: Prometheus text format, and a tiny loopback-only HTTP responder
+//! serving `/metrics`. (The human table of `pagewise stats` is the CLI's: agent/src/cli/stats.)
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::metrics::histogram::bucket_upper_us;
 use crate::metrics::MetricsSnapshot;
@@ -17,7 +15,7 @@ use crate::server::Daemon;
 pub enum MetricsEndpointError {
     #[error("--metrics-addr {0} is not a loopback address; the endpoint is unauthenticated, so only 127.0.0.1 / ::1 are allowed")]
     NotLoopback(SocketAddr),
-    #[error("binding the metrics endpoint {addr}: {source}")]
+    #[error("binding the metrics endpoint {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -148,64 +146,6 @@ fn serve_http(daemon: &Arc<Daemon>, listener: TcpListener) {
     }
 }
 
-/// A human table of the `stats` command's result.
-pub fn render_table(stats: &Value) -> String {
-    let mut out = String::new();
-    let vms = stats
-        .get("vms")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if vms.is_empty() {
-        return "no VMs attached\n".into();
-    }
-    for vm in vms {
-        let s = |k: &str| {
-            vm.get(k)
-                .map(|v| v.to_string().trim_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        out.push_str(&format!(
-            "VM {}  pid {}  {}  source {}  prefetch {}\n",
-            s("vm"),
-            s("pid"),
-            s("flavour"),
-            s("source"),
-            s("prefetch")
-        ));
-        out.push_str(&format!(
-            "  pages {} x {} B   attached {} s   dirty {}\n",
-            s("pages"),
-            s("page_size"),
-            s("attached_secs"),
-            s("dirty_pages")
-        ));
-        if let Some(states) = vm.get("states").and_then(Value::as_object) {
-            let line: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            out.push_str(&format!("  states: {}\n", line.join(", ")));
-        }
-        if let Some(m) = vm.get("metrics").and_then(Value::as_object) {
-            for (k, v) in m {
-                if k != "fault_latency" {
-                    out.push_str(&format!("  {k:<18} {v}\n"));
-                }
-            }
-        }
-        if let Some(e) = vm.get("eviction") {
-            out.push_str(&crate::evict::control::render_eviction(e));
-        }
-        out.push_str(&format!(
-            "  fault latency: p50 <= {} us, p99 <= {} us, mean {} us\n",
-            s("fault_latency_p50_us"),
-            s("fault_latency_p99_us"),
-            vm.get("fault_latency_mean_us")
-                .and_then(Value::as_f64)
-                .map_or("-".into(), |v| format!("{v:.1}"))
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,36 +172,6 @@ mod tests {
         let d = crate::server::Daemon::new(Default::default(), Arc::new(NoSources)).unwrap();
         let err = spawn_metrics_endpoint(d, "0.0.0.0:0".parse().unwrap()).unwrap_err();
         assert!(matches!(err, MetricsEndpointError::NotLoopback(_)));
-    }
-
-    #[test]
-    fn table_shows_counters_states_and_quantiles() {
-        use crate::attach::protocol::GuestRegionUffdMapping;
-        let layout = crate::vm::GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: 0x7000_0000,
-            size: 8 * 4096,
-            offset: 0,
-            page_size: 4096,
-            page_size_kib: 0,
-        }])
-        .unwrap();
-        let uffd = uffd::Uffd::new(Default::default()).unwrap();
-        let vm = crate::vm::Vm::new("vm7".into(), uffd, layout, None, Default::default());
-        VmMetrics::add(&vm.metrics.faults, 5);
-        vm.metrics.fault_latency.record_ns(20_000);
-        vm.states.set(3, crate::page_state::PageState::Present);
-        let stats = serde_json::json!({
-            "vms": [crate::server::control::vm_stats(&vm, "firecracker", "none")]
-        });
-        let table = render_table(&stats);
-        assert!(table.contains("VM vm7"), "{table}");
-        assert!(table.contains("faults             5"), "{table}");
-        assert!(table.contains("present 1"), "{table}");
-        assert!(table.contains("p50 <= 32 us"), "{table}");
-        assert_eq!(
-            render_table(&serde_json::json!({"vms": []})),
-            "no VMs attached\n"
-        );
     }
 
     struct NoSources;

@@ -14,17 +14,8 @@ use qemu_lab::*;
 
 const RAM_MIB: u64 = 512;
 
-fn evict(daemon: &PagerDaemon, goal: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "evict",
-        "--vm",
-        "ev",
-        "--socket",
-        daemon.socket.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(goal);
-    let out = pagewise_ok(&args);
+fn evict(vm: &DaemonVm, goal: &[&str]) -> serde_json::Value {
+    let out = vm.evict(&[goal, &["--json"]].concat());
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("evict --json printed {out:?}: {e}"))
 }
 
@@ -45,37 +36,19 @@ fn out_pages(report: &serde_json::Value) -> u64 {
 
 #[test]
 fn qemu_guest_keeps_verifying_while_its_cold_memory_is_evicted() {
-    let guest = guest();
-    preload_lib();
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = PagerDaemon::start(dir.path());
-    daemon.create_swapdev("ev", RAM_MIB << 20);
-    let mem = ShmFile::new("evict");
-    let serial = dir.path().join("serial.log");
-    let args = qemu_args(
-        guest,
-        &mem.0,
+    let mut vm = start_under_daemon(
+        "ev",
         RAM_MIB,
-        true,
         "memverify.mib=128 memverify.hot_mib=8 memverify.hot_rate_mibs=4 \
          memverify.verify_secs=5 memverify.duration_secs=30",
-        &serial,
+        &[],
     );
-    let mut qemu = Proc::spawn(
-        "vm-run",
-        vm_run_command(&daemon.socket, "ev", &args),
-        dir.path(),
-    );
-    wait_for_text(
-        &serial,
-        "memverify: pass 1 ",
-        Duration::from_secs(180),
-        &mut qemu,
-    );
+    vm.guest
+        .wait_for("memverify: pass 1 ", Duration::from_secs(180));
     // A few working-set samples after the fill.
     std::thread::sleep(Duration::from_secs(3));
 
-    let auto = evict(&daemon, &["--auto"]);
+    let auto = evict(&vm, &["--auto"]);
     eprintln!("--auto: {auto}");
     // memverify filled 128 MiB (32768 pages) and only rewrites 8 MiB of it.
     assert!(out_pages(&auto) > 16384, "{auto}");
@@ -83,21 +56,19 @@ fn qemu_guest_keeps_verifying_while_its_cold_memory_is_evicted() {
 
     // The next full verification pass (printed when it ends) reads everything back through
     // the pager.
-    let next = last_pass(&serial) + 2;
-    wait_for_text(
-        &serial,
+    let next = last_pass(&vm.guest.serial) + 2;
+    vm.guest.wait_for(
         &format!("memverify: pass {next} "),
         Duration::from_secs(120),
-        &mut qemu,
     );
-    let target = evict(&daemon, &["--target-rss", "96M"]);
+    let target = evict(&vm, &["--target-rss", "96M"]);
     eprintln!("--target-rss 96M: {target}");
     assert!(
         target["progress"]["resident"].as_u64().unwrap() <= (96 << 20) / 4096 + 64,
         "{target}"
     );
 
-    let stats = daemon.vm_stats("ev").expect("VM ev attached");
+    let stats = vm.stats();
     let e = &stats["eviction"];
     eprintln!("eviction stats: {e}");
     assert!(
@@ -105,8 +76,5 @@ fn qemu_guest_keeps_verifying_while_its_cold_memory_is_evicted() {
         "verification passes did not refault evicted pages: {e}"
     );
 
-    let status = qemu.wait(Duration::from_secs(240));
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(status.success(), "{status}\n{}\n{log}", qemu.output());
-    assert_memverify_passed(&log);
+    vm.guest.finish(Duration::from_secs(240));
 }

@@ -20,28 +20,12 @@ const FREE_MIB: u64 = 128;
 const PAGE: u64 = 4096;
 const PAGES_PER_MIB: u64 = (1 << 20) / PAGE;
 
-fn metric(stats: &serde_json::Value, name: &str) -> u64 {
-    stats
-        .get("metrics")
-        .and_then(|m| m.get(name))
-        .and_then(|v| v.as_u64())
-        .unwrap_or_else(|| panic!("no metric {name} in {stats}"))
-}
-
 fn eviction(stats: &serde_json::Value, name: &str) -> u64 {
     stats
         .get("eviction")
         .and_then(|m| m.get(name))
         .and_then(|v| v.as_u64())
         .unwrap_or_else(|| panic!("no eviction.{name} in {stats}"))
-}
-
-/// Bytes of `path` allocated in /dev/shm (the guest RAM QEMU and the pager hold).
-fn resident_bytes(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
 }
 
 /// Pages the swap device holds (stored + zero), read by `pagewise swapdev inspect`.
@@ -54,9 +38,9 @@ fn device_pages(device: &Path) -> u64 {
 }
 
 /// Poll `pages_removed` until it has not changed for `quiet` (within `limit`).
-fn settled_removed(daemon: &PagerDaemon, vm: &str, quiet: Duration, limit: Duration) -> u64 {
+fn settled_removed(vm: &DaemonVm, quiet: Duration, limit: Duration) -> u64 {
     let start = Instant::now();
-    let mut last = metric(&daemon.vm_stats(vm).expect("VM attached"), "pages_removed");
+    let mut last = metric(&vm.stats(), "pages_removed");
     let mut since = Instant::now();
     while since.elapsed() < quiet {
         assert!(
@@ -64,7 +48,7 @@ fn settled_removed(daemon: &PagerDaemon, vm: &str, quiet: Duration, limit: Durat
             "pages_removed still changing after {limit:?} (now {last})"
         );
         std::thread::sleep(Duration::from_millis(500));
-        let now = metric(&daemon.vm_stats(vm).expect("VM attached"), "pages_removed");
+        let now = metric(&vm.stats(), "pages_removed");
         if now != last {
             last = now;
             since = Instant::now();
@@ -73,71 +57,37 @@ fn settled_removed(daemon: &PagerDaemon, vm: &str, quiet: Duration, limit: Durat
     last
 }
 
-fn evict_to(daemon: &PagerDaemon, vm: &str, target: &str) -> String {
-    pagewise_ok(&[
-        "evict",
-        "--socket",
-        daemon.socket.to_str().unwrap(),
-        "--vm",
-        vm,
-        "--target-rss",
-        target,
-    ])
-}
-
 #[test]
 fn balloon_free_page_reporting_skips_freed_pages() {
-    let guest = guest();
-    preload_lib();
-    let dir = tempfile::tempdir().unwrap();
-    let daemon = PagerDaemon::start(dir.path());
-    let device = daemon.create_swapdev("balloon", RAM_MIB << 20);
-    let mem = ShmFile::new("balloon");
-    let serial = dir.path().join("serial.log");
-    let mut args = qemu_args(
-        guest,
-        &mem.0,
+    let mut vm = start_under_daemon(
+        "balloon",
         RAM_MIB,
-        true,
         &format!(
             "memverify.mib=64 memverify.hot_mib=8 memverify.hot_rate_mibs=4 \
              memverify.verify_secs=5 memverify.duration_secs=50 \
              memverify.free_mib={FREE_MIB} memverify.free_after_secs=20"
         ),
-        &serial,
+        &[
+            "-device".into(),
+            "virtio-balloon,free-page-reporting=on".into(),
+        ],
     );
-    args.extend([
-        "-device".into(),
-        "virtio-balloon,free-page-reporting=on".into(),
-    ]);
-    let mut qemu = Proc::spawn(
-        "vm-run",
-        vm_run_command(&daemon.socket, "balloon", &args),
-        dir.path(),
-    );
-    let boot = wait_for_text(
-        &serial,
-        "memverify: free phase filled",
-        Duration::from_secs(120),
-        &mut qemu,
-    );
+    let device = vm.guest.device.clone();
+    let boot = vm
+        .guest
+        .wait_for("memverify: free phase filled", Duration::from_secs(120));
     assert!(
         boot.contains("guest: virtio-balloon bound"),
         "the guest did not bind virtio-balloon:\n{boot}"
     );
 
     // 1. The boot-time report of never-used guest memory is over; the free buffer is held.
-    let removed_before = settled_removed(
-        &daemon,
-        "balloon",
-        Duration::from_secs(3),
-        Duration::from_secs(30),
-    );
+    let removed_before = settled_removed(&vm, Duration::from_secs(3), Duration::from_secs(30));
 
     // 2. Evict down to 32 MiB: most of the free buffer goes to the swap device (victims are
     //    taken coldest first; the buffer's last-touched pages may stay resident).
-    let report1 = evict_to(&daemon, "balloon", "32M");
-    let after_evict = daemon.vm_stats("balloon").expect("VM attached");
+    let report1 = vm.evict(&["--target-rss", "32M"]);
+    let after_evict = vm.stats();
     // Pages in state Evicted (stored data); `zero_pages` also counts never-touched pages.
     let evicted1 = eviction(&after_evict, "evicted_pages");
     let resident1 = eviction(&after_evict, "resident_pages");
@@ -153,23 +103,15 @@ fn balloon_free_page_reporting_skips_freed_pages() {
 
     // 3. memverify reads the buffer back (from the swap device), then frees it; the guest
     //    reports the free blocks, QEMU discards them, the pager sees REMOVE.
-    let text = wait_for_text(
-        &serial,
-        "memverify: freed",
-        Duration::from_secs(120),
-        &mut qemu,
-    );
+    let text = vm
+        .guest
+        .wait_for("memverify: freed", Duration::from_secs(120));
     assert!(
         text.contains(&format!("memverify: freed {FREE_MIB} MiB")) && !text.contains("BAD "),
         "the freed buffer did not read back intact:\n{text}"
     );
-    let ram_at_free = resident_bytes(&mem.0);
-    let removed_after = settled_removed(
-        &daemon,
-        "balloon",
-        Duration::from_secs(4),
-        Duration::from_secs(60),
-    );
+    let ram_at_free = resident_bytes(&vm.guest.mem.0);
+    let removed_after = settled_removed(&vm, Duration::from_secs(4), Duration::from_secs(60));
     let removed = removed_after - removed_before;
     // The kernel reports whole free blocks (4 MiB, MAX_ORDER-1 here) only: allow slack below;
     // above, only other memory the guest freed meanwhile.
@@ -178,7 +120,7 @@ fn balloon_free_page_reporting_skips_freed_pages() {
         "{removed} pages removed after freeing {FREE_MIB} MiB (before {removed_before}, after \
          {removed_after})"
     );
-    let ram_after_free = resident_bytes(&mem.0);
+    let ram_after_free = resident_bytes(&vm.guest.mem.0);
     // The sampler (1 s interval) forgets Removed pages in the swap device.
     std::thread::sleep(Duration::from_secs(3));
     let device_after_free = device_pages(&device);
@@ -192,10 +134,10 @@ fn balloon_free_page_reporting_skips_freed_pages() {
     );
 
     // 4. A second eviction never stores the Removed pages.
-    let census_before = daemon.vm_stats("balloon").expect("VM attached");
+    let census_before = vm.stats();
     let removed_state_before = eviction(&census_before, "removed_pages");
-    let report2 = evict_to(&daemon, "balloon", "24M");
-    let census_after = daemon.vm_stats("balloon").expect("VM attached");
+    let report2 = vm.evict(&["--target-rss", "24M"]);
+    let census_after = vm.stats();
     let removed_state_after = eviction(&census_after, "removed_pages");
     let device_after_evict2 = device_pages(&device);
     let evicted2 = (eviction(&census_after, "evicted_pages")
@@ -221,10 +163,7 @@ fn balloon_free_page_reporting_skips_freed_pages() {
         RAM_MIB * PAGES_PER_MIB
     );
 
-    let status = qemu.wait(Duration::from_secs(150));
-    let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(status.success(), "{status}\n{}\n{log}", qemu.output());
-    assert_memverify_passed(&log);
+    vm.guest.finish(Duration::from_secs(150));
     let end = device_pages(&device);
     eprintln!(
         "balloon: removed at boot {removed_before} pages; evict 1: {evicted1} pages, {resident1} \

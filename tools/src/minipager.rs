@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pager::attach::protocol::{self, AttachReply, GuestRegionUffdMapping, Handshake};
+use pager::layout::GuestLayout;
 use uffd::{CopyError, Event, PlaceMode, Uffd};
 
 use crate::image::PAGE_SIZE;
@@ -78,7 +79,7 @@ pub fn serve_one(
             (uffd, request.regions, "pagewise")
         }
     };
-    protocol::validate_regions(&regions)?;
+    let layout = GuestLayout::from_mappings(&regions)?;
     let uffd = Uffd::from(uffd);
     let mut removed: HashSet<u64> = HashSet::new();
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -103,7 +104,10 @@ pub fn serve_one(
             match ev {
                 Event::PageFault { addr, .. } => {
                     let page_addr = addr & !(PAGE_SIZE as u64 - 1);
-                    let Some(offset) = file_offset(&regions, page_addr) else {
+                    let offset = layout
+                        .page_of_addr(page_addr)
+                        .and_then(|p| layout.file_offset(p));
+                    let Some(offset) = offset else {
                         bail!("fault at {addr:#x} outside every region");
                     };
                     stats.faults.fetch_add(1, Ordering::Relaxed);
@@ -147,13 +151,6 @@ pub fn serve_one(
         }
     }
     Ok(MiniOutcome { handshake, regions })
-}
-
-fn file_offset(regions: &[GuestRegionUffdMapping], addr: u64) -> Option<u64> {
-    regions.iter().find_map(|r| {
-        (addr >= r.base_host_virt_addr && addr < r.base_host_virt_addr + r.size as u64)
-            .then(|| r.offset + (addr - r.base_host_virt_addr))
-    })
 }
 
 /// A minipager on its own thread, listening on a socket path.

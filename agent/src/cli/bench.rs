@@ -1,9 +1,7 @@
-//! `pagewise bench ...`: each benchmark prints a table against a baseline from the same run.
+//! `pagewise bench ...`: the clap front of the benchmark drivers in `pagewise_tools::bench`;
+//! each benchmark prints a table against a baseline from the same run.
 
-pub mod evict;
-pub mod guest;
-pub mod pager;
-pub mod swapdev;
+use pagewise_tools::bench::{evict, guest, pager, swapdev};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use pager::conventions::{default_stats_socket, parse_size};
 use serde_json::{json, Value};
 
 use super::vm::DEFAULT_PAGER_SOCKET;
@@ -48,35 +49,6 @@ pub struct EvictArgs {
     json: bool,
 }
 
-/// Parse "4096", "512M", "1.5G", "2GiB" into bytes (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 512M, 1.5G)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("size {s:?} is out of range"));
-    }
-    Ok(bytes as u64)
-}
-
 /// The control socket: `--socket` (or $PAGEWISE_SOCKET, or the default serve socket); a
 /// serve socket is mapped to its `.stats` control socket (as `pagewise stats` does).
 pub fn control_socket(arg: Option<PathBuf>) -> PathBuf {
@@ -87,7 +59,7 @@ pub fn control_socket(arg: Option<PathBuf>) -> PathBuf {
                 .map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PAGER_SOCKET));
-    let derived = super::serve::default_stats_socket(&path);
+    let derived = default_stats_socket(&path);
     if !path.to_string_lossy().ends_with(".stats") && derived.exists() {
         derived
     } else {
@@ -265,17 +237,6 @@ pub fn run(args: EvictArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size(" 64 k "), Ok(64 << 10));
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("3X").unwrap_err().contains("unknown size unit"));
-    }
 
     #[test]
     fn progress_lines_render() {

@@ -10,7 +10,7 @@
 //!   is VM NAME, served from SPEC. This is how Firecracker VMs are named.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use pager::attach::server::{valid_vm_name, Naming};
+use pager::conventions::default_stats_socket;
 use pager::fault_loop::FaultLoopConfig;
 use pager::server::{bind_unix, control, Daemon, DaemonConfig, SwapdevProvider};
 
@@ -96,13 +97,6 @@ fn host_id(arg: &Option<String>) -> Result<String> {
             .trim()
             .to_string()),
     }
-}
-
-/// The default control socket of a serve socket: `PATH.stats`.
-pub fn default_stats_socket(socket: &Path) -> PathBuf {
-    let mut s = socket.as_os_str().to_owned();
-    s.push(".stats");
-    PathBuf::from(s)
 }
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
@@ -224,9 +218,5 @@ mod tests {
         assert!(parse_vm("fc1/run/x").is_err());
         assert!(parse_vm("../x=/s:/d").is_err());
         assert!(parse_vm("a=:/d").is_err());
-        assert_eq!(
-            default_stats_socket(Path::new("/run/pw.sock")),
-            PathBuf::from("/run/pw.sock.stats")
-        );
     }
 }

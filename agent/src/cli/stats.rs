@@ -6,8 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use pager::conventions::default_stats_socket;
 use pager::server::control;
 use serde_json::{json, Value};
+
+mod table;
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
@@ -27,7 +30,7 @@ pub struct StatsArgs {
 }
 
 fn control_socket(path: PathBuf) -> PathBuf {
-    let derived = super::serve::default_stats_socket(&path);
+    let derived = default_stats_socket(&path);
     if !path.to_string_lossy().ends_with(".stats") && derived.exists() {
         derived
     } else {
@@ -45,7 +48,7 @@ pub fn run(args: StatsArgs) -> Result<ExitCode> {
     if args.json || args.request.is_some() {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
-        print!("{}", pager::stats::render_table(&result));
+        print!("{}", table::render_table(&result));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,11 +69,12 @@ pub struct AttachReply {
     pub swapdev: Option<String>,
 }
 
-/// Why a handshake was refused.
+/// Why a handshake was refused. The refusal reaches the VMM and the log as one line, so the
+/// I/O and JSON causes are printed inline (and therefore not also chained as `source`).
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("handshake I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("peer closed the connection before a complete handshake ({0} bytes received)")]
     Truncated(usize),
     #[error("handshake larger than {MAX_HANDSHAKE_BYTES} bytes")]
@@ -83,11 +84,23 @@ pub enum HandshakeError {
     #[error("unsupported pagewise handshake version {got} (this pager speaks {PROTOCOL_VERSION})")]
     UnsupportedVersion { got: u32 },
     #[error("malformed handshake JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("handshake carried {got} fds, expected {expected}")]
     FdCount { got: usize, expected: &'static str },
     #[error("invalid region {index}: {why}")]
     BadRegion { index: usize, why: String },
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for HandshakeError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Json(e)
+    }
 }
 
 /// A received, not yet validated, handshake.
@@ -115,8 +128,10 @@ impl GuestRegionUffdMapping {
     }
 }
 
-/// Check regions: non-empty, page sizes 4 KiB or 2 MiB, sizes/addresses/offsets aligned, no
-/// overlaps in address space.
+/// Check regions: non-empty, page sizes 4 KiB or 2 MiB, sizes/addresses/offsets aligned,
+/// neither address + size nor offset + size overflowing u64, no overlaps in address space.
+/// (Overlapping file offsets and the fit in the swap device are checked by
+/// [`crate::layout::GuestLayout`].)
 pub fn validate_regions(regions: &[GuestRegionUffdMapping]) -> Result<(), HandshakeError> {
     if regions.is_empty() {
         return Err(HandshakeError::BadRegion {
@@ -143,7 +158,16 @@ pub fn validate_regions(regions: &[GuestRegionUffdMapping]) -> Result<(), Handsh
             )));
         }
         if r.base_host_virt_addr.checked_add(r.size as u64).is_none() {
-            return Err(bad("address range overflows".into()));
+            return Err(bad(format!(
+                "address {:#x} + size {:#x} overflows u64",
+                r.base_host_virt_addr, r.size
+            )));
+        }
+        if r.offset.checked_add(r.size as u64).is_none() {
+            return Err(bad(format!(
+                "offset {:#x} + size {:#x} overflows u64",
+                r.offset, r.size
+            )));
         }
         for (j, o) in regions.iter().enumerate().take(i) {
             let (a0, a1) = (r.base_host_virt_addr, r.base_host_virt_addr + r.size as u64);
@@ -455,5 +479,28 @@ mod tests {
         r.page_size = 512;
         r.page_size_kib = 0;
         assert!(validate_regions(&[r]).is_err());
+    }
+
+    #[test]
+    fn regions_whose_arithmetic_overflows_are_refused_naming_the_region() {
+        // offset + size past u64::MAX (the end would wrap to 0x1000).
+        let top = u64::MAX - 0xfff;
+        let err =
+            validate_regions(&[region(0x1000, 4096, 0), region(0x10_0000, 8192, top)]).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::BadRegion { index: 1, .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("region 1") && msg.contains("offset"), "{msg}");
+        // Ending exactly at 2^64 does not fit either.
+        assert!(validate_regions(&[region(0x1000, 4096, top)]).is_err());
+        // host address + size past u64::MAX.
+        let err = validate_regions(&[region(top, 8192, 0)]).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::BadRegion { index: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("address"), "{err}");
     }
 }

@@ -23,8 +23,8 @@ use std::os::fd::BorrowedFd;
 use nix::fcntl::{fallocate, FallocateFlags};
 use uffd::Uffd;
 
-use super::layout::{MemoryLayout, Run};
 use super::{EvictError, PageStore};
+use crate::layout::{GuestLayout, Run};
 use crate::page_state::{PageState, PageStateTable};
 use crate::wss::WorkingSetTracker;
 
@@ -33,7 +33,7 @@ pub struct EvictionTarget<'a> {
     pub uffd: &'a Uffd,
     /// The guest memory file (shmem/hugetlbfs) the VMM maps shared.
     pub memory_file: BorrowedFd<'a>,
-    pub layout: &'a MemoryLayout,
+    pub layout: &'a GuestLayout,
     pub states: &'a PageStateTable,
     pub store: &'a dyn PageStore,
     pub tracker: Option<&'a WorkingSetTracker>,
@@ -162,7 +162,7 @@ impl EvictionTarget<'_> {
                         .transition(p, PageState::Evicting, PageState::Present);
                 }
                 outcome.abandoned += claimed.len();
-                return Err((outcome, e));
+                return Err((outcome, e.into()));
             }
         };
 

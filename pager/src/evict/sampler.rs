@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use uffd::{Uffd, UffdError};
 
-use super::layout::MemoryLayout;
 use crate::dirty::Subscription;
+use crate::layout::GuestLayout;
 use crate::page_state::PageStateTable;
 use crate::wss::{WorkingSetTracker, WssSample};
 
@@ -18,7 +18,7 @@ use crate::wss::{WorkingSetTracker, WssSample};
 /// interval or the next, never in neither.
 pub fn protect_and_sample(
     uffd: &Uffd,
-    layout: &MemoryLayout,
+    layout: &GuestLayout,
     states: &PageStateTable,
     dirty: &Subscription,
     tracker: &WorkingSetTracker,
@@ -33,7 +33,7 @@ pub fn protect_and_sample(
 /// What the sampler thread needs; the daemon's per-VM state provides it.
 pub trait SamplerTarget: Send + Sync + 'static {
     fn uffd(&self) -> &Uffd;
-    fn layout(&self) -> &MemoryLayout;
+    fn layout(&self) -> &GuestLayout;
     fn states(&self) -> &PageStateTable;
     /// The tracker's own write-tracking subscription.
     fn writes(&self) -> &Subscription;

@@ -9,33 +9,16 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uffd::Uffd;
 
-use super::layout::{MemoryLayout, RegionMap};
 use super::sampler::{Sampler, SamplerTarget};
 use super::{
     forget_removed, run_eviction, EvictError, EvictGoal, EvictProgress, EvictReport,
     EvictionTarget, PageStore, StoreError,
 };
 use crate::dirty::{SubscribeOptions, Subscription};
+use crate::layout::GuestLayout;
 use crate::page_state::{PageState, PageStateTable};
-use crate::vm::{GuestLayout, Vm};
+use crate::vm::Vm;
 use crate::wss::{WorkingSetTracker, WssConfig, WssSummary};
-
-impl From<&GuestLayout> for MemoryLayout {
-    fn from(l: &GuestLayout) -> Self {
-        let regions = l
-            .regions()
-            .iter()
-            .map(|r| RegionMap {
-                host_addr: r.host_addr,
-                file_offset: r.offset,
-                len: r.size,
-            })
-            .collect();
-        // GuestLayout has already validated alignment and overlaps.
-        MemoryLayout::new(l.page_size() as usize, regions)
-            .expect("a validated GuestLayout is a valid MemoryLayout")
-    }
-}
 
 /// Tunables of a VM's eviction service.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +42,6 @@ impl Default for EvictConfig {
 
 struct Shared {
     vm: Arc<Vm>,
-    layout: MemoryLayout,
     tracker: WorkingSetTracker,
     /// The working-set tracker's and victim selection's view of the VM's writes.
     writes: Subscription,
@@ -99,8 +81,8 @@ impl SamplerTarget for Shared {
     fn uffd(&self) -> &Uffd {
         &self.vm.uffd
     }
-    fn layout(&self) -> &MemoryLayout {
-        &self.layout
+    fn layout(&self) -> &GuestLayout {
+        &self.vm.layout
     }
     fn states(&self) -> &PageStateTable {
         &self.vm.states
@@ -167,14 +149,12 @@ impl VmEviction {
                 vm.name
             )));
         }
-        let layout = MemoryLayout::from(&vm.layout);
         let tracker = WorkingSetTracker::new(&vm.states, config.wss);
         let writes = vm.dirty.subscribe(SubscribeOptions::default())?;
         let words = vm.states.len().div_ceil(64);
         Ok(Self {
             shared: Arc::new(Shared {
                 vm,
-                layout,
                 tracker,
                 writes,
                 store,
@@ -232,7 +212,7 @@ impl VmEviction {
         let target = EvictionTarget {
             uffd: &vm.uffd,
             memory_file,
-            layout: &self.shared.layout,
+            layout: &self.shared.vm.layout,
             states: &vm.states,
             store: self.shared.store.as_ref(),
             tracker: Some(&self.shared.tracker),
@@ -277,7 +257,7 @@ impl VmEviction {
             zero_pages: n(PageState::Zero),
             removed_pages: n(PageState::Removed),
             missing_pages: n(PageState::Missing),
-            page_size: self.shared.layout.page_size() as u64,
+            page_size: self.shared.vm.layout.page_size() as u64,
             sampler_running: self
                 .sampler
                 .lock()

@@ -18,9 +18,8 @@ use std::thread::JoinHandle;
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pager::dirty::{resolve_write_fault, Subscription, WriteFaultAction, WriteTracker};
-use pager::evict::{
-    forget_removed, EvictionTarget, MemoryLayout, PageStore, RegionMap, StoreError,
-};
+use pager::evict::{forget_removed, EvictionTarget, PageStore, StoreError};
+use pager::layout::{GuestLayout, Region};
 use pager::page_state::{PageState, PageStateTable};
 use pager::wss::{WorkingSetTracker, WssConfig, WssSample};
 use uffd::{CopyError, Event, Features, PlaceMode, RegisterMode, Uffd, UffdFlags};
@@ -95,7 +94,7 @@ pub struct Guest {
     pub memfd: File,
     map: memmap2::MmapRaw,
     pub uffd: Uffd,
-    pub layout: MemoryLayout,
+    pub layout: GuestLayout,
     pub states: PageStateTable,
     /// The VM's write log (the handler marks it on WP faults).
     pub writes: WriteTracker,
@@ -143,12 +142,12 @@ impl Guest {
         )?;
         let base = map.as_ptr() as u64;
         uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
-        let layout = MemoryLayout::new(
+        let layout = GuestLayout::new(
             PAGE,
-            vec![RegionMap {
+            vec![Region {
                 host_addr: base,
-                file_offset: 0,
-                len,
+                size: len,
+                offset: 0,
             }],
         )?;
         let states = PageStateTable::new(pages as usize, PageState::Present);
@@ -342,7 +341,7 @@ fn serve(g: &Guest, stop: &AtomicBool) -> HandlerCounts {
             match ev {
                 Event::PageFault { addr, wp, .. } => {
                     let page = g.layout.page_of_addr(addr).expect("fault outside guest");
-                    let page_addr = g.layout.host_addr(page).unwrap();
+                    let page_addr = g.layout.addr_of_page(page).unwrap();
                     if wp {
                         match resolve_write_fault(
                             &g.uffd,

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use pager::attach::protocol::GuestRegionUffdMapping;
-use pager::evict::{EvictionTarget, ImageFileStore, MemoryLayout, PageStore};
+use pager::evict::{EvictionTarget, ImageFileStore, PageStore};
 use pager::fault_loop::{FaultLoop, FaultLoopConfig, FaultLoopError, LoopExit};
 use pager::page_state::PageStateTable;
 use pager::source::ImageFileSource;
@@ -123,8 +123,8 @@ impl LoopGuest {
         ImageFileStore::open(&self.image_path, PAGE, self.pages).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    pub fn layout(&self) -> MemoryLayout {
-        MemoryLayout::from(&self.vm.layout)
+    pub fn layout(&self) -> GuestLayout {
+        self.vm.layout.clone()
     }
 
     pub fn states(&self) -> &PageStateTable {
@@ -134,7 +134,7 @@ impl LoopGuest {
     /// An eviction target for this guest's VM state.
     pub fn eviction_target<'a>(
         &'a self,
-        layout: &'a MemoryLayout,
+        layout: &'a GuestLayout,
         store: &'a dyn PageStore,
         tracker: &'a WorkingSetTracker,
     ) -> EvictionTarget<'a> {

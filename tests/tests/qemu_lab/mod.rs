@@ -1,10 +1,17 @@
 //! Shared pieces of the QEMU integration tests: prerequisites, the guest image, the
 //! workspace artifacts (preload library, `pagewise` binary), a QEMU process guard and the
-//! serial-log reader. Each `qemu_*.rs` test file includes this module.
+//! serial-log reader; QEMU under the real daemon is [`under_daemon`]. Each `qemu_*.rs` test
+//! file includes this module.
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod qmp;
+pub mod under_daemon;
 pub mod zero_pager;
+
+#[allow(unused_imports)] // as dead_code above: each test file uses a different subset
+pub use under_daemon::{
+    metric, resident_bytes, start_under_daemon, DaemonVm, PagerDaemon, QemuGuest,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -264,58 +271,6 @@ pub fn assert_memverify_passed(serial_text: &str) {
         !serial_text.contains("BAD "),
         "bad pages reported:\n{serial_text}"
     );
-}
-
-/// `pagewise serve --socket DIR/pager.sock --swapdev-dir DIR` as a child process (killed on
-/// drop), started and waited for until it listens.
-pub struct PagerDaemon {
-    pub proc: Proc,
-    pub socket: PathBuf,
-    pub swapdev_dir: PathBuf,
-}
-
-impl PagerDaemon {
-    pub fn start(dir: &Path) -> Self {
-        let socket = dir.join("pager.sock");
-        let mut cmd = Command::new(pagewise_bin());
-        cmd.args(["serve", "-v", "--socket"])
-            .arg(&socket)
-            .arg("--swapdev-dir")
-            .arg(dir);
-        let mut proc = Proc::spawn("pagewise-serve", cmd, dir);
-        let err = proc.stderr_path.clone();
-        wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
-        PagerDaemon {
-            proc,
-            socket,
-            swapdev_dir: dir.to_path_buf(),
-        }
-    }
-
-    /// Create an empty swap device for VM `name` of `bytes` capacity.
-    pub fn create_swapdev(&self, name: &str, bytes: u64) -> PathBuf {
-        let path = self.swapdev_dir.join(format!("{name}.swap"));
-        pagewise_ok(&[
-            "swapdev",
-            "create",
-            path.to_str().unwrap(),
-            "--size",
-            &bytes.to_string(),
-        ]);
-        path
-    }
-
-    /// `pagewise stats --json` for VM `name` (None when it is not attached).
-    pub fn vm_stats(&self, name: &str) -> Option<serde_json::Value> {
-        let out = pagewise_ok(&["stats", "--json", "--socket", self.socket.to_str().unwrap()]);
-        let all: serde_json::Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("pagewise stats --json printed non-JSON ({e}): {out}"));
-        all.get("vms")?
-            .as_array()?
-            .iter()
-            .find(|v| v.get("vm").and_then(|n| n.as_str()) == Some(name))
-            .cloned()
-    }
 }
 
 /// Run `pagewise ARGS`, panicking with its output unless it succeeds; returns stdout.

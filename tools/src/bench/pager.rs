@@ -22,16 +22,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use crate::daemon::{self, Daemon};
+use crate::image::{self, ImageSpec, PAGE_SIZE};
+use crate::memhog::attach::{self, HandshakeKind};
+use crate::memhog::memory::{Backing, GuestMemory};
+use crate::memhog::pages::PageTable;
+use crate::memhog::run::{self as memrun, Report, RunConfig};
+use crate::minipager::{MiniPager, MiniSource};
+use crate::pattern::Pattern;
 use anyhow::{bail, Context};
 use pager::server::control;
-use pagewise_tools::daemon::{self, Daemon};
-use pagewise_tools::image::{self, ImageSpec, PAGE_SIZE};
-use pagewise_tools::memhog::attach::{self, HandshakeKind};
-use pagewise_tools::memhog::memory::{Backing, GuestMemory};
-use pagewise_tools::memhog::pages::PageTable;
-use pagewise_tools::memhog::run::{self as memrun, Report, RunConfig};
-use pagewise_tools::minipager::{MiniPager, MiniSource};
-use pagewise_tools::pattern::Pattern;
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -192,7 +192,7 @@ fn pwrite_prefill(image: &Path, pages: u64) -> anyhow::Result<f64> {
 /// memhog's sequential scan over memory filled from the image beforehand (no pager).
 fn prefilled_scan(image: &Path, pages: u64) -> anyhow::Result<f64> {
     let mem = GuestMemory::new(pages, Backing::Anon)?;
-    pagewise_tools::memhog::prefill(&mem, image)?;
+    crate::memhog::prefill(&mem, image)?;
     let table = PageTable::new(pages, spec());
     let r = memrun::run(&mem, &table, &RunConfig::default())?;
     if r.mismatches > 0 {

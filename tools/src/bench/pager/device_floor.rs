@@ -8,8 +8,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
+use crate::pattern::Rng64;
 use anyhow::Context;
-use pagewise_tools::pattern::Rng64;
 use serde::Serialize;
 use swapdev::AlignedBuf;
 

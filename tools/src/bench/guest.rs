@@ -213,7 +213,7 @@ fn evict_request(goal: &str) -> anyhow::Result<Value> {
         req["auto"] = json!(true);
         req["margin_percent"] = json!(10);
     } else {
-        let bytes = crate::cli::evict::parse_size(goal)
+        let bytes = pager::conventions::parse_size(goal)
             .map_err(|e| anyhow!("--evict: {e} (or use auto)"))?;
         req["target_rss_bytes"] = json!(bytes);
     }
@@ -273,7 +273,7 @@ fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let stats_socket = crate::cli::serve::default_stats_socket(&socket);
+    let stats_socket = pager::conventions::default_stats_socket(&socket);
 
     let mem = ShmFile::new("pager");
     let serial_path = dir.join("pager.serial");
