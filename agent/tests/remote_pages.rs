@@ -56,7 +56,15 @@ fn source_host(listener: TcpListener, pages: u64) -> std::sync::mpsc::Receiver<T
             let _ = tx.send(stream.try_clone().unwrap());
             let memory = memory.clone();
             std::thread::spawn(move || {
-                let _ = serve_page_requests(stream, &*memory, PAGE, pages, opened.version, |_| {});
+                let _ = serve_page_requests(
+                    stream,
+                    &*memory,
+                    PAGE,
+                    pages,
+                    opened.version,
+                    None,
+                    |_| {},
+                );
             });
         }
     });

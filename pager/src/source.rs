@@ -85,6 +85,11 @@ pub enum SourceError {
         #[source]
         source: BoxError,
     },
+    /// The page is on its way by another path (a migration source pushed it on its bulk
+    /// channel before the request arrived): the page stays in flight, its waiters keep
+    /// waiting, and the pushed copy is placed when it arrives. Not a failure.
+    #[error("page {page} comes by another path")]
+    Elsewhere { page: u64 },
     /// The source answered for a page it was not asked for, or one outside the guest.
     #[error("{source_name} answered page {page}, which was not requested")]
     Unrequested { page: u64, source_name: String },

@@ -65,10 +65,13 @@ pub enum Command {
     Abort = 13,
     /// Destination -> source: pages received and placed (acknowledgement of a range).
     Ack = 14,
+    /// Source -> destination (urgent channel): the requested page was already pushed on the
+    /// bulk channel; it arrives there (so no page crosses the link twice).
+    PageInBulk = 15,
 }
 
 impl Command {
-    pub const ALL: [Command; 14] = [
+    pub const ALL: [Command; 15] = [
         Command::Hello,
         Command::AuthProof,
         Command::Refuse,
@@ -83,6 +86,7 @@ impl Command {
         Command::Done,
         Command::Abort,
         Command::Ack,
+        Command::PageInBulk,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -99,7 +103,7 @@ impl Command {
             Command::SetupOk => 8 + 2 + MAX_STR,
             Command::Page => 12 + MAX_PAGE_SIZE,
             Command::ZeroPages | Command::FreedPages | Command::Ack => 16,
-            Command::PageRequest => 8,
+            Command::PageRequest | Command::PageInBulk => 8,
             Command::RoundEnd => 20,
             Command::Switchover | Command::Done => 0,
         }
@@ -207,9 +211,9 @@ mod tests {
     #[test]
     fn command_numbers_are_pinned_and_zero_is_invalid() {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
-        assert_eq!(numbers, (1..=14).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=15).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
-        assert_eq!(Command::from_u16(15), None);
+        assert_eq!(Command::from_u16(16), None);
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub enum Message {
     Done,
     Abort(String),
     Ack { first: u64, count: u64 },
+    PageInBulk { page: u64 },
 }
 
 /// A message that cannot be read.
@@ -182,6 +183,7 @@ impl Message {
             Message::Done => Command::Done,
             Message::Abort(_) => Command::Abort,
             Message::Ack { .. } => Command::Ack,
+            Message::PageInBulk { .. } => Command::PageInBulk,
         }
     }
 
@@ -228,7 +230,9 @@ impl Message {
             Message::ZeroPages { first, count }
             | Message::FreedPages { first, count }
             | Message::Ack { first, count } => run(&mut out, *first, *count),
-            Message::PageRequest { page } => out.extend_from_slice(&page.to_le_bytes()),
+            Message::PageRequest { page } | Message::PageInBulk { page } => {
+                out.extend_from_slice(&page.to_le_bytes())
+            }
             Message::RoundEnd { round, sent, dirty } => {
                 out.extend_from_slice(&round.to_le_bytes());
                 out.extend_from_slice(&sent.to_le_bytes());
@@ -350,6 +354,7 @@ impl Message {
                 count: f.u64()?,
             },
             Command::PageRequest => Message::PageRequest { page: f.u64()? },
+            Command::PageInBulk => Message::PageInBulk { page: f.u64()? },
             Command::RoundEnd => Message::RoundEnd {
                 round: f.u32()?,
                 sent: f.u64()?,

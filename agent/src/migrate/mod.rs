@@ -3,6 +3,7 @@
 //! ([`remote`]) and the source's answers to it ([`page_server`]).
 
 pub mod auth;
+pub mod bulk;
 pub mod frame;
 pub mod message;
 pub mod page_server;

@@ -9,6 +9,7 @@ use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 
+use super::bulk::SentPages;
 use super::message::{read_message, write_message, write_page, Message, WireError};
 
 /// Why serving page requests ended.
@@ -33,16 +34,21 @@ pub enum PageServerError {
 pub struct Served {
     pub pages: u64,
     pub zero_pages: u64,
+    /// Requests for pages already pushed on the bulk channel (answered `PageInBulk`).
+    pub in_bulk: u64,
 }
 
 /// Serve requests until the destination closes the channel. `on_request` sees every page
-/// asked for (the pusher steers its order by them), before it is answered.
+/// asked for (the pusher steers its order by them), before it is answered. With `sent`, a
+/// page the pusher already claimed is answered `PageInBulk` (it arrives on the bulk channel)
+/// and a page answered here is claimed, so the pusher skips it.
 pub fn serve_page_requests(
     stream: TcpStream,
     memory: &impl FileExt,
     page_size: usize,
     pages: u64,
     version: u16,
+    sent: Option<&SentPages>,
     mut on_request: impl FnMut(u64),
 ) -> Result<Served, PageServerError> {
     let _ = stream.set_nodelay(true);
@@ -64,6 +70,14 @@ pub fn serve_page_requests(
             return Err(e);
         }
         on_request(page);
+        if let Some(sent) = sent {
+            if !sent.claim(page) {
+                write_message(&mut writer, &Message::PageInBulk { page })?;
+                writer.flush().map_err(WireError::Io)?;
+                served.in_bulk += 1;
+                continue;
+            }
+        }
         let offset = page * page_size as u64;
         memory
             .read_exact_at(&mut buf, offset)

@@ -148,6 +148,11 @@ fn read_answers(
                 tag: 0,
                 result: Ok(PageContent::Zero),
             },
+            Ok(Message::PageInBulk { page }) if page < pages => PageCompletion {
+                page,
+                tag: 0,
+                result: Err(SourceError::Elsewhere { page }),
+            },
             Ok(Message::Abort(reason)) => {
                 send(Answer::Gone(format!("the source aborted: {reason}")));
                 return;

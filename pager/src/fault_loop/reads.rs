@@ -58,6 +58,8 @@ impl FaultLoop {
                             tag: claim.tag,
                             result: Ok(content),
                         }),
+                        // Settled: the page stays in flight for the copy on its way.
+                        Err(SourceError::Elsewhere { .. }) => {}
                         Err(e) => failed.push((c.page, claim, e)),
                     },
                     None => {

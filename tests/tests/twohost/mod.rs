@@ -63,6 +63,7 @@ impl Drop for TwoHost {
 }
 
 /// Whether namespace `name` exists.
+#[allow(dead_code)] // used by some of the test binaries that include this module
 pub fn netns_exists(name: &str) -> bool {
     std::path::Path::new("/run/netns").join(name).exists()
 }

@@ -58,6 +58,7 @@ fn sample_messages() -> Vec<Message> {
             first: 0,
             count: 512,
         },
+        Message::PageInBulk { page: 0x1234 },
     ]
 }
 
@@ -97,6 +98,7 @@ fn payload_bytes_are_pinned() {
         String::new(),
         format!("0900 {}", a("link lost")),
         "0000000000000000 0002000000000000".into(),
+        "3412000000000000".into(),
     ];
     for (m, want) in sample_messages().iter().zip(pinned) {
         let want: String = want.split_whitespace().collect();
@@ -214,7 +216,7 @@ fn a_frame_of_another_version_mid_connection_is_refused() {
 
 proptest! {
     #[test]
-    fn arbitrary_payloads_never_panic(cmd in 1u16..=14, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+    fn arbitrary_payloads_never_panic(cmd in 1u16..=15, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let command = Command::from_u16(cmd).unwrap();
         let _ = Message::decode(command, &bytes);
     }
