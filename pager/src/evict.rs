@@ -23,7 +23,7 @@ pub mod victims;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use batch::{BatchOutcome, EvictionTarget};
 pub use faults::{forget_removed, resolve_write_fault, WriteFaultAction};
@@ -87,7 +87,7 @@ pub enum EvictError {
 }
 
 /// Progress of an eviction run, reported after every batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EvictProgress {
     /// Victims chosen for this run.
     pub planned: u64,
@@ -105,7 +105,7 @@ pub struct EvictProgress {
 }
 
 /// The result of [`run_eviction`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvictReport {
     pub goal: EvictGoal,
     pub progress: EvictProgress,

@@ -11,6 +11,7 @@ use crate::attach::protocol::{validate_regions, GuestRegionUffdMapping, Handshak
 use crate::dirty::DirtyBitmap;
 use crate::metrics::VmMetrics;
 use crate::page_state::{PageState, PageStateTable};
+use crate::route::{Route, RouteTable};
 
 /// One guest memory region as the pager sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +173,9 @@ pub struct Vm {
     /// The guest memory file (shmem/hugetlbfs), when the VMM sent one.
     pub memory_file: Option<OwnedFd>,
     pub states: PageStateTable,
+    /// Who answers for each absent page (every page `Route::Swapdev` unless a migration
+    /// agent's `prepare`/`seed` routed it elsewhere).
+    pub routes: RouteTable,
     pub dirty: DirtyBitmap,
     pub metrics: VmMetrics,
     pub peer: PeerInfo,
@@ -201,6 +205,7 @@ impl Vm {
             layout,
             memory_file,
             states: PageStateTable::new(pages, PageState::Missing),
+            routes: RouteTable::new(pages, Route::Swapdev),
             dirty: DirtyBitmap::new(pages),
             metrics: VmMetrics::default(),
             peer,

@@ -13,9 +13,9 @@ use pager::attach::protocol::{
     recv_reply, send_firecracker, send_request, AttachRequest, GuestRegionUffdMapping,
 };
 use pager::attach::server::Naming;
-use pager::server::{control, Daemon, DaemonConfig, SwapdevProvider};
+use pager::server::protocol::{Request, Response};
+use pager::server::{control, ControlClient, Daemon, DaemonConfig, SwapdevProvider};
 use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
-use serde_json::json;
 use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, SwapDevice};
 
@@ -156,7 +156,8 @@ fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
         }
     }
 
-    let stats = control::request(&stats_sock, &json!({"cmd": "stats", "vm": "vm1"})).unwrap();
+    let mut client = ControlClient::connect(&stats_sock).unwrap();
+    let stats = serde_json::to_value(client.stats(Some("vm1")).unwrap()).unwrap();
     let vm = &stats["vms"][0];
     assert_eq!(vm["vm"], "vm1");
     assert_eq!(vm["flavour"], "firecracker");
@@ -168,10 +169,24 @@ fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
         PAGES as u64
     );
     assert!(m["faults"].as_u64().unwrap() >= 1);
-    let list = control::request(&stats_sock, &json!({"cmd": "list"})).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1);
-    let err = control::request(&stats_sock, &json!({"cmd": "frobnicate"})).unwrap_err();
-    assert!(err.contains("unknown command"), "{err}");
+    // The same connection answers further requests, a malformed one included.
+    match client.call(&Request::List).unwrap() {
+        Response::List { vms } => assert_eq!(vms.len(), 1),
+        other => panic!("list answered {other:?}"),
+    }
+    match client.call_raw(r#"{"v":1,"op":"frobnicate"}"#) {
+        Ok(Response::Error { message }) => {
+            assert!(
+                message.contains("unknown variant `frobnicate`"),
+                "{message}"
+            )
+        }
+        other => panic!("expected an error response, got {other:?}"),
+    }
+    assert!(matches!(
+        client.call(&Request::Ping).unwrap(),
+        Response::Pong { version: 1 }
+    ));
 
     // The VMM goes away: the VM is torn down, the daemon keeps running.
     drop(conn);

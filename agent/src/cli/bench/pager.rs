@@ -23,7 +23,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pager::server::control;
+use pager::server::ControlClient;
 use pagewise_tools::daemon::{self, Daemon};
 use pagewise_tools::image::{self, ImageSpec, PAGE_SIZE};
 use pagewise_tools::memhog::attach::{self, HandshakeKind};
@@ -146,9 +146,10 @@ fn memhog(
     let report = memrun::run(&mem, &table, cfg)?;
     let vm_stats = match stats {
         Some(path) => {
-            let all = control::request(path, &serde_json::json!({"cmd": "stats", "vm": "bench"}))
-                .map_err(|e| anyhow::anyhow!("reading the daemon's stats: {e}"))?;
-            Some(all["vms"][0].clone())
+            let all = ControlClient::connect(path)
+                .and_then(|mut c| c.stats(Some("bench")))
+                .context("reading the daemon's stats")?;
+            Some(serde_json::to_value(&all)?["vms"][0].clone())
         }
         None => None,
     };
