@@ -16,76 +16,9 @@ use pager::attach::server::Naming;
 use pager::server::protocol::{Request, Response};
 use pager::server::{control, ControlClient, Daemon, DaemonConfig, SwapdevProvider};
 use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
-use swapdev::backend::spec::{open_backend, SpecOptions};
-use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, SwapDevice};
 
-const PAGE: usize = 4096;
-const PAGES: usize = 512;
-
-/// Stored content of page `i`; pages with `i % 5 == 4` are never stored (read as zero).
-fn page_content(i: usize) -> Option<Vec<u8>> {
-    (i % 5 != 4).then(|| (0..PAGE).map(|j| ((i * 31 + j * 7) % 253) as u8).collect())
-}
-
-fn create_swapdev(path: &Path) {
-    let opts = SpecOptions {
-        create: true,
-        ..Default::default()
-    };
-    let backend = open_backend(path.to_str().unwrap(), &opts).unwrap();
-    let mut dev = SwapDevice::create(
-        backend,
-        CreateOptions {
-            vm_uuid: uuid::Uuid::new_v4(),
-            page_size: PAGE as u32,
-            capacity_pages: PAGES as u64,
-            host_id: "e2e".into(),
-            codec: CodecPolicy::Lz4,
-            checksum: ChecksumKind::Crc32c,
-            force: false,
-        },
-    )
-    .unwrap();
-    let contents: Vec<(u64, Vec<u8>)> = (0..PAGES)
-        .filter_map(|i| page_content(i).map(|c| (i as u64, c)))
-        .collect();
-    let refs: Vec<(u64, &[u8])> = contents.iter().map(|(p, c)| (*p, c.as_slice())).collect();
-    for chunk in refs.chunks(64) {
-        dev.write_pages(chunk).unwrap();
-    }
-    dev.flush().unwrap();
-    dev.close().unwrap();
-}
-
-struct Guest {
-    map: MmapMut,
-    uffd: Uffd,
-}
-
-impl Guest {
-    fn new() -> Self {
-        let map = MmapMut::map_anon(PAGES * PAGE).unwrap();
-        let uffd = Uffd::new(UffdFlags::default()).unwrap();
-        uffd.api(Features::EVENT_REMOVE).unwrap();
-        uffd.register(
-            map.as_ptr() as u64,
-            (PAGES * PAGE) as u64,
-            RegisterMode::MISSING,
-        )
-        .unwrap();
-        Self { map, uffd }
-    }
-
-    fn region(&self, size: usize) -> GuestRegionUffdMapping {
-        GuestRegionUffdMapping {
-            base_host_virt_addr: self.map.as_ptr() as u64,
-            size,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: PAGE,
-        }
-    }
-}
+mod support;
+use support::{create_swapdev, page_content, wait_until, Guest, PAGE, PAGES};
 
 fn start_daemon(
     dir: &Path,
@@ -120,17 +53,6 @@ fn start_daemon(
     let d = daemon.clone();
     std::thread::spawn(move || control::serve_control(&d, l));
     (daemon, fc_sock, sock)
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

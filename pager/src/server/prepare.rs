@@ -374,3 +374,177 @@ fn runs(vm: &Vm, range: std::ops::Range<u64>) -> (Vec<StateRange>, Option<u64>) 
     }
     (out, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attach::protocol::GuestRegionUffdMapping;
+
+    fn vm(pages: u64) -> Vm {
+        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+            base_host_virt_addr: 0x7000_0000,
+            size: (pages * 4096) as usize,
+            offset: 0,
+            page_size: 4096,
+            page_size_kib: 0,
+        }])
+        .unwrap();
+        let uffd = uffd::Uffd::new(Default::default()).unwrap();
+        Vm::new("t".into(), uffd, layout, None, Default::default())
+    }
+
+    fn sr(first_page: u64, count: u64, state: PageState) -> StateRange {
+        StateRange {
+            first_page,
+            count,
+            state,
+        }
+    }
+
+    fn region(offset: u64, size: u64) -> RegionSpec {
+        RegionSpec { offset, size }
+    }
+
+    #[test]
+    fn layout_specs_are_checked() {
+        let spec = |page_size, regions: Vec<RegionSpec>| LayoutSpec { page_size, regions };
+        let (regions, pages) =
+            check_layout_spec(&spec(4096, vec![region(0x4000, 0x2000), region(0, 0x4000)]))
+                .unwrap();
+        assert_eq!((regions[0].offset, pages), (0, 6));
+        for (s, want) in [
+            (spec(4095, vec![region(0, 4096)]), "page size 4095"),
+            (spec(4096, vec![]), "no regions"),
+            (spec(4096, vec![region(0, 100)]), "not page-aligned"),
+            (spec(4096, vec![region(0, 0)]), "empty"),
+            (
+                spec(4096, vec![region(u64::MAX - 4095, 8192)]),
+                "ends beyond",
+            ),
+            (
+                spec(4096, vec![region(0, 8192), region(4096, 4096)]),
+                "overlaps",
+            ),
+        ] {
+            let e = check_layout_spec(&s).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn attached_layouts_must_match_the_prepared_one() {
+        let p = PreparedVm {
+            name: "t".into(),
+            page_size: 4096,
+            regions: vec![region(0, 8 * 4096)],
+            pages: 8,
+            swapdev: None,
+            source_key: "k".into(),
+            states: vec![sr(0, 2, PageState::Zero)],
+            routes: vec![RouteRange {
+                first_page: 6,
+                count: 2,
+                route: crate::route::Route::Remote,
+            }],
+        };
+        let v = vm(8);
+        p.check_layout(&v.layout).unwrap();
+        p.apply(&v).unwrap();
+        assert_eq!(v.states.get(1), PageState::Zero);
+        assert_eq!(v.states.get(2), PageState::Missing);
+        assert_eq!(v.routes.get(7), Some(crate::route::Route::Remote));
+        let e = p.check_layout(&vm(4).layout).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "region 0 (by offset): prepared offset 0x0 size 0x8000, the VMM sent offset 0x0 size 0x4000"
+        );
+    }
+
+    #[test]
+    fn ranges_are_bounded_and_overflow_checked() {
+        for (first, count) in [(0, 9), (8, 1), (u64::MAX, 2), (1, u64::MAX)] {
+            let e = check_ranges(&[sr(first, count, PageState::Zero)], &[], 8).unwrap_err();
+            assert!(matches!(e, SeedError::OutOfRange { .. }), "{e}");
+        }
+        check_ranges(
+            &[sr(8, 0, PageState::Zero), sr(0, 8, PageState::Evicted)],
+            &[],
+            8,
+        )
+        .unwrap();
+        for s in [PageState::Present, PageState::InFlight, PageState::Evicting] {
+            assert_eq!(
+                check_ranges(&[sr(0, 1, s)], &[], 8),
+                Err(SeedError::NotSeedable(s))
+            );
+        }
+    }
+
+    #[test]
+    fn seed_changes_absent_pages_only_and_all_or_nothing() {
+        let v = vm(16);
+        v.states.set(10, PageState::Present);
+        v.states.set(3, PageState::Removed);
+        let e = seed(&v, &[sr(0, 12, PageState::Evicted)], &[]).unwrap_err();
+        assert_eq!(
+            e,
+            SeedError::NotAbsent {
+                page: 10,
+                state: PageState::Present
+            }
+        );
+        assert_eq!(v.states.get(0), PageState::Missing, "rolled back");
+        assert_eq!(v.states.get(3), PageState::Removed, "rolled back");
+        assert_eq!(
+            seed(&v, &[sr(0, 10, PageState::Evicted)], &[]).unwrap(),
+            (10, 0)
+        );
+        assert_eq!(v.states.count(PageState::Evicted), 10);
+    }
+
+    #[test]
+    fn census_lists_runs_in_a_window() {
+        let v = vm(16);
+        v.states.set_range(4..6, PageState::Zero);
+        let r = census(
+            &v,
+            Some(RangeWindow {
+                first_page: 2,
+                count: None,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            r.ranges.unwrap(),
+            vec![
+                sr(2, 2, PageState::Missing),
+                sr(4, 2, PageState::Zero),
+                sr(6, 10, PageState::Missing)
+            ]
+        );
+        assert_eq!(
+            (r.states.zero, r.routes.swapdev, r.next_page),
+            (2, 16, None)
+        );
+        assert!(census(
+            &v,
+            Some(RangeWindow {
+                first_page: 17,
+                count: None
+            })
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn census_runs_stop_at_the_cap() {
+        let pages = (MAX_CENSUS_RANGES as u64 + 10) * 2;
+        let v = vm(pages);
+        for p in (0..pages).step_by(2) {
+            v.states.set(p, PageState::Zero);
+        }
+        let r = census(&v, Some(RangeWindow::default())).unwrap();
+        assert_eq!(r.ranges.unwrap().len(), MAX_CENSUS_RANGES);
+        assert_eq!(r.next_page, Some(MAX_CENSUS_RANGES as u64));
+    }
+}
