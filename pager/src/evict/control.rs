@@ -1,6 +1,7 @@
 //! Control-socket commands of eviction and working-set tracking (typed: the
-//! [`Request::Evict`], [`Request::EvictStatus`], [`Request::EvictCancel`] and [`Request::Wss`]
-//! requests of [`crate::server::protocol`]).
+//! `Request::Evict`, `Request::EvictStatus`, `Request::EvictCancel` and `Request::Wss`
+//! requests of [`crate::server::protocol`]; the control socket calls the methods of
+//! [`EvictRegistry`]).
 //!
 //! - `evict` starts an eviction toward its goal in the background and answers
 //!   [`Response::EvictStarted`]; with `"wait":true` the answer is the final
@@ -24,7 +25,7 @@ use super::service::{EvictConfig, EvictStats, VmEviction};
 use super::store::SwapdevStore;
 use super::{EvictError, EvictGoal, EvictProgress, EvictReport, PageStore};
 use crate::server::control::{require_vm, CommandError};
-use crate::server::protocol::{self, EvictJobStatus, EvictTarget, Request, Response};
+use crate::server::protocol::{self, EvictJobStatus, EvictTarget, Response};
 use crate::server::Daemon;
 use crate::vm::Vm;
 
@@ -163,34 +164,25 @@ impl EvictRegistry {
             .map(|(svc, _)| svc.stats())
     }
 
-    /// Answer an eviction request (`evict`, `evict_status`, `evict_cancel`, `wss`).
-    pub fn handle(&self, daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
-        match request {
-            Request::Evict {
-                vm,
-                goal,
-                batch_pages,
-                wait,
-            } => self.start_eviction(daemon, &vm, goal, batch_pages, wait),
-            Request::EvictStatus { vm } => {
-                let (vm, job) = self.job_of(daemon, &vm)?;
-                let st = status(&vm.name, &lock(&job));
-                Ok(Response::EvictStatus(st))
-            }
-            Request::EvictCancel { vm } => {
-                let (_, job) = self.job_of(daemon, &vm)?;
-                let j = lock(&job);
-                j.cancel.store(true, Ordering::Relaxed);
-                Ok(Response::EvictCancelled {
-                    cancelling: j.running,
-                })
-            }
-            Request::Wss { vm } => self.wss(daemon, vm.as_deref()),
-            other => unreachable!("{} is not an eviction request", other.encode().trim()),
-        }
+    /// `evict_status`: the current or last eviction of `name`.
+    pub fn status(&self, daemon: &Daemon, name: &str) -> Result<Response, CommandError> {
+        let (vm, job) = self.job_of(daemon, name)?;
+        let st = status(&vm.name, &lock(&job));
+        Ok(Response::EvictStatus(st))
     }
 
-    fn start_eviction(
+    /// `evict_cancel`: ask the running eviction of `name` to stop after its batch.
+    pub fn cancel(&self, daemon: &Daemon, name: &str) -> Result<Response, CommandError> {
+        let (_, job) = self.job_of(daemon, name)?;
+        let j = lock(&job);
+        j.cancel.store(true, Ordering::Relaxed);
+        Ok(Response::EvictCancelled {
+            cancelling: j.running,
+        })
+    }
+
+    /// `evict`: start an eviction of `name` toward `target` (and wait for it with `wait`).
+    pub fn start_eviction(
         &self,
         daemon: &Daemon,
         name: &str,
@@ -257,7 +249,8 @@ impl EvictRegistry {
         Ok((vm, job))
     }
 
-    fn wss(&self, daemon: &Daemon, vm: Option<&str>) -> Result<Response, CommandError> {
+    /// `wss`: working-set figures of one VM (tracking starts) or of every tracked VM.
+    pub fn wss(&self, daemon: &Daemon, vm: Option<&str>) -> Result<Response, CommandError> {
         self.prune(daemon);
         let vms = match vm {
             Some(name) => {
@@ -455,6 +448,7 @@ pub fn render_eviction(e: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::protocol::Request;
     use serde_json::json;
 
     #[test]

@@ -21,7 +21,7 @@ use super::protocol::{
     IDLE_TIMEOUT, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };
 use super::Daemon;
-use crate::evict::control::EvictCommandError;
+use crate::evict::control::{EvictCommandError, EvictRegistry};
 use crate::vm::Vm;
 
 pub use super::client::{ControlClient, ControlError};
@@ -138,13 +138,15 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
             }
             Response::Detached { vm }
         }
-        r @ (Request::Evict { .. }
-        | Request::EvictStatus { .. }
-        | Request::EvictCancel { .. }
-        | Request::Wss { .. }) => daemon
-            .evictor()
-            .ok_or(CommandError::NoEviction)?
-            .handle(daemon, r)?,
+        Request::Evict {
+            vm,
+            goal,
+            batch_pages,
+            wait,
+        } => evictor(daemon)?.start_eviction(daemon, &vm, goal, batch_pages, wait)?,
+        Request::EvictStatus { vm } => evictor(daemon)?.status(daemon, &vm)?,
+        Request::EvictCancel { vm } => evictor(daemon)?.cancel(daemon, &vm)?,
+        Request::Wss { vm } => evictor(daemon)?.wss(daemon, vm.as_deref())?,
         Request::Prepare(spec) => daemon.prepare(spec)?,
         Request::Unprepare { vm } => {
             if !daemon.unprepare(&vm) {
@@ -166,6 +168,10 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
             Response::Census(super::prepare::census(&target, ranges)?)
         }
     })
+}
+
+fn evictor(daemon: &Daemon) -> Result<&Arc<EvictRegistry>, CommandError> {
+    daemon.evictor().ok_or(CommandError::NoEviction)
 }
 
 fn is_eviction_op(op: &str) -> bool {
