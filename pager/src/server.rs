@@ -1,5 +1,5 @@
 //! The multi-VM pager daemon: attach listeners (each connection is one VM), a fault-loop
-//! thread per VM, a registry of attached VMs ([`registry`]), prepared incoming VMs
+//! thread per VM, a registry of attached VMs (`registry.rs`), prepared incoming VMs
 //! ([`prepare`]), and the control socket ([`control`], wire format in [`protocol`]).
 //!
 //! One VM's failure (bad handshake, source error, VMM exit, a panic in its fault loop) tears
@@ -69,6 +69,9 @@ pub struct DaemonConfig {
     pub prefetch: String,
     /// Longest wait for a complete handshake after a connection is accepted.
     pub handshake_timeout: Duration,
+    /// A control connection with no request for this long is closed (never one whose
+    /// request is being handled).
+    pub control_idle_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -77,6 +80,7 @@ impl Default for DaemonConfig {
             fault_loop: FaultLoopConfig::default(),
             prefetch: "none".into(),
             handshake_timeout: Duration::from_secs(5),
+            control_idle_timeout: protocol::IDLE_TIMEOUT,
         }
     }
 }

@@ -88,6 +88,10 @@ impl SourceProvider for TestProvider {
 }
 
 fn start(dir: &Path) -> (Arc<Daemon>, PathBuf, PathBuf) {
+    start_with(dir, DaemonConfig::default())
+}
+
+fn start_with(dir: &Path, config: DaemonConfig) -> (Arc<Daemon>, PathBuf, PathBuf) {
     let provider = TestProvider {
         inner: SwapdevProvider {
             dir: Some(dir.to_path_buf()),
@@ -99,7 +103,7 @@ fn start(dir: &Path) -> (Arc<Daemon>, PathBuf, PathBuf) {
     let daemon = Daemon::new(
         DaemonConfig {
             handshake_timeout: Duration::from_secs(2),
-            ..Default::default()
+            ..config
         },
         Arc::new(provider),
     )
@@ -196,6 +200,33 @@ fn one_connection_many_requests_and_malformed_lines_keep_it_usable() {
     let e = error_of(c.call(&Request::EvictStatus { vm: "nope".into() }));
     assert!(e.contains("eviction is not enabled"), "{e}");
     assert!(matches!(c.stats(None).unwrap().vms.as_slice(), []));
+    daemon.shutdown();
+}
+
+#[test]
+fn only_an_idle_connection_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let idle = Duration::from_millis(400);
+    let (daemon, _, ctl) = start_with(
+        dir.path(),
+        DaemonConfig {
+            control_idle_timeout: idle,
+            ..Default::default()
+        },
+    );
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    for _ in 0..4 {
+        std::thread::sleep(idle / 4);
+        assert!(matches!(
+            c.call(&Request::Ping).unwrap(),
+            Response::Pong { .. }
+        ));
+    }
+    std::thread::sleep(idle * 3);
+    match c.call(&Request::Ping) {
+        Err(ControlError::Closed | ControlError::Io(_)) => {}
+        other => panic!("an idle connection should be closed, got {other:?}"),
+    }
     daemon.shutdown();
 }
 

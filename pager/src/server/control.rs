@@ -2,7 +2,7 @@
 //! [`Request`]s and answers each in order (wire format: [`super::protocol`]).
 //!
 //! A request is handled to completion before the next line is read, however long it takes;
-//! only a connection idle between requests is closed ([`IDLE_TIMEOUT`]). A malformed or
+//! only a connection idle between requests is closed ([`IDLE_TIMEOUT`](super::protocol::IDLE_TIMEOUT)). A malformed or
 //! oversized line is answered with [`Response::Error`] naming the problem, and the
 //! connection stays usable.
 
@@ -18,7 +18,7 @@ use super::error::render_chain;
 use super::prepare::{PrepareError, SeedError};
 use super::protocol::{
     ListedVm, ProtocolError, Request, Response, StateCounts, StatsReport, VmStats, VmStatus,
-    IDLE_TIMEOUT, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION,
 };
 use super::Daemon;
 use crate::evict::control::{EvictCommandError, EvictRegistry};
@@ -240,9 +240,11 @@ fn read_line(reader: &mut impl BufRead, limit: usize) -> std::io::Result<Line> {
     }
 }
 
-/// Wait until `stream` is readable; false on idle timeout or daemon shutdown.
+/// Wait until `stream` is readable; false on idle timeout
+/// ([`super::DaemonConfig::control_idle_timeout`], default [`IDLE_TIMEOUT`](super::protocol::IDLE_TIMEOUT)) or shutdown.
 fn wait_for_request(daemon: &Daemon, stream: &UnixStream) -> bool {
-    let timeout = PollTimeout::try_from(IDLE_TIMEOUT).unwrap_or(PollTimeout::MAX);
+    let idle = daemon.config().control_idle_timeout;
+    let timeout = PollTimeout::try_from(idle).unwrap_or(PollTimeout::MAX);
     loop {
         let mut fds = [
             PollFd::new(stream.as_fd(), PollFlags::POLLIN),

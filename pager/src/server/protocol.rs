@@ -46,7 +46,8 @@ use crate::route::Route;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest request line accepted (a `prepare` with many ranges fits comfortably).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
-/// A connection with no request for this long is closed by the daemon.
+/// A connection with no request for this long is closed by the daemon (the default of
+/// `DaemonConfig::control_idle_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most ranges one `census` answer lists (the answer says where to continue).
 pub const MAX_CENSUS_RANGES: usize = 65536;
