@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use super::protocol::{ProtocolError, Request, Response, MAX_REQUEST_BYTES};
 
+/// Largest answer read (a full `census` with its runs is a few MiB).
+const MAX_RESPONSE_BYTES: u64 = MAX_REQUEST_BYTES as u64 * 64;
+
 /// Why a control call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -62,7 +65,8 @@ impl ControlClient {
             .map_err(ControlError::Io)
     }
 
-    /// Send one raw line (tests and `pagewise stats --request`) and read the answer.
+    /// Send one raw request line (tests and `pagewise stats --request`; one line: a newline
+    /// inside would make two requests) and read the answer.
     pub fn call_raw(&mut self, line: &str) -> Result<Response, ControlError> {
         let mut line = line.trim_end().to_string();
         line.push('\n');
@@ -71,14 +75,16 @@ impl ControlClient {
             .map_err(ControlError::Io)?;
         let mut answer = Vec::new();
         let n = (&mut self.reader)
-            .take(MAX_REQUEST_BYTES as u64 * 64)
+            .take(MAX_RESPONSE_BYTES)
             .read_until(b'\n', &mut answer)
             .map_err(ControlError::Io)?;
         if n == 0 {
             return Err(ControlError::Closed);
         }
         if answer.last() != Some(&b'\n') {
-            return Err(ControlError::Malformed(ProtocolError::TooLarge));
+            return Err(ControlError::Malformed(ProtocolError::ResponseTooLarge {
+                limit: MAX_RESPONSE_BYTES,
+            }));
         }
         Response::decode(&answer).map_err(ControlError::Malformed)
     }

@@ -471,6 +471,8 @@ pub enum ProtocolError {
     BadResponse(#[source] serde_json::Error),
     #[error("the message is larger than {MAX_REQUEST_BYTES} bytes")]
     TooLarge,
+    #[error("the answer is larger than {limit} bytes")]
+    ResponseTooLarge { limit: u64 },
     #[error("the message is not UTF-8")]
     NotUtf8,
 }
