@@ -135,6 +135,17 @@ fn destination(pages: u64, remote: RemoteSource) -> Destination {
     }
 }
 
+impl Destination {
+    /// Stop the loop (its counters are final then) and return them.
+    fn finish(mut self) -> pager::metrics::MetricsSnapshot {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.vm.metrics.snapshot()
+    }
+}
+
 impl Drop for Destination {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
@@ -155,7 +166,7 @@ fn every_page_is_fetched_from_the_source_host_on_demand() {
         let got = &d.map[i as usize * PAGE..(i as usize + 1) * PAGE];
         assert!(got == &page_bytes(i)[..], "page {i} differs");
     }
-    let m = d.vm.metrics.snapshot();
+    let m = d.finish();
     assert_eq!(m.faults_to_source, pages);
     assert_eq!(m.pages_zeroed, pages / 5);
     assert_eq!(m.pages_copied, pages - pages / 5);

@@ -22,7 +22,7 @@ pub mod victims;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::dirty::{resolve_write_fault, WriteFaultAction};
 pub use crate::layout::Run;
@@ -89,7 +89,7 @@ pub enum EvictError {
 }
 
 /// Progress of an eviction run, reported after every batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EvictProgress {
     /// Victims chosen for this run.
     pub planned: u64,
@@ -107,7 +107,7 @@ pub struct EvictProgress {
 }
 
 /// The result of [`run_eviction`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvictReport {
     pub goal: EvictGoal,
     pub progress: EvictProgress,

@@ -1,29 +1,40 @@
 //! The multi-VM pager daemon: attach listeners (each connection is one VM), a fault-loop
-//! thread per VM, a registry of attached VMs, and the control socket ([`control`]).
+//! thread per VM, a registry of attached VMs (`registry.rs`), prepared incoming VMs
+//! ([`prepare`]), and the control socket ([`control`], wire format in [`protocol`]).
 //!
-//! One VM's failure (bad handshake, source error, VMM exit) tears down only that VM.
+//! One VM's failure (bad handshake, source error, VMM exit, a panic in its fault loop) tears
+//! down only that VM.
 
+pub mod client;
 pub mod control;
+pub mod error;
+pub mod prepare;
+pub mod protocol;
 pub mod provider;
+mod registry;
 
+pub use client::{ControlClient, ControlError};
+pub use error::{DaemonError, ProviderError, StartError};
 pub use provider::SwapdevProvider;
+pub use registry::VmEntry;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::attach::protocol::HandshakeError;
-use crate::attach::server::{accept_vm, reply, AttachError, AttachedVm, Naming};
-use crate::fault_loop::{FaultLoop, FaultLoopConfig};
+use crate::attach::server::{accept_vm, reply, AttachError, Naming};
+use crate::evict::control::EvictRegistry;
+use crate::fault_loop::FaultLoopConfig;
 use crate::source::PageSource;
 use crate::vm::{GuestLayout, Vm};
+use error::render_chain;
 
 /// A page source opened for one VM.
 pub struct OpenedSource {
@@ -35,11 +46,19 @@ pub struct OpenedSource {
 }
 
 /// Opens the page source for a VM by name (the CLI maps names to swap devices).
+///
+/// `spec` is a per-VM override of the provider's rule (a prepared VM's swap-device spec);
+/// a provider that cannot honour one answers [`ProviderError::OverrideUnsupported`].
 pub trait SourceProvider: Send + Sync {
     /// A stable identity of the store that would serve `vm` (e.g. the swap-device spec).
     /// Two attached VMs may never share one: the daemon refuses the second.
-    fn source_key(&self, vm: &str) -> Result<String, String>;
-    fn open(&self, vm: &str, layout: &GuestLayout) -> Result<OpenedSource, String>;
+    fn source_key(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError>;
+    fn open(
+        &self,
+        vm: &str,
+        spec: Option<&str>,
+        layout: &GuestLayout,
+    ) -> Result<OpenedSource, ProviderError>;
 }
 
 /// Daemon-wide settings.
@@ -50,6 +69,9 @@ pub struct DaemonConfig {
     pub prefetch: String,
     /// Longest wait for a complete handshake after a connection is accepted.
     pub handshake_timeout: Duration,
+    /// A control connection with no request for this long is closed (never one whose
+    /// request is being handled).
+    pub control_idle_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -58,52 +80,9 @@ impl Default for DaemonConfig {
             fault_loop: FaultLoopConfig::default(),
             prefetch: "none".into(),
             handshake_timeout: Duration::from_secs(5),
+            control_idle_timeout: protocol::IDLE_TIMEOUT,
         }
     }
-}
-
-/// One attached VM in the registry.
-pub struct VmEntry {
-    pub vm: Arc<Vm>,
-    pub flavour: &'static str,
-    pub prefetch: String,
-    /// [`SourceProvider::source_key`] of the store serving it.
-    pub source_key: String,
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-    /// A duplicate of the VMM's attach connection, to tell whether it has gone.
-    connection: Option<OwnedFd>,
-}
-
-impl VmEntry {
-    /// The VMM closed its attach connection (its fault loop may not have noticed yet).
-    fn vmm_gone(&self) -> bool {
-        let Some(c) = &self.connection else {
-            return false;
-        };
-        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut fds = [PollFd::new(c.as_fd(), rdhup)];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            // Unknown bits (POLLRDHUP) make revents() None.
-            Ok(_) => fds[0]
-                .revents()
-                .is_none_or(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | rdhup)),
-            Err(_) => false,
-        }
-    }
-}
-
-/// Errors starting the daemon.
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("binding {path}: {source}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Setup(String),
 }
 
 /// The daemon: shared by listener threads, fault loops and the control socket.
@@ -111,9 +90,12 @@ pub struct Daemon {
     config: DaemonConfig,
     provider: Arc<dyn SourceProvider>,
     vms: Mutex<HashMap<String, VmEntry>>,
+    /// Incoming VMs waiting for their VMM (`prepare`).
+    prepared: Mutex<HashMap<String, Arc<prepare::PreparedVm>>>,
     stop: EventFd,
     stopping: std::sync::atomic::AtomicBool,
-    commands: control::CommandRegistry,
+    /// Eviction commands, when eviction is enabled ([`crate::evict::control::start`]).
+    evictor: OnceLock<Arc<EvictRegistry>>,
 }
 
 /// Bind a Unix socket at `path`, replacing a stale socket file (never a regular file).
@@ -143,29 +125,32 @@ impl Daemon {
         config: DaemonConfig,
         provider: Arc<dyn SourceProvider>,
     ) -> Result<Arc<Self>, DaemonError> {
-        crate::prefetch::by_name(&config.prefetch, 1)
-            .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        crate::prefetch::by_name(&config.prefetch, 1).map_err(DaemonError::Prefetch)?;
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| DaemonError::Setup(format!("eventfd: {e}")))?;
-        let daemon = Arc::new(Self {
+            .map_err(DaemonError::EventFd)?;
+        Ok(Arc::new(Self {
             config,
             provider,
             vms: Mutex::new(HashMap::new()),
+            prepared: Mutex::new(HashMap::new()),
             stop,
             stopping: std::sync::atomic::AtomicBool::new(false),
-            commands: control::CommandRegistry::default(),
-        });
-        control::register_builtin_commands(&daemon.commands);
-        Ok(daemon)
+            evictor: OnceLock::new(),
+        }))
     }
 
     pub fn config(&self) -> &DaemonConfig {
         &self.config
     }
 
-    /// The control-socket command registry (other components add commands here).
-    pub fn commands(&self) -> &control::CommandRegistry {
-        &self.commands
+    /// Enable the eviction requests (once; later calls are ignored).
+    pub fn set_evictor(&self, evictor: Arc<EvictRegistry>) {
+        let _ = self.evictor.set(evictor);
+    }
+
+    /// The eviction service, when enabled.
+    pub fn evictor(&self) -> Option<&Arc<EvictRegistry>> {
+        self.evictor.get()
     }
 
     /// The attached VMs, by name.
@@ -177,6 +162,11 @@ impl Daemon {
 
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         self.lock().get(name).map(|e| e.vm.clone())
+    }
+
+    /// A handle to send orders to VM `name`'s running fault loop.
+    pub fn controller(&self, name: &str) -> Option<crate::fault_loop::LoopController> {
+        self.lock().get(name).map(|e| e.controller.clone())
     }
 
     /// Run `f` on the registry entry of every VM (for listings).
@@ -243,9 +233,10 @@ impl Daemon {
                     );
                     return;
                 }
-                tracing::warn!(pid = peer.pid, uid = peer.uid, %e, "attach refused");
+                let why = render_chain(&e);
+                tracing::warn!(pid = peer.pid, uid = peer.uid, error = %why, "attach refused");
                 if wants_reply {
-                    reply(&stream, Err(&e.to_string()));
+                    reply(&stream, Err(&why));
                 }
                 return;
             }
@@ -261,155 +252,12 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                tracing::warn!(%e, "attach refused");
+                let why = render_chain(&e);
+                tracing::warn!(error = %why, "attach refused");
                 if wants_reply {
-                    reply(&stream, Err(&e));
+                    reply(&stream, Err(&why));
                 }
             }
-        }
-    }
-
-    /// Open the source, check sizes, register the VM and start its fault loop.
-    fn start_vm(self: &Arc<Self>, a: AttachedVm, stream: &UnixStream) -> Result<String, String> {
-        let name = a.name.clone();
-        let key = self.provider.source_key(&name)?;
-        self.reap_departed(&name, &key);
-        Self::check_free(&self.lock(), &name, &key)?;
-        let opened = self.provider.open(&name, &a.layout)?;
-        let src_bytes = opened.source.capacity_pages() * opened.source.page_size() as u64;
-        if opened.source.page_size() != a.layout.page_size() {
-            return Err(format!(
-                "page size mismatch: the VM uses {} bytes, {} has {} bytes",
-                a.layout.page_size(),
-                opened.description,
-                opened.source.page_size()
-            ));
-        }
-        a.layout
-            .check_fits(&opened.description, src_bytes)
-            .map_err(|e| e.to_string())?;
-        let prefetch = crate::prefetch::by_name(&self.config.prefetch, a.layout.pages())
-            .map_err(|e| e.to_string())?;
-        let connection: OwnedFd = stream
-            .try_clone()
-            .map_err(|e| format!("duplicating the attach socket: {e}"))?
-            .into();
-        let watch = connection.try_clone().ok();
-        let mut vm = Vm::new(name.clone(), a.uffd, a.layout, a.memory_file, a.peer);
-        vm.wp_registered = a.wp_registered;
-        vm.source_description = opened.description.clone();
-        vm.swapdev = opened.swapdev.clone();
-        let vm = Arc::new(vm);
-        let stop = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| format!("eventfd: {e}"))?,
-        );
-        let fault_loop = FaultLoop::new(
-            vm.clone(),
-            opened.source,
-            prefetch,
-            self.config.fault_loop,
-            stop.clone(),
-            Some(connection),
-        )
-        .map_err(|e| format!("starting the fault loop: {}", crate::error_chain(&e)))?;
-        let mut vms = self.lock();
-        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
-            return Err("the pager is shutting down".into());
-        }
-        // Checked again under the lock that the insert below holds.
-        Self::check_free(&vms, &name, &key)?;
-        let daemon = Arc::downgrade(self);
-        let thread_name = name.clone();
-        let thread_vm = vm.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("fault-{name}"))
-            .spawn(move || {
-                match fault_loop.run() {
-                    Ok(exit) => tracing::info!(vm = %thread_name, ?exit, "VM detached"),
-                    Err(e) => tracing::error!(vm = %thread_name, %e, "VM torn down"),
-                }
-                if let Some(dev) = &thread_vm.swapdev {
-                    let flushed = dev.lock().unwrap_or_else(|p| p.into_inner()).flush();
-                    if let Err(e) = flushed {
-                        tracing::error!(vm = %thread_name, %e, "flushing the swap device at detach failed");
-                    }
-                }
-                if let Some(d) = daemon.upgrade() {
-                    // Only our own entry: a new VM may have taken the name meanwhile.
-                    let mut vms = d.lock();
-                    if vms
-                        .get(&thread_name)
-                        .is_some_and(|e| Arc::ptr_eq(&e.vm, &thread_vm))
-                    {
-                        vms.remove(&thread_name);
-                    }
-                }
-            })
-            .map_err(|e| format!("spawning the fault loop: {e}"))?;
-        vms.insert(
-            name,
-            VmEntry {
-                vm,
-                flavour: a.flavour,
-                prefetch: self.config.prefetch.clone(),
-                source_key: key,
-                stop,
-                thread: Some(thread),
-                connection: watch,
-            },
-        );
-        Ok(opened.description)
-    }
-
-    /// Refuse a second VM with the same name or the same backing store.
-    /// A VMM that exited and re-attaches at once may find its old VM (same name or same
-    /// device) still registered because the fault loop has not seen the hang-up yet: stop
-    /// such VMs now, so the new attach is not refused.
-    fn reap_departed(&self, name: &str, key: &str) {
-        let gone: Vec<VmEntry> = {
-            let mut vms = self.lock();
-            let names: Vec<String> = vms
-                .iter()
-                .filter(|(n, e)| (n.as_str() == name || e.source_key == key) && e.vmm_gone())
-                .map(|(n, _)| n.clone())
-                .collect();
-            names.iter().filter_map(|n| vms.remove(n)).collect()
-        };
-        for e in gone {
-            tracing::info!(vm = %e.vm.name, "previous VMM gone; detaching before the new attach");
-            Self::stop_entry(e);
-        }
-    }
-
-    fn check_free(vms: &HashMap<String, VmEntry>, name: &str, key: &str) -> Result<(), String> {
-        if vms.contains_key(name) {
-            return Err(format!("VM {name:?} is already attached"));
-        }
-        if let Some((other, _)) = vms.iter().find(|(_, e)| e.source_key == key) {
-            return Err(format!(
-                "{key} already serves VM {other:?}; one VM per swap device"
-            ));
-        }
-        Ok(())
-    }
-
-    /// Detach one VM: stop its fault loop and wait for it.
-    pub fn detach(&self, name: &str) -> bool {
-        let entry = self.lock().remove(name);
-        match entry {
-            Some(e) => {
-                Self::stop_entry(e);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn stop_entry(mut e: VmEntry) {
-        let _ = e.stop.write(1);
-        if let Some(t) = e.thread.take() {
-            let _ = t.join();
         }
     }
 

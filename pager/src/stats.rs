@@ -176,15 +176,20 @@ mod tests {
 
     struct NoSources;
     impl crate::server::SourceProvider for NoSources {
-        fn source_key(&self, vm: &str) -> Result<String, String> {
+        fn source_key(
+            &self,
+            vm: &str,
+            _: Option<&str>,
+        ) -> Result<String, crate::server::ProviderError> {
             Ok(vm.to_string())
         }
         fn open(
             &self,
             vm: &str,
+            _: Option<&str>,
             _: &crate::vm::GuestLayout,
-        ) -> Result<crate::server::OpenedSource, String> {
-            Err(format!("no source configured for {vm}"))
+        ) -> Result<crate::server::OpenedSource, crate::server::ProviderError> {
+            Err(crate::server::ProviderError::NotConfigured { vm: vm.into() })
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dirty::Subscription;
 use crate::page_state::{PageState, PageStateTable};
@@ -47,7 +47,7 @@ impl Default for WssConfig {
 }
 
 /// What one sampling interval saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WssSample {
     /// End of the interval, milliseconds since the tracker started.
     pub at_ms: u64,
@@ -78,7 +78,7 @@ impl WssSample {
 }
 
 /// A summary for `stats`: the latest estimate plus totals.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WssSummary {
     pub samples: u64,
     pub tracking_for_ms: u64,

@@ -13,79 +13,12 @@ use pager::attach::protocol::{
     recv_reply, send_firecracker, send_request, AttachRequest, GuestRegionUffdMapping,
 };
 use pager::attach::server::Naming;
-use pager::server::{control, Daemon, DaemonConfig, SwapdevProvider};
+use pager::server::protocol::{Request, Response};
+use pager::server::{control, ControlClient, Daemon, DaemonConfig, SwapdevProvider};
 use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
-use serde_json::json;
-use swapdev::backend::spec::{open_backend, SpecOptions};
-use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, SwapDevice};
 
-const PAGE: usize = 4096;
-const PAGES: usize = 512;
-
-/// Stored content of page `i`; pages with `i % 5 == 4` are never stored (read as zero).
-fn page_content(i: usize) -> Option<Vec<u8>> {
-    (i % 5 != 4).then(|| (0..PAGE).map(|j| ((i * 31 + j * 7) % 253) as u8).collect())
-}
-
-fn create_swapdev(path: &Path) {
-    let opts = SpecOptions {
-        create: true,
-        ..Default::default()
-    };
-    let backend = open_backend(path.to_str().unwrap(), &opts).unwrap();
-    let mut dev = SwapDevice::create(
-        backend,
-        CreateOptions {
-            vm_uuid: uuid::Uuid::new_v4(),
-            page_size: PAGE as u32,
-            capacity_pages: PAGES as u64,
-            host_id: "e2e".into(),
-            codec: CodecPolicy::Lz4,
-            checksum: ChecksumKind::Crc32c,
-            force: false,
-        },
-    )
-    .unwrap();
-    let contents: Vec<(u64, Vec<u8>)> = (0..PAGES)
-        .filter_map(|i| page_content(i).map(|c| (i as u64, c)))
-        .collect();
-    let refs: Vec<(u64, &[u8])> = contents.iter().map(|(p, c)| (*p, c.as_slice())).collect();
-    for chunk in refs.chunks(64) {
-        dev.write_pages(chunk).unwrap();
-    }
-    dev.flush().unwrap();
-    dev.close().unwrap();
-}
-
-struct Guest {
-    map: MmapMut,
-    uffd: Uffd,
-}
-
-impl Guest {
-    fn new() -> Self {
-        let map = MmapMut::map_anon(PAGES * PAGE).unwrap();
-        let uffd = Uffd::new(UffdFlags::default()).unwrap();
-        uffd.api(Features::EVENT_REMOVE).unwrap();
-        uffd.register(
-            map.as_ptr() as u64,
-            (PAGES * PAGE) as u64,
-            RegisterMode::MISSING,
-        )
-        .unwrap();
-        Self { map, uffd }
-    }
-
-    fn region(&self, size: usize) -> GuestRegionUffdMapping {
-        GuestRegionUffdMapping {
-            base_host_virt_addr: self.map.as_ptr() as u64,
-            size,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: PAGE,
-        }
-    }
-}
+mod support;
+use support::{create_swapdev, page_content, wait_until, Guest, PAGE, PAGES};
 
 fn start_daemon(
     dir: &Path,
@@ -122,17 +55,6 @@ fn start_daemon(
     (daemon, fc_sock, sock)
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +78,8 @@ fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
         }
     }
 
-    let stats = control::request(&stats_sock, &json!({"cmd": "stats", "vm": "vm1"})).unwrap();
+    let mut client = ControlClient::connect(&stats_sock).unwrap();
+    let stats = serde_json::to_value(client.stats(Some("vm1")).unwrap()).unwrap();
     let vm = &stats["vms"][0];
     assert_eq!(vm["vm"], "vm1");
     assert_eq!(vm["flavour"], "firecracker");
@@ -168,10 +91,24 @@ fn firecracker_vm_served_from_a_swap_device_then_detached_on_hangup() {
         PAGES as u64
     );
     assert!(m["faults"].as_u64().unwrap() >= 1);
-    let list = control::request(&stats_sock, &json!({"cmd": "list"})).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 1);
-    let err = control::request(&stats_sock, &json!({"cmd": "frobnicate"})).unwrap_err();
-    assert!(err.contains("unknown command"), "{err}");
+    // The same connection answers further requests, a malformed one included.
+    match client.call(&Request::List).unwrap() {
+        Response::List { vms } => assert_eq!(vms.len(), 1),
+        other => panic!("list answered {other:?}"),
+    }
+    match client.call_raw(r#"{"v":1,"op":"frobnicate"}"#) {
+        Ok(Response::Error { message }) => {
+            assert!(
+                message.contains("unknown variant `frobnicate`"),
+                "{message}"
+            )
+        }
+        other => panic!("expected an error response, got {other:?}"),
+    }
+    assert!(matches!(
+        client.call(&Request::Ping).unwrap(),
+        Response::Pong { version: 1 }
+    ));
 
     // The VMM goes away: the VM is torn down, the daemon keeps running.
     drop(conn);

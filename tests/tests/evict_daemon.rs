@@ -9,6 +9,8 @@ mod pager_support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use pager::server::protocol::{EvictTarget, Request, Response};
+use pager::server::ControlClient;
 use pager_support::{verified, Lab};
 
 const PAGES: u64 = 4096;
@@ -100,6 +102,29 @@ fn evict_while_memhog_runs_and_every_page_verifies() {
     );
     let text = ok(&out, "evict --cold-for");
     assert!(text.contains("VM ev: evicted"), "{text}");
+
+    // The typed client: an eviction answered only when it is done (`wait`), then another
+    // request on the same connection.
+    let mut client = ControlClient::connect(&stats_sock).unwrap();
+    match client
+        .call(&Request::Evict {
+            vm: "ev".into(),
+            goal: EvictTarget::TargetRssBytes(512 << 10),
+            batch_pages: Some(64),
+            wait: true,
+        })
+        .unwrap()
+    {
+        Response::EvictStatus(st) => {
+            assert!(!st.running && st.error.is_none(), "{st:?}");
+            assert!(st.report.is_some(), "{st:?}");
+        }
+        other => panic!("evict with wait answered {other:?}"),
+    }
+    assert!(matches!(
+        client.call(&Request::Ping).unwrap(),
+        Response::Pong { .. }
+    ));
 
     // Refaults are counted at the tracker's next sample (1 s interval): poll.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

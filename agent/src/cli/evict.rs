@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use pager::conventions::{default_stats_socket, parse_size};
-use serde_json::{json, Value};
+use pager::evict::EvictProgress;
+use pager::server::protocol::{EvictTarget, Request};
+use pager::server::ControlClient;
 
 use super::vm::DEFAULT_PAGER_SOCKET;
 
@@ -86,38 +88,27 @@ fn catch_sigint() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request(socket: &std::path::Path, req: &Value) -> anyhow::Result<Value> {
-    pager::server::control::request(socket, req).map_err(|e| anyhow!("{e}"))
-}
-
 fn mib(pages: u64, page_size: u64) -> f64 {
     (pages * page_size) as f64 / (1 << 20) as f64
 }
 
-fn u(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
 /// One progress line (bar on a terminal).
-fn progress_line(p: &Value, page_size: u64, elapsed: Duration, bar: bool) -> String {
-    let (planned, done) = (u(p, "planned"), u(p, "done"));
-    let out = u(p, "evicted") + u(p, "zero");
+fn progress_line(p: &EvictProgress, page_size: u64, elapsed: Duration, bar: bool) -> String {
+    let (planned, done) = (p.planned, p.done);
+    let out = p.evicted + p.zero;
     let frac = if planned == 0 {
         1.0
     } else {
         done as f64 / planned as f64
     };
     let rate = mib(out, page_size) / elapsed.as_secs_f64().max(1e-3);
-    let target = p
-        .get("target")
-        .and_then(Value::as_u64)
-        .map_or(String::new(), |t| {
-            format!(" -> {:.1} MiB", mib(t, page_size))
-        });
+    let target = p.target.map_or(String::new(), |t| {
+        format!(" -> {:.1} MiB", mib(t, page_size))
+    });
     let text = format!(
         "{done}/{planned} pages, {out} out ({:.1} MiB, {rate:.0} MiB/s), resident {:.1} MiB{target}",
         mib(out, page_size),
-        mib(u(p, "resident"), page_size),
+        mib(p.resident, page_size),
     );
     if bar {
         let width = 30;
@@ -135,22 +126,22 @@ fn progress_line(p: &Value, page_size: u64, elapsed: Duration, bar: bool) -> Str
 
 pub fn run(args: EvictArgs) -> anyhow::Result<ExitCode> {
     let socket = control_socket(args.socket);
-    let mut req = json!({"cmd": "evict", "vm": args.vm});
-    if let Some(b) = args.target_rss {
-        req["target_rss_bytes"] = json!(b);
+    let goal = if let Some(b) = args.target_rss {
+        EvictTarget::TargetRssBytes(b)
     } else if let Some(s) = args.cold_for {
         if !(s.is_finite() && s >= 0.0) {
             bail!("--cold-for must be a non-negative number of seconds, got {s}");
         }
-        req["cold_for_secs"] = json!(s);
-    } else if args.auto {
-        req["auto"] = json!(true);
-        req["margin_percent"] = json!(args.margin_percent);
-    }
-    if let Some(b) = args.batch_pages {
-        req["batch_pages"] = json!(b);
-    }
-    let page_size = request(&socket, &json!({"cmd": "stats", "vm": args.vm}))
+        EvictTarget::ColdForSecs(s)
+    } else {
+        EvictTarget::Auto {
+            margin_percent: Some(args.margin_percent),
+            min_margin_pages: None,
+        }
+    };
+    let mut client = ControlClient::connect(&socket)?;
+    let page_size = client
+        .stats(Some(&args.vm))
         .with_context(|| {
             format!(
                 "asking the daemon at {} about VM {}",
@@ -158,10 +149,17 @@ pub fn run(args: EvictArgs) -> anyhow::Result<ExitCode> {
                 args.vm
             )
         })?
-        .pointer("/vms/0/page_size")
-        .and_then(Value::as_u64)
-        .unwrap_or(4096);
-    request(&socket, &req).with_context(|| format!("starting the eviction of VM {}", args.vm))?;
+        .vms
+        .first()
+        .map_or(4096, |v| v.page_size);
+    client
+        .call(&Request::Evict {
+            vm: args.vm.clone(),
+            goal,
+            batch_pages: args.batch_pages,
+            wait: false,
+        })
+        .with_context(|| format!("starting the eviction of VM {}", args.vm))?;
     if args.no_wait {
         eprintln!("eviction of VM {} started", args.vm);
         return Ok(ExitCode::SUCCESS);
@@ -169,66 +167,65 @@ pub fn run(args: EvictArgs) -> anyhow::Result<ExitCode> {
     catch_sigint()?;
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
-    let status_req = json!({"cmd": "evict_status", "vm": args.vm});
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let mut cancel_sent = false;
     let status = loop {
         std::thread::sleep(Duration::from_millis(if tty { 150 } else { 250 }));
         if INTERRUPTED.load(Ordering::Relaxed) && !cancel_sent {
-            request(&socket, &json!({"cmd": "evict_cancel", "vm": args.vm}))?;
+            client.call(&Request::EvictCancel {
+                vm: args.vm.clone(),
+            })?;
             cancel_sent = true;
         }
-        let st = request(&socket, &status_req)?;
-        let running = st.get("running").and_then(Value::as_bool).unwrap_or(false);
-        let progress = st.get("progress").cloned().unwrap_or(Value::Null);
+        let st = client.evict_status(&args.vm)?;
         if tty {
             eprint!(
                 "{}",
-                progress_line(&progress, page_size, started.elapsed(), true)
+                progress_line(&st.progress, page_size, started.elapsed(), true)
             );
             let _ = std::io::stderr().flush();
-        } else if !running || last_line.elapsed() >= Duration::from_secs(1) {
+        } else if !st.running || last_line.elapsed() >= Duration::from_secs(1) {
             eprintln!(
                 "{}",
-                progress_line(&progress, page_size, started.elapsed(), false)
+                progress_line(&st.progress, page_size, started.elapsed(), false)
             );
             last_line = Instant::now();
         }
-        if !running {
+        if !st.running {
             if tty {
                 eprintln!();
             }
             break st;
         }
     };
-    if let Some(err) = status.get("error").and_then(Value::as_str) {
+    if let Some(err) = &status.error {
         bail!("eviction of VM {} failed: {err}", args.vm);
     }
-    let report = status.get("report").cloned().unwrap_or(Value::Null);
+    let Some(report) = status.report else {
+        bail!(
+            "the daemon reported the eviction of VM {} finished without a report",
+            args.vm
+        );
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let p = report.get("progress").cloned().unwrap_or(Value::Null);
+        let p = &report.progress;
         println!(
             "VM {}: evicted {} pages ({:.1} MiB) + {} zero pages in {} ms ({:.0} MB/s); \
              resident now {:.1} MiB; {} skipped, {} abandoned",
             args.vm,
-            u(&p, "evicted"),
-            mib(u(&p, "evicted"), page_size),
-            u(&p, "zero"),
-            u(&report, "elapsed_ms"),
-            report
-                .get("mb_per_s")
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0),
-            mib(u(&p, "resident"), page_size),
-            u(&p, "skipped"),
-            u(&p, "abandoned"),
+            p.evicted,
+            mib(p.evicted, page_size),
+            p.zero,
+            report.elapsed_ms,
+            report.mb_per_s,
+            mib(p.resident, page_size),
+            p.skipped,
+            p.abandoned,
         );
-        if let Some(errs) = report.get("errors").and_then(Value::as_array) {
-            for e in errs {
-                eprintln!("warning: {}", e.as_str().unwrap_or_default());
-            }
+        for e in &report.errors {
+            eprintln!("warning: {e}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -240,8 +237,15 @@ mod tests {
 
     #[test]
     fn progress_lines_render() {
-        let p = json!({"planned": 100, "done": 50, "evicted": 40, "zero": 10, "resident": 256,
-            "target": 128});
+        let p = EvictProgress {
+            planned: 100,
+            done: 50,
+            evicted: 40,
+            zero: 10,
+            resident: 256,
+            target: Some(128),
+            ..Default::default()
+        };
         let bar = progress_line(&p, 4096, Duration::from_secs(1), true);
         assert!(
             bar.contains("[###############               ]  50%"),

@@ -157,6 +157,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             },
             prefetch: args.prefetch.clone(),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+            ..Default::default()
         },
         Arc::new(provider.clone()),
     )?;

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use pager::conventions::default_stats_socket;
-use pager::server::control;
-use serde_json::{json, Value};
+use pager::server::protocol::{self, Response};
+use pager::server::ControlClient;
+use serde_json::Value;
 
 mod table;
 
@@ -24,7 +25,8 @@ pub struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Send this raw JSON request instead (e.g. '{"cmd":"list"}') and print the result.
+    /// Send this raw control request instead (e.g. '{"op":"list"}'; "v" is added when left
+    /// out) and print the response.
     #[arg(long, value_name = "JSON")]
     request: Option<String>,
 }
@@ -40,15 +42,24 @@ fn control_socket(path: PathBuf) -> PathBuf {
 
 pub fn run(args: StatsArgs) -> Result<ExitCode> {
     let socket = control_socket(args.socket);
-    let request: Value = match &args.request {
-        Some(raw) => serde_json::from_str(raw).context("--request is not valid JSON")?,
-        None => json!({"cmd": "stats", "vm": args.vm}),
-    };
-    let result = control::request(&socket, &request).map_err(|e| anyhow!(e))?;
-    if args.json || args.request.is_some() {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+    let mut client = ControlClient::connect(&socket)?;
+    if let Some(raw) = &args.request {
+        let mut value: Value = serde_json::from_str(raw).context("--request is not valid JSON")?;
+        // The version may be left out on the command line.
+        if let Some(obj) = value.as_object_mut() {
+            obj.entry("v").or_insert(protocol::PROTOCOL_VERSION.into());
+        }
+        match client.call_raw(&value.to_string())? {
+            Response::Error { message } => bail!("the daemon refused: {message}"),
+            r => println!("{}", serde_json::to_string_pretty(&r)?),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = client.stats(args.vm.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", table::render_table(&result));
+        print!("{}", table::render_table(&serde_json::to_value(&report)?));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -69,12 +69,12 @@ pub enum AttachError {
         size: u64,
         needed: u64,
     },
-    #[error("the guest memory file is unusable: {0}")]
+    #[error("the guest memory file {0} is not a regular file (memfd, tmpfs, hugetlbfs)")]
     BadMemoryFile(String),
-    #[error("setting up the received uffd: {0}")]
-    Uffd(nix::Error),
-    #[error("{0}")]
-    Refused(String),
+    #[error("examining the guest memory file")]
+    MemoryFileStat(#[source] nix::Error),
+    #[error("setting up the received uffd")]
+    Uffd(#[source] nix::Error),
 }
 
 /// Whether `name` is acceptable as a VM name (it becomes a file name under --swapdev-dir).
@@ -196,13 +196,10 @@ fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<Attach
 
 /// The memory file must be a regular file (memfd, tmpfs, hugetlbfs) covering every region.
 fn check_memory_file(file: &OwnedFd, layout: &GuestLayout) -> Result<(), AttachError> {
-    let st = nix::sys::stat::fstat(file.as_fd())
-        .map_err(|e| AttachError::BadMemoryFile(format!("fstat: {e}")))?;
+    let st = nix::sys::stat::fstat(file.as_fd()).map_err(AttachError::MemoryFileStat)?;
     let what = uffd::describe_fd(file.as_fd()).unwrap_or_else(|_| "(unnamed)".into());
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(AttachError::BadMemoryFile(format!(
-            "{what} is not a regular file"
-        )));
+        return Err(AttachError::BadMemoryFile(what));
     }
     let size = st.st_size as u64;
     if size < layout.span_bytes() {

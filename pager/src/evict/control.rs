@@ -1,29 +1,63 @@
-//! Control-socket commands of eviction and working-set tracking.
+//! Control-socket commands of eviction and working-set tracking (typed: the
+//! `Request::Evict`, `Request::EvictStatus`, `Request::EvictCancel` and `Request::Wss`
+//! requests of [`crate::server::protocol`]; the control socket calls the methods of
+//! [`EvictRegistry`]).
 //!
-//! - `{"cmd":"evict","vm":N, GOAL, "batch_pages":n?}` with exactly one GOAL:
-//!   `"target_rss_bytes":B` | `"cold_for_secs":S` | `"auto":true` (optional
-//!   `"margin_percent"`, `"min_margin_pages"`). Starts the eviction in the background and
-//!   answers `{"started":true,...}`; an eviction already running is an error.
-//! - `{"cmd":"evict_status","vm":N}`: `{"running", "progress", "report", "error",
-//!   "elapsed_ms"}` of the current or last eviction.
-//! - `{"cmd":"evict_cancel","vm":N}`: ask the running eviction to stop after its batch.
-//! - `{"cmd":"wss","vm":N|null}`: page counts, working-set estimate, refault rate, history
-//!   (tracking starts for the VM on its first eviction command, or here).
-//! - `stats` is wrapped: each VM object gains an `"eviction"` object for VMs with tracking.
+//! - `evict` starts an eviction toward its goal in the background and answers
+//!   [`Response::EvictStarted`]; with `"wait":true` the answer is the final
+//!   [`Response::EvictStatus`], sent when the eviction has finished (however long it takes).
+//!   An eviction already running is an error.
+//! - `evict_status`: the current or last eviction (`running`, `progress`, `report`, `error`,
+//!   `elapsed_ms`).
+//! - `evict_cancel`: ask the running eviction to stop after its batch.
+//! - `wss`: page counts, working-set estimate, refault rate, history (tracking starts for the
+//!   VM on its first eviction command, or here).
+//! - `stats` gains an `eviction` object per VM with tracking ([`EvictRegistry::stats_of`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::service::{EvictConfig, VmEviction};
+use super::service::{EvictConfig, EvictStats, VmEviction};
 use super::store::SwapdevStore;
-use super::{EvictGoal, EvictProgress, EvictReport, PageStore};
-use crate::server::control::{all_stats, require_vm, vm_field, CommandRegistry};
+use super::{EvictError, EvictGoal, EvictProgress, EvictReport, PageStore};
+use crate::server::control::{require_vm, CommandError};
+use crate::server::protocol::{self, EvictJobStatus, EvictTarget, Response};
 use crate::server::Daemon;
 use crate::vm::Vm;
+
+/// Why an eviction command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvictCommandError {
+    #[error(
+        "VM {vm:?} is served from {source_name}, not a swap device; eviction stores pages in \
+         the VM's swap device"
+    )]
+    NotSwapdev { vm: String, source_name: String },
+    #[error("setting up eviction of VM {vm:?}")]
+    Service {
+        vm: String,
+        #[source]
+        source: EvictError,
+    },
+    #[error("starting the working-set sampler of VM {vm:?}")]
+    Sampler {
+        vm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("an eviction of VM {vm:?} is already running ({done} of {planned} pages done)")]
+    AlreadyRunning { vm: String, done: u64, planned: u64 },
+    #[error("no eviction has run for VM {vm:?}")]
+    NeverRun { vm: String },
+    #[error("starting the eviction thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("invalid eviction goal: {0}")]
+    InvalidGoal(String),
+}
 
 #[derive(Default)]
 struct Job {
@@ -52,6 +86,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+type SvcJob = (Arc<VmEviction>, Arc<Mutex<Job>>);
+
 impl EvictRegistry {
     pub fn new(config: EvictConfig) -> Arc<Self> {
         Arc::new(Self {
@@ -61,20 +97,19 @@ impl EvictRegistry {
     }
 
     /// The VM's store: its swap device.
-    fn store_for(vm: &Vm) -> Result<Arc<dyn PageStore>, String> {
+    fn store_for(vm: &Vm) -> Result<Arc<dyn PageStore>, EvictCommandError> {
         match &vm.swapdev {
             Some(dev) => Ok(Arc::new(SwapdevStore::new(dev.clone()))),
-            None => Err(format!(
-                "VM {:?} is served from {}, not a swap device; eviction stores pages in the \
-                 VM's swap device",
-                vm.name, vm.source_description
-            )),
+            None => Err(EvictCommandError::NotSwapdev {
+                vm: vm.name.clone(),
+                source_name: vm.source_description.clone(),
+            }),
         }
     }
 
     /// The service of `vm`, created (and its sampler started) if needed. An entry for an
     /// older VM of the same name (detached, re-attached) is replaced.
-    fn entry(&self, vm: Arc<Vm>) -> Result<(Arc<VmEviction>, Arc<Mutex<Job>>), String> {
+    fn entry(&self, vm: Arc<Vm>) -> Result<SvcJob, EvictCommandError> {
         let mut vms = lock(&self.vms);
         if let Some(e) = vms.get(&vm.name) {
             if Arc::ptr_eq(e.svc.vm(), &vm) {
@@ -82,10 +117,19 @@ impl EvictRegistry {
             }
         }
         let store = Self::store_for(&vm)?;
-        let svc =
-            Arc::new(VmEviction::new(vm.clone(), store, self.config).map_err(|e| e.to_string())?);
+        let svc = Arc::new(
+            VmEviction::new(vm.clone(), store, self.config).map_err(|source| {
+                EvictCommandError::Service {
+                    vm: vm.name.clone(),
+                    source,
+                }
+            })?,
+        );
         svc.start_sampler()
-            .map_err(|e| format!("starting the working-set sampler: {e}"))?;
+            .map_err(|source| EvictCommandError::Sampler {
+                vm: vm.name.clone(),
+                source,
+            })?;
         let job = Arc::new(Mutex::new(Job::default()));
         vms.insert(
             vm.name.clone(),
@@ -106,188 +150,218 @@ impl EvictRegistry {
         });
     }
 
-    fn existing(&self, name: &str) -> Option<(Arc<VmEviction>, Arc<Mutex<Job>>)> {
+    fn existing(&self, name: &str) -> Option<SvcJob> {
         lock(&self.vms)
             .get(name)
             .map(|e| (e.svc.clone(), e.job.clone()))
     }
-}
 
-fn u64_field(req: &Value, key: &str) -> Result<Option<u64>, String> {
-    match req.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("\"{key}\" must be a non-negative integer, got {v}")),
+    /// Eviction figures of `vm` when it is tracked (for `stats`).
+    pub fn stats_of(&self, daemon: &Daemon, vm: &Arc<Vm>) -> Option<EvictStats> {
+        self.prune(daemon);
+        self.existing(&vm.name)
+            .filter(|(svc, _)| Arc::ptr_eq(svc.vm(), vm))
+            .map(|(svc, _)| svc.stats())
     }
-}
 
-/// The goal a request names (exactly one of the goal fields).
-pub fn parse_goal(req: &Value, page_size: u64) -> Result<EvictGoal, String> {
-    let mut goals = Vec::new();
-    if let Some(b) = u64_field(req, "target_rss_bytes")? {
-        goals.push(EvictGoal::TargetResidentPages(b / page_size.max(1)));
+    /// `evict_status`: the current or last eviction of `name`.
+    pub fn status(&self, daemon: &Daemon, name: &str) -> Result<Response, CommandError> {
+        let (vm, job) = self.job_of(daemon, name)?;
+        let st = status(&vm.name, &lock(&job));
+        Ok(Response::EvictStatus(st))
     }
-    match req.get("cold_for_secs") {
-        None | Some(Value::Null) => {}
-        Some(v) => {
-            let s = v
-                .as_f64()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| {
-                    format!("\"cold_for_secs\" must be a non-negative number, got {v}")
-                })?;
-            goals.push(EvictGoal::ColdForMs((s * 1000.0) as u64));
+
+    /// `evict_cancel`: ask the running eviction of `name` to stop after its batch.
+    pub fn cancel(&self, daemon: &Daemon, name: &str) -> Result<Response, CommandError> {
+        let (_, job) = self.job_of(daemon, name)?;
+        let j = lock(&job);
+        j.cancel.store(true, Ordering::Relaxed);
+        Ok(Response::EvictCancelled {
+            cancelling: j.running,
+        })
+    }
+
+    /// `evict`: start an eviction of `name` toward `target` (and wait for it with `wait`).
+    pub fn start_eviction(
+        &self,
+        daemon: &Daemon,
+        name: &str,
+        target: EvictTarget,
+        batch_pages: Option<u64>,
+        wait: bool,
+    ) -> Result<Response, CommandError> {
+        self.prune(daemon);
+        let vm = require_vm(daemon, name)?;
+        let goal = goal_of(target, vm.page_size())?;
+        let batch = batch_pages.map(|b| b.clamp(1, 65536) as usize);
+        let (svc, job) = self.entry(vm.clone())?;
+        let cancel = {
+            let mut j = lock(&job);
+            if j.running {
+                return Err(EvictCommandError::AlreadyRunning {
+                    vm: vm.name.clone(),
+                    done: j.progress.done,
+                    planned: j.progress.planned,
+                }
+                .into());
+            }
+            *j = Job {
+                running: true,
+                started: Some(Instant::now()),
+                goal: Some(goal),
+                ..Job::default()
+            };
+            j.cancel.clone()
+        };
+        if wait {
+            // The answer waits for the eviction; other connections see its progress.
+            run_job(&svc, &job, goal, batch, &cancel);
+            let st = status(&vm.name, &lock(&job));
+            return Ok(Response::EvictStatus(st));
         }
+        let job2 = job.clone();
+        std::thread::Builder::new()
+            .name("pw-evict".into())
+            .spawn(move || run_job(&svc, &job2, goal, batch, &cancel))
+            .map_err(|e| {
+                lock(&job).running = false;
+                EvictCommandError::Spawn(e)
+            })?;
+        Ok(Response::EvictStarted {
+            vm: vm.name.clone(),
+            goal,
+        })
     }
-    match req.get("auto") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(Value::Bool(true)) => {
+
+    fn job_of(
+        &self,
+        daemon: &Daemon,
+        name: &str,
+    ) -> Result<(Arc<Vm>, Arc<Mutex<Job>>), CommandError> {
+        let vm = require_vm(daemon, name)?;
+        let job = self
+            .existing(&vm.name)
+            .filter(|(svc, _)| Arc::ptr_eq(svc.vm(), &vm))
+            .map(|(_, job)| job)
+            .ok_or_else(|| EvictCommandError::NeverRun {
+                vm: vm.name.clone(),
+            })?;
+        Ok((vm, job))
+    }
+
+    /// `wss`: working-set figures of one VM (tracking starts) or of every tracked VM.
+    pub fn wss(&self, daemon: &Daemon, vm: Option<&str>) -> Result<Response, CommandError> {
+        self.prune(daemon);
+        let vms = match vm {
+            Some(name) => {
+                let vm = require_vm(daemon, name)?;
+                let name = vm.name.clone();
+                let (svc, _) = self.entry(vm)?;
+                vec![protocol::VmEviction {
+                    vm: name,
+                    eviction: svc.stats(),
+                }]
+            }
+            None => {
+                let mut v: Vec<protocol::VmEviction> = lock(&self.vms)
+                    .iter()
+                    .map(|(name, e)| protocol::VmEviction {
+                        vm: name.clone(),
+                        eviction: e.svc.stats(),
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.vm.cmp(&b.vm));
+                v
+            }
+        };
+        Ok(Response::Wss { vms })
+    }
+}
+
+/// Run one eviction, recording its progress and outcome in `job`.
+fn run_job(
+    svc: &VmEviction,
+    job: &Mutex<Job>,
+    goal: EvictGoal,
+    batch: Option<usize>,
+    cancel: &AtomicBool,
+) {
+    let result = svc.evict(goal, batch, cancel, &mut |p| lock(job).progress = *p);
+    let mut j = lock(job);
+    j.running = false;
+    j.finished_ms = j.started.map(|t| t.elapsed().as_millis() as u64);
+    match result {
+        Ok(r) => {
+            j.progress = r.progress;
+            j.report = Some(r);
+        }
+        Err(e) => j.error = Some(crate::server::error::render_chain(&e)),
+    }
+}
+
+/// The [`EvictGoal`] of a request's target.
+pub fn goal_of(target: EvictTarget, page_size: u64) -> Result<EvictGoal, EvictCommandError> {
+    Ok(match target {
+        EvictTarget::TargetRssBytes(b) => EvictGoal::TargetResidentPages(b / page_size.max(1)),
+        EvictTarget::ColdForSecs(s) => {
+            if !(s.is_finite() && s >= 0.0) {
+                return Err(EvictCommandError::InvalidGoal(format!(
+                    "cold_for_secs must be a non-negative number, got {s}"
+                )));
+            }
+            EvictGoal::ColdForMs((s * 1000.0) as u64)
+        }
+        EvictTarget::Auto {
+            margin_percent,
+            min_margin_pages,
+        } => {
             let EvictGoal::Auto {
-                margin_percent,
-                min_margin_pages,
+                margin_percent: m,
+                min_margin_pages: p,
             } = EvictGoal::auto()
             else {
                 unreachable!("EvictGoal::auto() is Auto")
             };
-            let margin_percent = match u64_field(req, "margin_percent")? {
-                Some(m) => u32::try_from(m).map_err(|_| format!("margin_percent {m} too large"))?,
-                None => margin_percent,
-            };
-            goals.push(EvictGoal::Auto {
-                margin_percent,
-                min_margin_pages: u64_field(req, "min_margin_pages")?.unwrap_or(min_margin_pages),
-            });
+            EvictGoal::Auto {
+                margin_percent: margin_percent.unwrap_or(m),
+                min_margin_pages: min_margin_pages.unwrap_or(p),
+            }
         }
-        Some(v) => return Err(format!("\"auto\" must be true or false, got {v}")),
-    }
-    match goals.len() {
-        1 => Ok(goals[0]),
-        0 => {
-            Err("evict needs one goal: \"target_rss_bytes\", \"cold_for_secs\" or \"auto\"".into())
-        }
-        _ => Err(
-            "evict takes exactly one goal: \"target_rss_bytes\", \"cold_for_secs\" or \"auto\""
-                .into(),
-        ),
-    }
-}
-
-fn status(job: &Job) -> Value {
-    json!({
-        "running": job.running,
-        "goal": job.goal,
-        "progress": job.progress,
-        "report": job.report,
-        "error": job.error,
-        "elapsed_ms": job.finished_ms.or_else(|| job.started.map(|t| t.elapsed().as_millis() as u64)),
     })
 }
 
-fn start_eviction(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Value, String> {
-    reg.prune(daemon);
-    let vm = require_vm(daemon, req)?;
-    let goal = parse_goal(req, vm.page_size())?;
-    let batch = u64_field(req, "batch_pages")?.map(|b| b.clamp(1, 65536) as usize);
-    let (svc, job) = reg.entry(vm.clone())?;
-    let cancel = {
-        let mut j = lock(&job);
-        if j.running {
-            return Err(format!(
-                "an eviction of VM {:?} is already running ({} of {} pages done)",
-                vm.name, j.progress.done, j.progress.planned
-            ));
-        }
-        *j = Job {
-            running: true,
-            started: Some(Instant::now()),
-            goal: Some(goal),
-            ..Job::default()
-        };
-        j.cancel.clone()
-    };
-    let job2 = job.clone();
-    std::thread::Builder::new()
-        .name("pw-evict".into())
-        .spawn(move || {
-            let result = svc.evict(goal, batch, &cancel, &mut |p| lock(&job2).progress = *p);
-            let mut j = lock(&job2);
-            j.running = false;
-            j.finished_ms = j.started.map(|t| t.elapsed().as_millis() as u64);
-            match result {
-                Ok(r) => {
-                    j.progress = r.progress;
-                    j.report = Some(r);
-                }
-                Err(e) => j.error = Some(e.to_string()),
-            }
-        })
-        .map_err(|e| {
-            lock(&job).running = false;
-            format!("starting the eviction thread: {e}")
-        })?;
-    Ok(json!({"started": true, "vm": vm.name, "goal": goal}))
-}
-
-fn job_of(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Arc<Mutex<Job>>, String> {
-    let vm = require_vm(daemon, req)?;
-    reg.existing(&vm.name)
-        .filter(|(svc, _)| Arc::ptr_eq(svc.vm(), &vm))
-        .map(|(_, job)| job)
-        .ok_or_else(|| format!("no eviction has run for VM {:?}", vm.name))
-}
-
-fn wss(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Value, String> {
-    reg.prune(daemon);
-    match vm_field(req)? {
-        Some(_) => {
-            let vm = require_vm(daemon, req)?;
-            let name = vm.name.clone();
-            let (svc, _) = reg.entry(vm)?;
-            Ok(json!({ "vms": [ { "vm": name, "eviction": svc.stats() } ] }))
-        }
-        None => {
-            let vms: Vec<Value> = lock(&reg.vms)
-                .iter()
-                .map(|(name, e)| json!({"vm": name, "eviction": e.svc.stats()}))
-                .collect();
-            Ok(json!({ "vms": vms }))
-        }
+fn status(vm: &str, job: &Job) -> EvictJobStatus {
+    EvictJobStatus {
+        vm: vm.into(),
+        running: job.running,
+        goal: job.goal,
+        progress: job.progress,
+        report: job.report.clone(),
+        error: job.error.clone(),
+        elapsed_ms: job
+            .finished_ms
+            .or_else(|| job.started.map(|t| t.elapsed().as_millis() as u64)),
     }
 }
 
-/// `stats` plus an `"eviction"` object per VM that has eviction/tracking running.
-fn stats_with_eviction(reg: &EvictRegistry, daemon: &Daemon, req: &Value) -> Result<Value, String> {
-    reg.prune(daemon);
-    let mut stats = all_stats(daemon, vm_field(req)?)?;
-    if let Some(vms) = stats.get_mut("vms").and_then(Value::as_array_mut) {
-        for v in vms {
-            let Some(name) = v.get("vm").and_then(Value::as_str).map(str::to_string) else {
-                continue;
-            };
-            let current = daemon.vm(&name);
-            if let Some((svc, _)) = reg
-                .existing(&name)
-                .filter(|(s, _)| current.as_ref().is_some_and(|vm| Arc::ptr_eq(s.vm(), vm)))
-            {
-                v["eviction"] = json!(svc.stats());
-            }
-        }
-    }
-    Ok(stats)
-}
-
-/// Register the commands and start tracking every attached VM that can be evicted (memory
-/// file, WP registration, swap device) as soon as it attaches, so `--cold-for` and `--auto`
-/// have history. The watcher thread ends when the daemon shuts down.
+/// Register the eviction commands with the daemon and start tracking every attached VM that
+/// can be evicted (memory file, WP registration, swap device) as soon as it attaches, so
+/// `--cold-for` and `--auto` have history. The watcher thread ends when the daemon shuts down.
 pub fn start(daemon: &Arc<Daemon>, config: EvictConfig) -> std::io::Result<Arc<EvictRegistry>> {
-    let reg = register(daemon.commands(), config);
+    let reg = EvictRegistry::new(config);
+    daemon.set_evictor(reg.clone());
     let (d, r) = (daemon.clone(), reg.clone());
     std::thread::Builder::new()
         .name("pw-evict-watch".into())
         .spawn(move || watch_attachments(&d, &r))?;
     Ok(reg)
+}
+
+/// Register the eviction commands without the watcher (tracking starts on first use).
+pub fn register(daemon: &Daemon, config: EvictConfig) -> Arc<EvictRegistry> {
+    let reg = EvictRegistry::new(config);
+    daemon.set_evictor(reg.clone());
+    reg
 }
 
 fn watch_attachments(daemon: &Daemon, reg: &EvictRegistry) {
@@ -318,38 +392,14 @@ fn watch_attachments(daemon: &Daemon, reg: &EvictRegistry) {
             }
             match reg.entry(vm.clone()) {
                 Ok(_) => tracing::info!(vm = %vm.name, "working-set tracking started"),
-                Err(why) => {
+                Err(e) => {
+                    let why = crate::server::error::render_chain(&e);
                     tracing::info!(vm = %vm.name, %why, "VM not tracked (eviction unavailable)");
                     skipped.push(Arc::downgrade(&vm));
                 }
             }
         }
     }
-}
-
-/// Register `evict`, `evict_status`, `evict_cancel`, `wss` and the extended `stats`.
-pub fn register(commands: &CommandRegistry, config: EvictConfig) -> Arc<EvictRegistry> {
-    let reg = EvictRegistry::new(config);
-    let r = reg.clone();
-    commands.register("evict", move |d, req| start_eviction(&r, d, req));
-    let r = reg.clone();
-    commands.register("evict_status", move |d, req| {
-        let job = job_of(&r, d, req)?;
-        let j = lock(&job);
-        Ok(status(&j))
-    });
-    let r = reg.clone();
-    commands.register("evict_cancel", move |d, req| {
-        let job = job_of(&r, d, req)?;
-        let j = lock(&job);
-        j.cancel.store(true, Ordering::Relaxed);
-        Ok(json!({"cancelling": j.running}))
-    });
-    let r = reg.clone();
-    commands.register("wss", move |d, req| wss(&r, d, req));
-    let r = reg.clone();
-    commands.register("stats", move |d, req| stats_with_eviction(&r, d, req));
-    reg
 }
 
 /// Human lines for the `"eviction"` object of a VM's stats (used by `pagewise stats`).
@@ -398,6 +448,8 @@ pub fn render_eviction(e: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::protocol::Request;
+    use serde_json::json;
 
     #[test]
     fn eviction_stats_render() {
@@ -418,33 +470,37 @@ mod tests {
     }
 
     #[test]
-    fn goals_parse_and_conflicts_are_errors() {
+    fn goals_convert_and_bad_ones_are_errors() {
         assert_eq!(
-            parse_goal(&json!({"target_rss_bytes": 8192 * 3}), 4096),
-            Ok(EvictGoal::TargetResidentPages(6))
+            goal_of(EvictTarget::TargetRssBytes(8192 * 3), 4096).unwrap(),
+            EvictGoal::TargetResidentPages(6)
         );
         assert_eq!(
-            parse_goal(&json!({"cold_for_secs": 1.5}), 4096),
-            Ok(EvictGoal::ColdForMs(1500))
+            goal_of(EvictTarget::ColdForSecs(1.5), 4096).unwrap(),
+            EvictGoal::ColdForMs(1500)
         );
         assert_eq!(
-            parse_goal(&json!({"auto": true, "margin_percent": 5}), 4096),
-            Ok(EvictGoal::Auto {
+            goal_of(
+                EvictTarget::Auto {
+                    margin_percent: Some(5),
+                    min_margin_pages: None
+                },
+                4096
+            )
+            .unwrap(),
+            EvictGoal::Auto {
                 margin_percent: 5,
                 min_margin_pages: 256
-            })
+            }
         );
-        assert!(parse_goal(&json!({}), 4096)
-            .unwrap_err()
-            .contains("needs one goal"));
-        assert!(parse_goal(&json!({"auto": true, "cold_for_secs": 3}), 4096)
-            .unwrap_err()
-            .contains("exactly one"));
-        assert!(parse_goal(&json!({"cold_for_secs": -1}), 4096)
-            .unwrap_err()
-            .contains("non-negative"));
-        assert!(parse_goal(&json!({"target_rss_bytes": "1G"}), 4096)
-            .unwrap_err()
-            .contains("integer"));
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert!(goal_of(EvictTarget::ColdForSecs(bad), 4096)
+                .unwrap_err()
+                .to_string()
+                .contains("non-negative"));
+        }
+        // Exactly one goal: the wire type cannot carry two.
+        let two = r#"{"v":1,"op":"evict","vm":"a","goal":{"auto":{},"cold_for_secs":3}}"#;
+        assert!(Request::decode(two.as_bytes()).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uffd::Uffd;
 
 use super::sampler::{Sampler, SamplerTarget};
@@ -105,7 +105,7 @@ impl SamplerTarget for Shared {
 }
 
 /// Page counts and working-set figures for `stats`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvictStats {
     pub resident_pages: u64,
     pub evicted_pages: u64,

@@ -1,202 +1,300 @@
-//! The control socket: one JSON request per connection, one JSON response.
+//! The control socket, server side: one thread per connection reads newline-delimited
+//! [`Request`]s and answers each in order (wire format: [`super::protocol`]).
 //!
-//! Request: a JSON object with a `"cmd"` string and command-specific fields, ended by a
-//! newline or by the client shutting down its write side, e.g. `{"cmd":"stats","vm":null}`.
-//! Response (one line): `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
-//! Commands live in a [`CommandRegistry`]; other components register theirs
-//! (`daemon.commands().register("evict", handler)`).
+//! A request is handled to completion before the next line is read, however long it takes;
+//! only a connection idle between requests is closed ([`IDLE_TIMEOUT`](super::protocol::IDLE_TIMEOUT)). A malformed or
+//! oversized line is answered with [`Response::Error`] naming the problem, and the
+//! connection stays usable.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::error::render_chain;
+use super::prepare::{PrepareError, SeedError};
+use super::protocol::{
+    ListedVm, ProtocolError, Request, Response, StateCounts, StatsReport, VmStats, VmStatus,
+    MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+};
 use super::Daemon;
-use crate::page_state::PageState;
+use crate::evict::control::{EvictCommandError, EvictRegistry};
 use crate::vm::Vm;
 
-/// Largest request accepted.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub use super::client::{ControlClient, ControlError};
+pub use super::protocol;
 
-/// A command handler: gets the daemon and the whole request object.
-pub type CommandHandler = Arc<dyn Fn(&Daemon, &Value) -> Result<Value, String> + Send + Sync>;
+/// Longest a client may take to accept an answer before the connection is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Commands by name.
-#[derive(Default)]
-pub struct CommandRegistry {
-    handlers: RwLock<HashMap<String, CommandHandler>>,
+/// Why a control request failed (sent as [`Response::Error`] with its chain rendered).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no VM named {vm:?} is attached")]
+    NoSuchVm { vm: String },
+    #[error("eviction is not enabled in this daemon")]
+    NoEviction,
+    #[error(transparent)]
+    Evict(#[from] EvictCommandError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Seed(#[from] SeedError),
+    #[error("no VM named {vm:?} is prepared")]
+    NotPrepared { vm: String },
 }
 
-impl CommandRegistry {
-    /// Add (or replace) the handler for `cmd`.
-    pub fn register(
-        &self,
-        cmd: &str,
-        handler: impl Fn(&Daemon, &Value) -> Result<Value, String> + Send + Sync + 'static,
-    ) {
-        self.handlers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cmd.to_string(), Arc::new(handler));
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .handlers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn get(&self, cmd: &str) -> Option<CommandHandler> {
-        self.handlers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(cmd)
-            .cloned()
-    }
-}
-
-/// Answer one request (already parsed).
-pub fn dispatch(daemon: &Daemon, request: &Value) -> Value {
-    let result = match request.get("cmd").and_then(Value::as_str) {
-        None => Err("request has no \"cmd\" string".to_string()),
-        Some(cmd) => match daemon.commands.get(cmd) {
-            Some(h) => h(daemon, request),
-            None => Err(format!(
-                "unknown command {cmd:?}; known: {}",
-                daemon.commands.names().join(", ")
-            )),
-        },
-    };
-    match result {
-        Ok(v) => json!({"ok": true, "result": v}),
-        Err(e) => json!({"ok": false, "error": e}),
-    }
-}
-
-/// The `"vm"` field of a request: `None` when absent or null.
-pub fn vm_field(request: &Value) -> Result<Option<&str>, String> {
-    match request.get("vm") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("\"vm\" must be a string or null, got {other}")),
-    }
-}
-
-/// Look up the VM a request names (required).
-pub fn require_vm(daemon: &Daemon, request: &Value) -> Result<Arc<Vm>, String> {
-    let name = vm_field(request)?.ok_or("this command needs \"vm\": NAME")?;
+/// Look up an attached VM by name.
+pub fn require_vm(daemon: &Daemon, name: &str) -> Result<Arc<Vm>, CommandError> {
     daemon
         .vm(name)
-        .ok_or_else(|| format!("no VM named {name:?} is attached"))
+        .ok_or_else(|| CommandError::NoSuchVm { vm: name.into() })
 }
 
-/// The stats object of one VM.
-pub fn vm_stats(vm: &Vm, flavour: &str, prefetch: &str) -> Value {
+/// The statistics of one VM (without eviction figures).
+pub fn vm_stats(vm: &Vm, flavour: &str, prefetch: &str) -> VmStats {
     let m = vm.metrics.snapshot();
-    let census = vm.states.census();
-    let states: serde_json::Map<String, Value> = PageState::ALL
-        .iter()
-        .map(|s| (format!("{s:?}").to_lowercase(), json!(census[*s as usize])))
-        .collect();
-    json!({
-        "vm": vm.name,
-        "flavour": flavour,
-        "pid": vm.peer.pid,
-        "uid": vm.peer.uid,
-        "source": vm.source_description,
-        "prefetch": prefetch,
-        "page_size": vm.page_size(),
-        "pages": vm.layout.pages(),
-        "wp_registered": vm.wp_registered,
-        "attached_secs": vm.attached_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-        "states": states,
-        "dirty_pages": vm.dirty.count(),
-        "fault_latency_p50_us": m.fault_latency.quantile_us(0.5),
-        "fault_latency_p99_us": m.fault_latency.quantile_us(0.99),
-        "fault_latency_mean_us": m.fault_latency.mean_us(),
-        "metrics": m,
-    })
+    VmStats {
+        vm: vm.name.clone(),
+        flavour: flavour.into(),
+        pid: vm.peer.pid,
+        uid: vm.peer.uid,
+        source: vm.source_description.clone(),
+        prefetch: prefetch.into(),
+        page_size: vm.page_size(),
+        pages: vm.layout.pages(),
+        wp_registered: vm.wp_registered,
+        attached_secs: vm.attached_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        states: StateCounts::from_census(&vm.states.census()),
+        dirty_pages: vm.dirty.count() as u64,
+        fault_latency_p50_us: m.fault_latency.quantile_us(0.5),
+        fault_latency_p99_us: m.fault_latency.quantile_us(0.99),
+        fault_latency_mean_us: m.fault_latency.mean_us(),
+        metrics: m,
+        eviction: None,
+    }
 }
 
-/// The `stats` result: `{"vms": [vm_stats...]}` for every VM or only `only`.
-pub fn all_stats(daemon: &Daemon, only: Option<&str>) -> Result<Value, String> {
-    let vms: Vec<Value> = daemon.with_entries(|entries| {
-        let mut names: Vec<&String> = entries.keys().collect();
-        names.sort();
-        names
-            .into_iter()
-            .filter(|n| only.is_none_or(|o| o == n.as_str()))
-            .map(|n| {
-                let e = &entries[n];
-                vm_stats(&e.vm, e.flavour, &e.prefetch)
-            })
+/// `stats` of every VM or only `only`, with eviction figures where tracking runs.
+pub fn all_stats(daemon: &Daemon, only: Option<&str>) -> Result<StatsReport, CommandError> {
+    let mut vms: Vec<(Arc<Vm>, VmStats)> = daemon.with_entries(|entries| {
+        entries
+            .values()
+            .filter(|e| only.is_none_or(|o| o == e.vm.name))
+            .map(|e| (e.vm.clone(), vm_stats(&e.vm, e.flavour, &e.prefetch)))
             .collect()
     });
     if let (Some(name), true) = (only, vms.is_empty()) {
-        return Err(format!("no VM named {name:?} is attached"));
+        return Err(CommandError::NoSuchVm { vm: name.into() });
     }
-    Ok(json!({ "vms": vms }))
-}
-
-/// `ping`, `list`, `stats`, `detach`, `commands`.
-pub fn register_builtin_commands(reg: &CommandRegistry) {
-    reg.register("ping", |_, _| Ok(json!("pong")));
-    reg.register("commands", |d, _| Ok(json!(d.commands.names())));
-    reg.register("list", |d, _| {
-        Ok(json!(d
-            .vms()
-            .iter()
-            .map(
-                |vm| json!({"vm": vm.name, "pid": vm.peer.pid, "source": vm.source_description,
-                "pages": vm.layout.pages()})
-            )
-            .collect::<Vec<_>>()))
-    });
-    reg.register("stats", |d, req| all_stats(d, vm_field(req)?));
-    reg.register("detach", |d, req| {
-        let name = vm_field(req)?.ok_or("detach needs \"vm\": NAME")?;
-        if d.detach(name) {
-            Ok(json!({"detached": name}))
-        } else {
-            Err(format!("no VM named {name:?} is attached"))
+    vms.sort_by(|a, b| a.1.vm.cmp(&b.1.vm));
+    if let Some(ev) = daemon.evictor() {
+        for (vm, s) in &mut vms {
+            s.eviction = ev.stats_of(daemon, vm);
         }
-    });
+    }
+    Ok(StatsReport {
+        vms: vms.into_iter().map(|(_, s)| s).collect(),
+    })
 }
 
-/// Read one request from `stream` (bounded size and time).
-fn read_request(stream: &mut UnixStream) -> Result<Value, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
+fn list(daemon: &Daemon) -> Vec<ListedVm> {
+    let mut out: Vec<ListedVm> = daemon
+        .vms()
+        .iter()
+        .map(|vm| ListedVm {
+            vm: vm.name.clone(),
+            status: VmStatus::Attached,
+            pid: Some(vm.peer.pid),
+            source: vm.source_description.clone(),
+            pages: vm.layout.pages(),
+        })
+        .collect();
+    out.extend(daemon.prepared_list());
+    out.sort_by(|a, b| a.vm.cmp(&b.vm));
+    out
+}
+
+fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
+    Ok(match request {
+        Request::Ping => Response::Pong {
+            version: PROTOCOL_VERSION,
+        },
+        Request::Commands => Response::Commands {
+            ops: Request::OPS
+                .iter()
+                .filter(|op| daemon.evictor().is_some() || !is_eviction_op(op))
+                .map(|s| s.to_string())
+                .collect(),
+        },
+        Request::List => Response::List { vms: list(daemon) },
+        Request::Stats { vm } => Response::Stats(all_stats(daemon, vm.as_deref())?),
+        Request::Detach { vm } => {
+            if !daemon.detach(&vm) {
+                return Err(CommandError::NoSuchVm { vm });
+            }
+            Response::Detached { vm }
+        }
+        Request::Evict {
+            vm,
+            goal,
+            batch_pages,
+            wait,
+        } => evictor(daemon)?.start_eviction(daemon, &vm, goal, batch_pages, wait)?,
+        Request::EvictStatus { vm } => evictor(daemon)?.status(daemon, &vm)?,
+        Request::EvictCancel { vm } => evictor(daemon)?.cancel(daemon, &vm)?,
+        Request::Wss { vm } => evictor(daemon)?.wss(daemon, vm.as_deref())?,
+        Request::Prepare(spec) => daemon.prepare(spec)?,
+        Request::Unprepare { vm } => {
+            if !daemon.unprepare(&vm) {
+                return Err(CommandError::NotPrepared { vm });
+            }
+            Response::Unprepared { vm }
+        }
+        Request::Seed { vm, states, routes } => {
+            let target = require_vm(daemon, &vm)?;
+            let (states_set, routes_set) = super::prepare::seed(&target, &states, &routes)?;
+            Response::Seeded {
+                vm,
+                states_set,
+                routes_set,
+            }
+        }
+        Request::Census { vm, ranges } => {
+            let target = require_vm(daemon, &vm)?;
+            Response::Census(super::prepare::census(&target, ranges)?)
+        }
+    })
+}
+
+fn evictor(daemon: &Daemon) -> Result<&Arc<EvictRegistry>, CommandError> {
+    daemon.evictor().ok_or(CommandError::NoEviction)
+}
+
+fn is_eviction_op(op: &str) -> bool {
+    matches!(op, "evict" | "evict_status" | "evict_cancel" | "wss")
+}
+
+/// Answer one request.
+pub fn handle(daemon: &Daemon, request: Request) -> Response {
+    answer(daemon, request).unwrap_or_else(|e| Response::Error {
+        message: render_chain(&e),
+    })
+}
+
+/// Answer one line of the wire format (malformed lines get an error response).
+pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Response {
+    match Request::decode(line) {
+        Ok(r) => handle(daemon, r),
+        Err(e) => Response::Error {
+            message: render_chain(&e),
+        },
+    }
+}
+
+/// What reading the next request line found.
+enum Line {
+    Complete(Vec<u8>),
+    /// Longer than the limit; the rest of it was read and dropped.
+    TooLarge,
+    Eof,
+}
+
+/// Read one line of at most `limit` bytes (an overlong line is consumed to its end).
+fn read_line(reader: &mut impl BufRead, limit: usize) -> std::io::Result<Line> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut overflow = false;
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|e| format!("reading the request: {e}"))?;
-        if n == 0 {
-            break;
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            // EOF: a final line without a newline still counts.
+            return Ok(match (overflow, buf.is_empty()) {
+                (true, _) => Line::TooLarge,
+                (false, true) => Line::Eof,
+                (false, false) => Line::Complete(buf),
+            });
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST_BYTES {
-            return Err(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !overflow {
+            if buf.len() + take > limit + 1 {
+                overflow = true;
+                buf = Vec::new();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
         }
-        if buf.contains(&b'\n') {
-            break;
+        reader.consume(take);
+        if done {
+            return Ok(if overflow {
+                Line::TooLarge
+            } else {
+                Line::Complete(buf)
+            });
         }
     }
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    serde_json::from_slice(line).map_err(|e| format!("malformed request JSON: {e}"))
+}
+
+/// Wait until `stream` is readable; false on idle timeout
+/// ([`super::DaemonConfig::control_idle_timeout`], default [`IDLE_TIMEOUT`](super::protocol::IDLE_TIMEOUT)) or shutdown.
+fn wait_for_request(daemon: &Daemon, stream: &UnixStream) -> bool {
+    let idle = daemon.config().control_idle_timeout;
+    let timeout = PollTimeout::try_from(idle).unwrap_or(PollTimeout::MAX);
+    loop {
+        let mut fds = [
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(daemon.stop_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                tracing::debug!("control connection idle; closing it");
+                return false;
+            }
+            Ok(_) => return fds[1].revents().is_none_or(|r| r.is_empty()),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(%e, "poll on a control connection failed");
+                return false;
+            }
+        }
+    }
+}
+
+/// Serve one control connection until the client closes it (or it idles out).
+pub fn serve_connection(daemon: &Daemon, stream: UnixStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let Ok(mut writer) = stream.try_clone() else {
+        tracing::warn!("could not duplicate a control connection");
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        if reader.buffer().is_empty() && !wait_for_request(daemon, reader.get_ref()) {
+            return;
+        }
+        let response = match read_line(&mut reader, MAX_REQUEST_BYTES) {
+            Ok(Line::Eof) => return,
+            Ok(Line::Complete(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Line::Complete(line)) => handle_line(daemon, &line),
+            Ok(Line::TooLarge) => Response::Error {
+                message: ProtocolError::TooLarge.to_string(),
+            },
+            Err(e) => {
+                tracing::debug!(%e, "reading a control request failed");
+                return;
+            }
+        };
+        if let Err(e) = writer.write_all(response.encode().as_bytes()) {
+            tracing::debug!(%e, "control client went away");
+            return;
+        }
+    }
 }
 
 /// Serve the control socket until the daemon shuts down.
@@ -206,7 +304,7 @@ pub fn serve_control(daemon: &Arc<Daemon>, listener: UnixListener) {
         return;
     }
     while daemon.wait_readable(listener.as_fd(), "control socket") {
-        let mut stream = match listener.accept() {
+        let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
@@ -215,43 +313,26 @@ pub fn serve_control(daemon: &Arc<Daemon>, listener: UnixListener) {
             }
         };
         let daemon = daemon.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_nonblocking(false);
-            let response = match read_request(&mut stream) {
-                Ok(req) => dispatch(&daemon, &req),
-                Err(e) => json!({"ok": false, "error": e}),
-            };
-            let mut line = response.to_string();
-            line.push('\n');
-            if let Err(e) = stream.write_all(line.as_bytes()) {
-                tracing::debug!(%e, "control client went away");
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name("pw-control".into())
+            .spawn(move || serve_connection(&daemon, stream));
+        if let Err(e) = spawned {
+            tracing::warn!(%e, "could not start a control connection thread");
+        }
     }
 }
 
-/// Client side: send `request`, return the `result` (or the daemon's error).
-pub fn request(socket: &std::path::Path, request: &Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    let mut line = request.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes())
-        .map_err(|e| format!("sending the request: {e}"))?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .map_err(|e| format!("reading the response: {e}"))?;
-    let v: Value =
-        serde_json::from_str(out.trim()).map_err(|e| format!("malformed response {out:?}: {e}"))?;
-    if v.get("ok") == Some(&Value::Bool(true)) {
-        Ok(v.get("result").cloned().unwrap_or(Value::Null))
-    } else {
-        Err(v
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("daemon returned an error without a message")
-            .to_string())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_bounded_and_overlong_ones_skipped() {
+        let input = b"{\"a\":1}\n0123456789abcdef\nlast".to_vec();
+        let mut r = std::io::BufReader::with_capacity(4, &input[..]);
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Complete(l) if l == b"{\"a\":1}\n"));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::TooLarge));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Complete(l) if l == b"last"));
+        assert!(matches!(read_line(&mut r, 10).unwrap(), Line::Eof));
     }
 }

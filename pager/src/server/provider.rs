@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::{OpenOptions, SwapDevice};
 
-use super::{OpenedSource, SourceProvider};
+use super::{OpenedSource, ProviderError, SourceProvider};
 use crate::source::SwapdevSource;
 use crate::vm::GuestLayout;
 
@@ -27,7 +27,7 @@ pub struct SwapdevProvider {
 
 impl SwapdevProvider {
     /// The spec serving `vm`, by the rules in the module docs.
-    pub fn spec_for(&self, vm: &str) -> Result<String, String> {
+    pub fn spec_for(&self, vm: &str) -> Result<String, ProviderError> {
         if let Some(s) = self.per_vm.get(vm) {
             return Ok(s.clone());
         }
@@ -37,36 +37,89 @@ impl SwapdevProvider {
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{vm}.swap"));
             if !path.exists() {
-                return Err(format!(
-                    "no swap device for VM {vm:?}: {} does not exist (create it with `pagewise swapdev create`)",
-                    path.display()
-                ));
+                return Err(ProviderError::DeviceMissing {
+                    vm: vm.into(),
+                    path,
+                });
             }
             return Ok(path.display().to_string());
         }
-        Err(format!("no swap device configured for VM {vm:?}"))
+        Err(ProviderError::NotConfigured { vm: vm.into() })
+    }
+
+    /// `spec` when given (a prepared VM's override), else the rule for `vm`.
+    fn chosen(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError> {
+        match spec {
+            Some(s) => Ok(s.to_string()),
+            None => self.spec_for(vm),
+        }
     }
 }
 
 impl SourceProvider for SwapdevProvider {
-    fn source_key(&self, vm: &str) -> Result<String, String> {
-        self.spec_for(vm).map(|s| format!("swapdev {s}"))
+    fn source_key(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError> {
+        self.chosen(vm, spec).map(|s| format!("swapdev {s}"))
     }
 
-    fn open(&self, vm: &str, _layout: &GuestLayout) -> Result<OpenedSource, String> {
-        let spec = self.spec_for(vm)?;
-        let backend = open_backend(&spec, &SpecOptions::default())
-            .map_err(|e| format!("opening swap device {spec}: {e}"))?;
+    fn open(
+        &self,
+        vm: &str,
+        spec: Option<&str>,
+        _layout: &GuestLayout,
+    ) -> Result<OpenedSource, ProviderError> {
+        let spec = self.chosen(vm, spec)?;
+        let backend = open_backend(&spec, &SpecOptions::default()).map_err(|source| {
+            ProviderError::Backend {
+                spec: spec.clone(),
+                source,
+            }
+        })?;
         let device = SwapDevice::open(backend, OpenOptions::read_write(&self.host_id, true, false))
-            .map_err(|e| format!("opening swap device {spec}: {e}"))?;
+            .map_err(|source| ProviderError::Device {
+                spec: spec.clone(),
+                source,
+            })?;
         let description = format!("swapdev {spec}");
         let device = Arc::new(Mutex::new(device));
-        let source =
-            SwapdevSource::new(device.clone(), description.clone()).map_err(|e| e.to_string())?;
+        let source = SwapdevSource::new(device.clone(), description.clone()).map_err(|source| {
+            ProviderError::Source {
+                description: description.clone(),
+                source,
+            }
+        })?;
         Ok(OpenedSource {
             source: Box::new(source),
             description,
             swapdev: Some(device),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.swap"), b"").unwrap();
+        let p = SwapdevProvider {
+            per_vm: HashMap::from([("fixed".to_string(), "/dev/x".to_string())]),
+            dir: Some(dir.path().into()),
+            ..Default::default()
+        };
+        assert_eq!(p.source_key("fixed", None).unwrap(), "swapdev /dev/x");
+        assert!(p.source_key("a", None).unwrap().ends_with("/a.swap"));
+        let e = p.source_key("b", None).unwrap_err();
+        assert!(matches!(e, ProviderError::DeviceMissing { .. }), "{e}");
+        assert_eq!(
+            p.source_key("b", Some("nbd://h:1/e")).unwrap(),
+            "swapdev nbd://h:1/e"
+        );
+        let none = SwapdevProvider::default();
+        assert!(matches!(
+            none.source_key("z", None),
+            Err(ProviderError::NotConfigured { .. })
+        ));
     }
 }

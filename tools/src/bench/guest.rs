@@ -18,7 +18,8 @@ mod report;
 mod serial;
 
 use anyhow::{anyhow, bail, Context};
-use serde_json::{json, Value};
+use pager::server::protocol::{EvictTarget, Request};
+use serde_json::Value;
 
 use procs::{run_checked, tail, ChildGuard, ShmFile};
 use report::{print_table, PagerRun, PhaseTimes};
@@ -202,22 +203,44 @@ fn phase_plain(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PhaseTimes> {
     Ok(PhaseTimes::from_lines(serial.lines.iter().map(|(_, l)| l)))
 }
 
-fn control(socket: &Path, req: &Value) -> anyhow::Result<Value> {
-    pager::server::control::request(socket, req)
-        .map_err(|e| anyhow!("control request {req} to {}: {e}", socket.display()))
+/// One control request; the answer as JSON (its fields as the typed response serializes them).
+fn control(socket: &Path, req: &Request) -> anyhow::Result<Value> {
+    let response = pager::server::ControlClient::connect(socket)
+        .and_then(|mut c| c.call(req))
+        .with_context(|| {
+            format!(
+                "control request {} to {}",
+                req.encode().trim(),
+                socket.display()
+            )
+        })?;
+    Ok(serde_json::to_value(&response)?)
 }
 
-fn evict_request(goal: &str) -> anyhow::Result<Value> {
-    let mut req = json!({"cmd": "evict", "vm": VM_NAME});
-    if goal == "auto" {
-        req["auto"] = json!(true);
-        req["margin_percent"] = json!(10);
-    } else {
-        let bytes = pager::conventions::parse_size(goal)
-            .map_err(|e| anyhow!("--evict: {e} (or use auto)"))?;
-        req["target_rss_bytes"] = json!(bytes);
+fn stats_request() -> Request {
+    Request::Stats {
+        vm: Some(VM_NAME.into()),
     }
-    Ok(req)
+}
+
+fn evict_request(goal: &str) -> anyhow::Result<Request> {
+    let goal = if goal == "auto" {
+        EvictTarget::Auto {
+            margin_percent: Some(10),
+            min_margin_pages: None,
+        }
+    } else {
+        EvictTarget::TargetRssBytes(
+            pager::conventions::parse_size(goal)
+                .map_err(|e| anyhow!("--evict: {e} (or use auto)"))?,
+        )
+    };
+    Ok(Request::Evict {
+        vm: VM_NAME.into(),
+        goal,
+        batch_pages: None,
+        wait: false,
+    })
 }
 
 /// Run the eviction through the daemon's control socket and wait (bounded) for its report.
@@ -226,7 +249,7 @@ fn evict(socket: &Path, goal: &str, limit: Duration) -> anyhow::Result<Value> {
     let deadline = Instant::now() + limit;
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let st = control(socket, &json!({"cmd": "evict_status", "vm": VM_NAME}))?;
+        let st = control(socket, &Request::EvictStatus { vm: VM_NAME.into() })?;
         if !st.get("running").and_then(Value::as_bool).unwrap_or(false) {
             if let Some(err) = st.get("error").and_then(Value::as_str) {
                 bail!("the eviction failed: {err}");
@@ -234,7 +257,7 @@ fn evict(socket: &Path, goal: &str, limit: Duration) -> anyhow::Result<Value> {
             return Ok(st.get("report").cloned().unwrap_or(Value::Null));
         }
         if Instant::now() > deadline {
-            let _ = control(socket, &json!({"cmd": "evict_cancel", "vm": VM_NAME}));
+            let _ = control(socket, &Request::EvictCancel { vm: VM_NAME.into() });
             bail!("the eviction did not finish within {limit:?}");
         }
     }
@@ -308,12 +331,12 @@ fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
         },
     )?;
     let split = serial.lines.len();
-    let stats_before = control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME}))?;
+    let stats_before = control(&stats_socket, &stats_request())?;
     let resident_before = mem.resident_bytes();
     eprintln!("(c) evicting ({})", a.evict);
     let evict_report = evict(&stats_socket, &a.evict, Duration::from_secs(120))?;
     let evict_end = Instant::now();
-    let stats_after_evict = control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME}))?;
+    let stats_after_evict = control(&stats_socket, &stats_request())?;
     let resident_after = mem.resident_bytes();
     // Lines whose pass (or sweep) started after the eviction ended.
     let started_after = |seen: Instant, ms: f64| {
@@ -337,8 +360,7 @@ fn phase_pager(a: &GuestBenchArgs, s: &Setup) -> anyhow::Result<PagerRun> {
     let run_limit = Duration::from_secs(a.duration_secs + 60);
     serial.wait_for("memverify: DONE", run_limit, &mut qemu, &log, done_of)?;
     // Right at DONE, before QEMU powers off (the daemon forgets a VM whose QEMU exited).
-    let stats_end =
-        control(&stats_socket, &json!({"cmd": "stats", "vm": VM_NAME})).unwrap_or(Value::Null);
+    let stats_end = control(&stats_socket, &stats_request()).unwrap_or(Value::Null);
     finish_guest(&mut serial, &mut qemu, &log, run_limit, "(b)/(c)")?;
     drop(qemu);
     drop(serve);
@@ -429,11 +451,20 @@ mod tests {
 
     #[test]
     fn eviction_goal_is_checked() {
-        assert_eq!(evict_request("auto").unwrap()["auto"], json!(true));
-        assert_eq!(
-            evict_request("48M").unwrap()["target_rss_bytes"],
-            json!(48u64 << 20)
-        );
+        assert!(matches!(
+            evict_request("auto").unwrap(),
+            Request::Evict {
+                goal: EvictTarget::Auto { .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            evict_request("48M").unwrap(),
+            Request::Evict {
+                goal: EvictTarget::TargetRssBytes(b),
+                ..
+            } if b == 48u64 << 20
+        ));
         assert!(evict_request("lots")
             .unwrap_err()
             .to_string()

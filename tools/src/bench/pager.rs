@@ -31,7 +31,7 @@ use crate::memhog::run::{self as memrun, Report, RunConfig};
 use crate::minipager::{MiniPager, MiniSource};
 use crate::pattern::Pattern;
 use anyhow::{bail, Context};
-use pager::server::control;
+use pager::server::ControlClient;
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -146,9 +146,10 @@ fn memhog(
     let report = memrun::run(&mem, &table, cfg)?;
     let vm_stats = match stats {
         Some(path) => {
-            let all = control::request(path, &serde_json::json!({"cmd": "stats", "vm": "bench"}))
-                .map_err(|e| anyhow::anyhow!("reading the daemon's stats: {e}"))?;
-            Some(all["vms"][0].clone())
+            let all = ControlClient::connect(path)
+                .and_then(|mut c| c.stats(Some("bench")))
+                .context("reading the daemon's stats")?;
+            Some(serde_json::to_value(&all)?["vms"][0].clone())
         }
         None => None,
     };
