@@ -12,6 +12,7 @@ pub mod prepare;
 pub mod protocol;
 pub mod provider;
 mod registry;
+pub mod tracking;
 
 pub use client::{ControlClient, ControlError};
 pub use error::{DaemonError, ProviderError, StartError};
@@ -96,6 +97,8 @@ pub struct Daemon {
     stopping: std::sync::atomic::AtomicBool,
     /// Eviction commands, when eviction is enabled ([`crate::evict::control::start`]).
     evictor: OnceLock<Arc<EvictRegistry>>,
+    /// Write tracking for control-socket consumers (`dirty_start` / `dirty_harvest`).
+    tracking: tracking::Tracking,
 }
 
 /// Bind a Unix socket at `path`, replacing a stale socket file (never a regular file).
@@ -136,6 +139,7 @@ impl Daemon {
             stop,
             stopping: std::sync::atomic::AtomicBool::new(false),
             evictor: OnceLock::new(),
+            tracking: tracking::Tracking::default(),
         }))
     }
 
@@ -162,6 +166,11 @@ impl Daemon {
 
     pub fn vm(&self, name: &str) -> Option<Arc<Vm>> {
         self.lock().get(name).map(|e| e.vm.clone())
+    }
+
+    /// Named write-tracking subscriptions of control-socket consumers.
+    pub fn tracking(&self) -> &tracking::Tracking {
+        &self.tracking
     }
 
     /// A handle to send orders to VM `name`'s running fault loop.

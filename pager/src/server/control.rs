@@ -45,6 +45,8 @@ pub enum CommandError {
     Seed(#[from] SeedError),
     #[error("no VM named {vm:?} is prepared")]
     NotPrepared { vm: String },
+    #[error(transparent)]
+    Tracking(#[from] super::tracking::TrackingError),
 }
 
 /// Look up an attached VM by name.
@@ -166,6 +168,31 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
         Request::Census { vm, ranges } => {
             let target = require_vm(daemon, &vm)?;
             Response::Census(super::prepare::census(&target, ranges)?)
+        }
+        Request::DirtyStart {
+            vm,
+            consumer,
+            placed_counts_as_written,
+        } => {
+            let target = require_vm(daemon, &vm)?;
+            let pages = daemon
+                .tracking()
+                .start(target, &consumer, placed_counts_as_written)?;
+            Response::DirtyStarted {
+                vm,
+                consumer,
+                pages,
+            }
+        }
+        Request::DirtyHarvest { vm, consumer } => {
+            let target = require_vm(daemon, &vm)?;
+            Response::DirtySet(daemon.tracking().harvest(&target, &consumer)?)
+        }
+        Request::DirtyStop { vm, consumer } => {
+            if !daemon.tracking().stop(&vm, &consumer) {
+                return Err(super::tracking::TrackingError::NotTracking { vm, consumer }.into());
+            }
+            Response::DirtyStopped { vm, consumer }
         }
     })
 }

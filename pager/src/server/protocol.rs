@@ -112,6 +112,20 @@ pub enum Request {
         #[serde(default)]
         ranges: Option<RangeWindow>,
     },
+    /// Start tracking an attached VM's writes for `consumer` (the whole guest is
+    /// write-protected): [`Response::DirtyStarted`].
+    DirtyStart {
+        vm: String,
+        consumer: String,
+        /// Pages that become resident through a fault count as written (pre-copy needs it).
+        #[serde(default)]
+        placed_counts_as_written: bool,
+    },
+    /// `consumer`'s pages written since its last harvest, protected again:
+    /// [`Response::DirtySet`].
+    DirtyHarvest { vm: String, consumer: String },
+    /// Stop `consumer`'s tracking: [`Response::DirtyStopped`].
+    DirtyStop { vm: String, consumer: String },
 }
 
 impl Request {
@@ -130,6 +144,9 @@ impl Request {
         "unprepare",
         "seed",
         "census",
+        "dirty_start",
+        "dirty_harvest",
+        "dirty_stop",
     ];
 }
 
@@ -290,6 +307,16 @@ pub enum Response {
         routes_set: u64,
     },
     Census(CensusReport),
+    DirtyStarted {
+        vm: String,
+        consumer: String,
+        pages: u64,
+    },
+    DirtySet(super::tracking::DirtySet),
+    DirtyStopped {
+        vm: String,
+        consumer: String,
+    },
     /// The request failed; `message` names the problem and its causes.
     Error {
         message: String,
@@ -313,6 +340,9 @@ impl Response {
             Self::Unprepared { .. } => "unprepared",
             Self::Seeded { .. } => "seeded",
             Self::Census(_) => "census",
+            Self::DirtyStarted { .. } => "dirty_started",
+            Self::DirtySet(_) => "dirty_set",
+            Self::DirtyStopped { .. } => "dirty_stopped",
             Self::Error { .. } => "error",
         }
     }
