@@ -7,5 +7,6 @@ pub mod bulk;
 pub mod frame;
 pub mod message;
 pub mod page_server;
+pub mod precopy;
 pub mod qmp;
 pub mod remote;

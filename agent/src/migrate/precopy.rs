@@ -1,0 +1,327 @@
+//! Pre-copy (Clark et al., NSDI'05): send every page, then rounds of the pages written since,
+//! until what is left fits the downtime limit at the measured bandwidth, or a round or time
+//! cap ends it (the report says which rule did).
+//!
+//! Write tracking is the migration's own subscription to the VM's writes
+//! (`placed_counts_as_written`: a page that becomes resident after its round counts as
+//! written). Each round protects the pages it is about to send before it reads them, so a
+//! write during the round faults, is recorded, and the page goes again next round; a page is
+//! never read while unprotected and then missed.
+//!
+//! The destination side ([`receive_into_file`]) writes the pages into the destination's
+//! memory file before its VMM attaches (a page that turned zero is punched out, so the file
+//! reads zero there).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use pager::dirty::Subscription;
+use pager::vm::Vm;
+use serde::Serialize;
+
+use super::bulk::SourcePage;
+use super::message::{read_message, write_message, write_page, Message, WireError};
+
+/// When to stop the rounds.
+#[derive(Debug, Clone, Copy)]
+pub struct PrecopyLimits {
+    /// What is left is sent with the guest paused: it must fit this.
+    pub downtime_limit: Duration,
+    pub max_rounds: u32,
+    pub max_time: Duration,
+}
+
+/// Which rule ended the rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopRule {
+    /// Remaining dirty bytes / measured bandwidth fit the downtime limit.
+    Converged,
+    /// The round cap was reached first (the guest dirties faster than the link).
+    RoundCap,
+    /// The time cap was reached first.
+    TimeCap,
+}
+
+/// One round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Round {
+    pub round: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    /// Pages written during the round (next round's work).
+    pub dirty_after: u64,
+}
+
+/// The rounds and what is left for the pause.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrecopyOutcome {
+    pub rounds: Vec<Round>,
+    pub stop: StopRule,
+    /// Pages to send while the guest is paused (harvested at the pause by the caller).
+    pub remaining_estimate: u64,
+    /// Bytes per second moved since the start (what the link sustained).
+    pub bandwidth: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrecopyError {
+    #[error("the migration channel failed")]
+    Wire(#[from] WireError),
+    #[error("write-protecting pages of VM {vm}")]
+    Protect {
+        vm: String,
+        #[source]
+        source: pager::uffd::UffdError,
+    },
+    #[error("reading page {page} on the source")]
+    Read {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the destination sent {0:?} during pre-copy")]
+    Unexpected(super::frame::Command),
+    #[error("the source sent page {page}, outside the VM's {pages} pages")]
+    OutOfRange { page: u64, pages: u64 },
+    #[error("the source sent a {got}-byte page; the VM's pages have {want} bytes")]
+    WrongPageSize { got: usize, want: usize },
+    #[error("writing page {page} into the destination memory file")]
+    Write {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Write-protect `pages` (those with a host address) of `vm`.
+fn protect(vm: &Vm, pages: &[u64]) -> Result<(), PrecopyError> {
+    let mapped: Vec<u64> = pages
+        .iter()
+        .copied()
+        .filter(|&p| vm.layout.addr_of_page(p).is_some())
+        .collect();
+    let runs = vm
+        .layout
+        .runs(&mapped)
+        .expect("only pages with a host address are left");
+    let ps = vm.layout.page_size();
+    for run in runs {
+        vm.uffd
+            .write_protect(run.host_addr, run.byte_len(ps), true, false)
+            .map_err(|source| PrecopyError::Protect {
+                vm: vm.name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Send `pages` (protected first), each read with `read`. Returns (data, zero, bytes).
+pub fn send_round(
+    vm: &Vm,
+    pages: &[u64],
+    out: &mut impl Write,
+    read: &mut impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
+) -> Result<(u64, u64, u64), PrecopyError> {
+    protect(vm, pages)?;
+    let ps = vm.layout.page_size();
+    let mut buf = vec![0u8; ps];
+    let (mut data, mut zero, mut bytes) = (0, 0, 0);
+    for &page in pages {
+        match read(page, &mut buf).map_err(|source| PrecopyError::Read { page, source })? {
+            SourcePage::Data => {
+                write_page(out, page, &buf)?;
+                data += 1;
+                bytes += (28 + ps) as u64;
+            }
+            SourcePage::Zero => {
+                write_message(
+                    out,
+                    &Message::ZeroPages {
+                        first: page,
+                        count: 1,
+                    },
+                )?;
+                zero += 1;
+                bytes += 32;
+            }
+            SourcePage::Freed => {
+                write_message(
+                    out,
+                    &Message::FreedPages {
+                        first: page,
+                        count: 1,
+                    },
+                )?;
+                bytes += 32;
+            }
+        }
+    }
+    Ok((data, zero, bytes))
+}
+
+/// Rounds until a stop rule holds. The first round sends every page; each later one the
+/// pages `writes` recorded since.
+pub fn run_rounds(
+    vm: &Vm,
+    writes: &Subscription,
+    stream: impl Write,
+    limits: PrecopyLimits,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
+) -> Result<PrecopyOutcome, PrecopyError> {
+    let started = Instant::now();
+    let mut out = BufWriter::with_capacity(256 * 1024, stream);
+    let mut rounds = Vec::new();
+    let mut pages: Vec<u64> = (0..vm.layout.pages()).collect();
+    // Writes before the first round's protect are in every page's first send anyway.
+    let _ = writes.harvest();
+    let mut bandwidth = 0.0;
+    let mut total_bytes = 0u64;
+    loop {
+        let round = rounds.len() as u32;
+        let t = Instant::now();
+        let (data, zero, bytes) = send_round(vm, &pages, &mut out, &mut read)?;
+        write_message(
+            &mut out,
+            &Message::RoundEnd {
+                round,
+                sent: data + zero,
+                dirty: writes.count() as u64,
+            },
+        )?;
+        out.flush().map_err(WireError::Io)?;
+        let secs = t.elapsed().as_secs_f64();
+        // Over the whole migration so far: a small round fits in socket buffers and would
+        // look infinitely fast on its own.
+        total_bytes += bytes;
+        let elapsed = started.elapsed().as_secs_f64();
+        if elapsed > 0.0 && total_bytes > 0 {
+            bandwidth = total_bytes as f64 / elapsed;
+        }
+        pages = writes.harvest();
+        rounds.push(Round {
+            round,
+            pages: data,
+            zero_pages: zero,
+            bytes,
+            secs,
+            dirty_after: pages.len() as u64,
+        });
+        let left = pages.len() as u64 * vm.layout.page_size() as u64;
+        let stop = if bandwidth > 0.0
+            && (left as f64 / bandwidth) <= limits.downtime_limit.as_secs_f64()
+        {
+            Some(StopRule::Converged)
+        } else if rounds.len() as u32 >= limits.max_rounds {
+            Some(StopRule::RoundCap)
+        } else if started.elapsed() >= limits.max_time {
+            Some(StopRule::TimeCap)
+        } else {
+            None
+        };
+        if let Some(stop) = stop {
+            // The harvested pages are not lost: mark them again for the caller's final pass.
+            for &p in &pages {
+                writes.mark(p);
+            }
+            return Ok(PrecopyOutcome {
+                rounds,
+                stop,
+                remaining_estimate: pages.len() as u64,
+                bandwidth,
+            });
+        }
+    }
+}
+
+/// The final pass with the guest paused: the pages written since the last round, then
+/// `Switchover`. Returns pages sent.
+pub fn final_pass(
+    vm: &Vm,
+    writes: &Subscription,
+    stream: impl Write,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
+) -> Result<u64, PrecopyError> {
+    let mut out = BufWriter::new(stream);
+    let pages = writes.harvest();
+    let (data, zero, _) = send_round(vm, &pages, &mut out, &mut read)?;
+    write_message(&mut out, &Message::Switchover)?;
+    out.flush().map_err(WireError::Io)?;
+    Ok(data + zero)
+}
+
+/// What the destination received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Written {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub rounds: u32,
+}
+
+fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    fallocate(
+        file.as_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Destination side: write pre-copied pages into `memory` until `Switchover`.
+pub fn receive_into_file(
+    mut stream: impl Read,
+    memory: &File,
+    page_size: usize,
+    pages: u64,
+    version: u16,
+) -> Result<Written, PrecopyError> {
+    let mut got = Written::default();
+    loop {
+        match read_message(&mut stream, Some(version))? {
+            Message::Page { page, data } if page < pages && data.len() == page_size => {
+                memory
+                    .write_all_at(&data, page * page_size as u64)
+                    .map_err(|source| PrecopyError::Write { page, source })?;
+                got.pages += 1;
+            }
+            Message::Page { page, .. } if page >= pages => {
+                return Err(PrecopyError::OutOfRange { page, pages })
+            }
+            Message::Page { data, .. } => {
+                return Err(PrecopyError::WrongPageSize {
+                    got: data.len(),
+                    want: page_size,
+                })
+            }
+            Message::ZeroPages { first, count } | Message::FreedPages { first, count } => {
+                let end = first.checked_add(count).filter(|&e| e <= pages).ok_or(
+                    PrecopyError::OutOfRange {
+                        page: first.saturating_add(count),
+                        pages,
+                    },
+                )?;
+                punch(
+                    memory,
+                    first * page_size as u64,
+                    (end - first) * page_size as u64,
+                )
+                .map_err(|source| PrecopyError::Write {
+                    page: first,
+                    source,
+                })?;
+                got.zero_pages += count;
+            }
+            Message::RoundEnd { .. } => got.rounds += 1,
+            Message::Switchover => return Ok(got),
+            other => return Err(PrecopyError::Unexpected(other.command())),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Pre-copy between the two lab hosts, pagewise moving the RAM: the source guest (a memfd
+//! registered MISSING|WP, served by the real fault loop, its untouched pages in an image)
+//! keeps rewriting a hot set while rounds of written pages cross the tc-shaped link into the
+//! destination's memory file; then the writer stops (the pause), the final pass sends what
+//! is left, and every page of the destination file must equal the source's.
+
+mod evict_common;
+mod twohost;
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::migrate::auth::{open_client, open_server, Psk};
+use agent::migrate::bulk::SourcePage;
+use agent::migrate::message::Channel;
+use agent::migrate::precopy::{final_pass, receive_into_file, run_rounds, PrecopyLimits};
+use evict_common::real_loop::LoopGuest;
+use evict_common::PAGE;
+use pager::dirty::SubscribeOptions;
+use pager::page_state::PageState;
+use twohost::TwoHost;
+
+const PAGES: u64 = 8192; // 32 MiB
+const HOT: u64 = 256; // 1 MiB rewritten continuously
+
+fn key() -> Psk {
+    Psk::new(b"precopy-lab-test-key-01234".to_vec())
+}
+
+#[test]
+fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
+    let lab = TwoHost::up("pwpre", "400mbit");
+    let guest = Arc::new(LoopGuest::start(PAGES, true).unwrap());
+    // Touch half the guest so both resident and never-touched pages cross.
+    for p in (0..PAGES).step_by(2) {
+        guest.word(p, 2).store(p * 3 + 1, Ordering::SeqCst);
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let destination = lab.on("dst", move || {
+        let listener = TcpListener::bind("10.77.0.2:7500").unwrap();
+        ready_tx.send(()).unwrap();
+        let mut s = listener.accept().unwrap().0;
+        let opened = open_server(&mut s, &key()).unwrap();
+        let memory = tempfile::tempfile().unwrap();
+        memory.set_len(PAGES * PAGE as u64).unwrap();
+        let got = receive_into_file(&mut s, &memory, PAGE, PAGES, opened.version).unwrap();
+        (memory, got)
+    });
+    // The guest keeps writing its hot set.
+    let stop_writing = Arc::new(AtomicBool::new(false));
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let writer = {
+        let (guest, stop) = (guest.clone(), stop_writing.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                for p in 0..HOT {
+                    guest.word(p, 0).store(n, Ordering::SeqCst);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stopped_tx.send(()).unwrap();
+            n
+        })
+    };
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let source = {
+        let guest = guest.clone();
+        let stop_writing = stop_writing.clone();
+        lab.on("src", move || {
+            let mut s = TcpStream::connect("10.77.0.2:7500").unwrap();
+            open_client(&mut s, &key(), Channel::Bulk, [9; 16]).unwrap();
+            let writes = guest
+                .vm
+                .dirty
+                .subscribe(SubscribeOptions {
+                    placed_counts_as_written: true,
+                })
+                .unwrap();
+            let memory = guest.vm.memory_file.as_ref().unwrap().try_clone().unwrap();
+            let memory = std::fs::File::from(memory);
+            let image = std::fs::File::open(&guest.image_path).unwrap();
+            let read = |p: u64, buf: &mut [u8]| -> std::io::Result<SourcePage> {
+                // Resident pages from the memory file; the rest from the guest's own source.
+                let from = match guest.vm.states.get(p) {
+                    PageState::Missing => &image,
+                    _ => &memory,
+                };
+                from.read_exact_at(buf, p * PAGE as u64)?;
+                Ok(if buf.iter().all(|&b| b == 0) {
+                    SourcePage::Zero
+                } else {
+                    SourcePage::Data
+                })
+            };
+            let limits = PrecopyLimits {
+                downtime_limit: Duration::from_millis(5),
+                max_rounds: 5,
+                max_time: Duration::from_secs(30),
+            };
+            let outcome = run_rounds(&guest.vm, &writes, &mut s, limits, read).unwrap();
+            // The pause: the guest stops writing, the final pass sends what is left.
+            stop_writing.store(true, Ordering::Release);
+            stopped_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            let final_pages = final_pass(&guest.vm, &writes, &mut s, read).unwrap();
+            (outcome, final_pages)
+        })
+    };
+    let (outcome, final_pages) = source.join().unwrap();
+    let rewrites = writer.join().unwrap();
+    let (dest, got) = destination.join().unwrap();
+    // Compare every page: the source's content is its memory file for resident pages and its
+    // image for the pages never touched.
+    let memory = std::fs::File::from(guest.vm.memory_file.as_ref().unwrap().try_clone().unwrap());
+    let image = std::fs::File::open(&guest.image_path).unwrap();
+    let mut want = vec![0u8; PAGE];
+    let mut have = vec![0u8; PAGE];
+    let mut bad = Vec::new();
+    for p in 0..PAGES {
+        let from = match guest.vm.states.get(p) {
+            PageState::Missing => &image,
+            _ => &memory,
+        };
+        from.read_exact_at(&mut want, p * PAGE as u64).unwrap();
+        dest.read_exact_at(&mut have, p * PAGE as u64).unwrap();
+        if want != have {
+            bad.push(p);
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} pages differ, first {:?}",
+        bad.len(),
+        &bad[..bad.len().min(8)]
+    );
+    assert!(outcome.rounds.len() >= 2, "no second round: {outcome:?}");
+    assert!(rewrites > 10, "the writer barely ran ({rewrites} sweeps)");
+    let later: u64 = outcome.rounds[1..].iter().map(|r| r.pages).sum();
+    assert!(
+        later > 0 && later < PAGES,
+        "later rounds sent {later} pages"
+    );
+    assert_eq!(got.rounds as usize, outcome.rounds.len());
+    eprintln!(
+        "precopy over 50 MB/s: {} rounds ({:?}), stop rule {:?}, final pass {final_pages} pages, hot-set sweeps {rewrites}, bandwidth {:.1} MB/s",
+        outcome.rounds.len(),
+        outcome.rounds.iter().map(|r| (r.pages, r.zero_pages, r.dirty_after)).collect::<Vec<_>>(),
+        outcome.stop,
+        outcome.bandwidth / 1e6
+    );
+}
