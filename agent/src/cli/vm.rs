@@ -1,11 +1,11 @@
 //! `pagewise vm run [--name N] [--swapdev DEV] [--socket PAGER_SOCK] -- qemu-system-x86_64 ...`
 //!
 //! Checks the QEMU command line (guest RAM from one shared file on tmpfs/hugetlbfs, see
-//! `vm/qemu_cmdline.rs`), then replaces itself with QEMU running under
+//! `agent::qemu::cmdline`), then replaces itself with QEMU running under
 //! `libpagewise_preload.so` configured through `PAGEWISE_*` variables, so the VM's guest RAM
 //! is served by the pager from its first page. QEMU's exit status is the command's.
 
-mod qemu_cmdline;
+use agent::qemu::cmdline as qemu_cmdline;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -89,7 +89,7 @@ pub fn split_opts(value: &str) -> Vec<String> {
 }
 
 /// `key=value` pairs of an option value; a leading bare word becomes `(implied_key, word)`.
-fn opts(value: &str, implied_key: &str) -> Vec<(String, String)> {
+pub(crate) fn opts(value: &str, implied_key: &str) -> Vec<(String, String)> {
     split_opts(value)
         .into_iter()
         .enumerate()
@@ -102,7 +102,7 @@ fn opts(value: &str, implied_key: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(crate) fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
@@ -116,7 +116,7 @@ fn is_on(value: &str) -> bool {
 }
 
 /// The values of every occurrence of `names` (as `-opt VALUE` or `-opt=VALUE`).
-fn option_values<'a>(argv: &'a [String], names: &[&str]) -> Vec<(String, &'a str)> {
+pub(crate) fn option_values<'a>(argv: &'a [String], names: &[&str]) -> Vec<(String, &'a str)> {
     let mut found = Vec::new();
     let mut i = 0;
     while i < argv.len() {
