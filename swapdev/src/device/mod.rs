@@ -127,6 +127,8 @@ pub struct SwapDevice {
     cleaned_segments: u64,
     io: io::IoState,
     poisoned: bool,
+    /// `release_ownership` ran: writes are refused with `Released`.
+    released: bool,
     /// What replaying the log found when the device was opened (for fsck).
     replayed: recover::ReplayOutcome,
     /// The write in progress between `begin_write` and its last `poll_write` (job.rs).
@@ -172,6 +174,7 @@ impl SwapDevice {
             cleaned_segments: 0,
             io: io::IoState::default(),
             poisoned: false,
+            released: false,
             replayed: recover::ReplayOutcome::default(),
             job: None,
             next_job_id: 0,
@@ -342,6 +345,12 @@ impl SwapDevice {
     fn check_writable(&self) -> Result<()> {
         if self.poisoned {
             return Err(SwapError::Poisoned);
+        }
+        if self.released {
+            return Err(SwapError::Released {
+                host: self.host_id.clone(),
+                generation: self.hdr.generation,
+            });
         }
         if !self.writable {
             return Err(SwapError::ReadOnly);
