@@ -107,7 +107,7 @@ impl ImageFileSource {
                     page: read.page,
                     source: format!("short read: {res} of {page_size} bytes").into(),
                 })
-            } else if is_zero(read.buf.as_slice()) {
+            } else if swapdev::is_zero_page(read.buf.as_slice()) {
                 // A read ending at EOF leaves the rest of the zeroed buffer as zeros.
                 Ok(PageContent::Zero)
             } else {
@@ -122,13 +122,6 @@ impl ImageFileSource {
         }
         n
     }
-}
-
-/// Whether every byte of `bytes` is zero (OR-folds 64-byte chunks; vectorises well).
-pub fn is_zero(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 impl PageSource for ImageFileSource {
@@ -238,13 +231,5 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn zero_scan() {
-        let mut b = vec![0u8; 4099];
-        assert!(is_zero(&b));
-        b[4098] = 1;
-        assert!(!is_zero(&b));
     }
 }
