@@ -99,3 +99,4 @@ pub mod file;
 pub mod mem;
 pub mod nbd;
 pub mod spec;
+pub mod threaded;
