@@ -154,9 +154,12 @@ impl SwapDevice {
         !self.io.ready.is_empty() || !self.io.ready_runs.is_empty()
     }
 
+    /// Reap for a job. If completions cannot be collected any more, the job's batches may
+    /// have left a hole in the chain: the device is poisoned (reopen to recover).
     fn pump_for_job(&mut self, wait: bool) -> Result<()> {
         if self.io.internal_waiting() > 0 {
-            self.pump(usize::from(wait))?;
+            self.pump(usize::from(wait))
+                .inspect_err(|_| self.poisoned = true)?;
         }
         Ok(())
     }
@@ -178,7 +181,7 @@ impl SwapDevice {
     /// Run a job to its end, waiting for completions.
     pub(super) fn drive(&mut self, job: &mut Job) -> Result<()> {
         while !self.advance(job)? {
-            self.pump(1)?;
+            self.pump_for_job(true)?;
         }
         Ok(())
     }
