@@ -112,7 +112,13 @@ impl SwapDevice {
     /// next step. `wait`: when not done, wait for one completion first (for backends without
     /// a completion fd). `Ok(true)`: acknowledged (the ticket is used up); an error ends the
     /// write, not acknowledged.
+    ///
+    /// It always reaps whatever the backend finished first, page reads included (those are
+    /// parked for their reader: see [`SwapDevice::reads_parked`]), so a caller that resets a
+    /// completion eventfd shared with a reader before calling it leaves no completion
+    /// unreaped behind the reset.
     pub fn poll_write(&mut self, t: &WriteTicket, wait: bool) -> Result<bool> {
+        self.pump_for_job(false)?;
         if let Some(at) = self.job_results.iter().position(|(id, _)| *id == t.id) {
             return self.job_results.swap_remove(at).1.map(|()| true);
         }
@@ -126,9 +132,7 @@ impl SwapDevice {
                 )));
             }
         };
-        let mut r = self
-            .pump_for_job(false)
-            .and_then(|()| self.advance(&mut job));
+        let mut r = self.advance(&mut job);
         if wait && matches!(r, Ok(false)) {
             r = self
                 .pump_for_job(true)
@@ -154,12 +158,14 @@ impl SwapDevice {
         !self.io.ready.is_empty() || !self.io.ready_runs.is_empty()
     }
 
-    /// Reap for a job. If completions cannot be collected any more, the job's batches may
-    /// have left a hole in the chain: the device is poisoned (reopen to recover).
+    /// Reap for a job: everything the backend finished (reads too), and with `wait` at
+    /// least one completion while internal requests are in flight. If completions cannot be
+    /// collected any more, the job's batches may have left a hole in the chain: the device
+    /// is poisoned (reopen to recover).
     fn pump_for_job(&mut self, wait: bool) -> Result<()> {
-        if self.io.internal_waiting() > 0 {
-            self.pump(usize::from(wait))
-                .inspect_err(|_| self.poisoned = true)?;
+        let min = usize::from(wait && self.io.internal_waiting() > 0);
+        if min > 0 || self.backend.in_flight() > 0 {
+            self.pump(min).inspect_err(|_| self.poisoned = true)?;
         }
         Ok(())
     }

@@ -360,13 +360,17 @@ pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "-"
     );
 
-    let (idle, during) = swapdev_faults_during_eviction(&args)?;
+    let (idle, during, waits) = swapdev_faults_during_eviction(&args)?;
     println!();
     println!(
         "{:<44} {:>8} {:>10} {:>10} {:>10}",
         "demand faults on the swap device", "faults", "p50 us", "p99 us", "max us"
     );
-    for (what, l) in [("idle", &idle), ("during an eviction into it", &during)] {
+    for (what, l) in [
+        ("idle", &idle),
+        ("during an eviction into it", &during),
+        ("device lock wait of a reader, during it", &waits),
+    ] {
         println!(
             "{:<44} {:>8} {:>10.1} {:>10.1} {:>10.1}",
             what, l.samples, l.p50, l.p99, l.max
@@ -433,10 +437,12 @@ fn latency_of(mut us: Vec<f64>) -> FaultLatency {
 /// whose fault loop reads from a `SwapdevSource`, half of it evicted into the device (lz4,
 /// crc32c); then one reader touches evicted pages one at a time (each a demand fault served
 /// from the device) with nothing else running ("idle"), and again while the other half is
-/// being evicted into the same device ("during eviction"). Returns (idle, during).
+/// being evicted into the same device ("during eviction"); meanwhile a probe thread takes
+/// the device lock the way the fault loop's reads do (every 100 µs) and times how long it
+/// waited for it. Returns (idle, during, lock waits during).
 fn swapdev_faults_during_eviction(
     args: &EvictBenchArgs,
-) -> anyhow::Result<(FaultLatency, FaultLatency)> {
+) -> anyhow::Result<(FaultLatency, FaultLatency, FaultLatency)> {
     let pages = args.mib * (1 << 20) / PAGE as u64;
     let len = pages * PAGE as u64;
     let memfd = File::from(nix::sys::memfd::memfd_create(
@@ -508,7 +514,7 @@ fn swapdev_faults_during_eviction(
             eprintln!("bench fault loop: {e}");
         }
     });
-    let result = (|| -> anyhow::Result<(FaultLatency, FaultLatency)> {
+    let result = (|| -> anyhow::Result<(FaultLatency, FaultLatency, FaultLatency)> {
         // Text-like content (16 letters): lz4 compresses it, so encoding costs what it costs
         // for real guest memory rather than the quick give-up on random bytes.
         let mut chunk = vec![0u8; 256 * PAGE];
@@ -550,7 +556,19 @@ fn swapdev_faults_during_eviction(
         let idle: Vec<f64> = cold[..quarter].iter().map(|&p| touch(p)).collect();
         // During eviction: the other cold pages while the resident half is evicted.
         let done = AtomicBool::new(false);
-        let during = std::thread::scope(|s| -> anyhow::Result<Vec<f64>> {
+        let probe_device = device.clone();
+        let (during, waits) = std::thread::scope(|s| -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+            let probe = s.spawn(|| {
+                let mut waits = Vec::new();
+                while !done.load(Ordering::Acquire) {
+                    let t = Instant::now();
+                    let d = probe_device.lock().unwrap_or_else(|e| e.into_inner());
+                    waits.push(t.elapsed().as_secs_f64() * 1e6);
+                    drop(d);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                waits
+            });
             let evictor = s.spawn(|| {
                 let r = svc.evict(
                     EvictGoal::TargetResidentPages(0),
@@ -571,13 +589,14 @@ fn swapdev_faults_during_eviction(
             evictor
                 .join()
                 .map_err(|_| anyhow!("evictor thread panicked"))??;
-            Ok(us)
+            let waits = probe.join().map_err(|_| anyhow!("probe thread panicked"))?;
+            Ok((us, waits))
         })?;
         anyhow::ensure!(
             !during.is_empty(),
             "the eviction finished before the first fault"
         );
-        Ok((latency_of(idle), latency_of(during)))
+        Ok((latency_of(idle), latency_of(during), latency_of(waits)))
     })();
     let _ = stop.write(1);
     let _ = fault_loop.join();
