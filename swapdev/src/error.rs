@@ -70,6 +70,11 @@ pub enum SwapError {
         generation: u64,
         ours: u64,
     },
+    #[error(
+        "this host ({host}) released the swap device (now unowned at generation {generation}); \
+         it is read-only here until acquired again"
+    )]
+    Released { host: String, generation: u64 },
     #[error("device was opened read-only")]
     ReadOnly,
     #[error("device is unusable after an earlier write failure; reopen it to recover")]

@@ -16,10 +16,10 @@ mod image;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use device::{
-    Access, CreateOptions, FsckReport, OpenOptions, PageData, PageRead, PageState, RunRead, Stats,
-    SwapDevice, DEFAULT_FENCE_INTERVAL,
+    Access, CreateOptions, EncodedPages, FsckReport, OpenOptions, PageData, PageEncoder, PageRead,
+    PageState, RunRead, Stats, SwapDevice, WriteTicket, DEFAULT_FENCE_INTERVAL,
 };
 pub use error::{Result, SwapError};
-pub use format::{ChecksumKind, CodecPolicy};
+pub use format::{is_zero_page, ChecksumKind, CodecPolicy};
 pub use image::ImageStats;
 pub use uuid::Uuid;

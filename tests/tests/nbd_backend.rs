@@ -4,6 +4,8 @@
 //! Bench (ignored by default): `cargo test --release -p pagewise-tests --test nbd_backend
 //! -- --ignored --nocapture`
 
+#[path = "common/backend_conformance.rs"]
+mod backend_conformance;
 #[path = "common/nbd_server.rs"]
 mod nbd_server;
 
@@ -11,12 +13,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+// Round trips over Unix and TCP, flush ordering, many requests in flight, past-the-end
+// reads: the conformance suite (swapdev_backend_conformance.rs) runs them on qemu-nbd too.
+use backend_conformance::{page_of, pipelined_round_trip, run_one};
 use nbd_server::{free_port, require_qemu_nbd, NbdServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use swapdev::backend::nbd::{NbdAddress, NbdBackend, NbdOptions};
 use swapdev::backend::spec::{open_backend, SpecOptions};
-use swapdev::backend::{Backend, BackendError, IoCompletion, IoOp, IoRequest};
+use swapdev::backend::{Backend, IoOp, IoRequest};
 use swapdev::AlignedBuf;
 
 const PAGE: usize = 4096;
@@ -39,79 +44,11 @@ fn connect(server: &NbdServer) -> Box<dyn Backend> {
     open_backend(&server.spec(), &SpecOptions::default()).expect("connect to qemu-nbd")
 }
 
-fn page_of(seed: u64) -> AlignedBuf {
-    let mut buf = AlignedBuf::new(PAGE);
-    StdRng::seed_from_u64(seed).fill(buf.as_mut_slice());
-    buf
-}
-
-fn run_one(b: &mut dyn Backend, offset: u64, op: IoOp) -> Result<Option<AlignedBuf>, BackendError> {
-    b.submit(IoRequest { tag: 1, offset, op })?;
-    let mut out = Vec::new();
-    b.complete(&mut out, 1)?;
-    assert_eq!(out.len(), 1);
-    out.pop().unwrap().result
-}
-
 fn read_page(b: &mut dyn Backend, page: u64) -> AlignedBuf {
     let op = IoOp::Read {
         buf: AlignedBuf::new(PAGE),
     };
     run_one(b, page * PAGE as u64, op).unwrap().unwrap()
-}
-
-/// `count` random distinct pages of `pages` written then read back with up to `qd` in flight.
-fn pipelined_round_trip(b: &mut dyn Backend, pages: u64, count: usize, qd: usize) {
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut targets: Vec<u64> = (0..pages).collect();
-    for i in 0..count {
-        let j = rng.random_range(i..targets.len());
-        targets.swap(i, j);
-    }
-    targets.truncate(count);
-    let mut out: Vec<IoCompletion> = Vec::new();
-    for &page in &targets {
-        if b.in_flight() >= qd {
-            b.complete(&mut out, 1).unwrap();
-        }
-        let op = IoOp::Write { buf: page_of(page) };
-        b.submit(IoRequest {
-            tag: page,
-            offset: page * PAGE as u64,
-            op,
-        })
-        .unwrap();
-    }
-    b.complete(&mut out, b.in_flight()).unwrap();
-    assert_eq!(out.len(), count);
-    for c in &out {
-        assert!(c.result.is_ok(), "write {}: {:?}", c.tag, c.result);
-    }
-    out.clear();
-    for &page in &targets {
-        if b.in_flight() >= qd {
-            b.complete(&mut out, 1).unwrap();
-        }
-        let op = IoOp::Read {
-            buf: AlignedBuf::new(PAGE),
-        };
-        b.submit(IoRequest {
-            tag: page,
-            offset: page * PAGE as u64,
-            op,
-        })
-        .unwrap();
-    }
-    b.complete(&mut out, b.in_flight()).unwrap();
-    assert_eq!(out.len(), count);
-    for c in out {
-        let buf = c.result.unwrap().unwrap();
-        assert!(
-            buf.as_slice() == page_of(c.tag).as_slice(),
-            "page {} differs",
-            c.tag
-        );
-    }
 }
 
 #[test]
@@ -148,16 +85,6 @@ fn unix_pipelined_round_trip_and_data_reaches_the_file() {
         f.read_exact_at(&mut raw, p * PAGE as u64).unwrap();
         assert!(raw == page_of(p).as_slice(), "file page {p}");
     }
-}
-
-#[test]
-fn tcp_pipelined_round_trip() {
-    let pages = 256u64;
-    let (_dir, file) = backing(pages * PAGE as u64);
-    let server = NbdServer::tcp(&file, "swap", &[]);
-    assert!(server.spec().starts_with("nbd://127.0.0.1:"));
-    let mut b = connect(&server);
-    pipelined_round_trip(b.as_mut(), pages, 200, 32);
 }
 
 #[test]
@@ -446,4 +373,76 @@ fn server_dying_fails_outstanding_and_later_requests_clearly() {
     for f in &failures {
         assert!(f.contains("NBD server at unix socket"), "{f}");
     }
+}
+
+/// A raw memory image served over NBD by the pager's image source (the same backend the
+/// swap device uses, on an I/O thread for its completion fd): data pages come back intact,
+/// all-zero pages as zero pages, pages past the end of the export as zero without I/O.
+#[test]
+fn image_source_reads_a_raw_image_over_nbd() {
+    use pager::source::{ImageFileSource, PageContent, PageSource};
+    require_qemu_nbd();
+    let pages = 64u64;
+    let (dir, file) = backing(pages * PAGE as u64);
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut image = vec![0u8; pages as usize * PAGE];
+    for p in (0..pages as usize).filter(|p| !p.is_multiple_of(4)) {
+        rng.fill(&mut image[p * PAGE..(p + 1) * PAGE]);
+    }
+    std::fs::write(&file, &image).expect("write image");
+    let server = unix_server(dir.path(), &file, &["-r"]);
+    let mut src = ImageFileSource::open_spec(&server.spec(), PAGE, pages + 8).expect("open");
+    assert!(src.describe().contains("nbd"), "{}", src.describe());
+    for p in 0..pages + 8 {
+        src.submit(p, p + 1000).expect("submit");
+    }
+    src.flush().expect("flush");
+    let mut out = Vec::new();
+    while out.len() < (pages + 8) as usize {
+        let mut fds = [nix::poll::PollFd::new(
+            src.completion_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).expect("poll");
+        assert_eq!(
+            n,
+            1,
+            "completion fd not readable, {} in flight",
+            src.in_flight()
+        );
+        src.poll(&mut out, 0).expect("poll source");
+    }
+    assert_eq!(src.in_flight(), 0);
+    out.sort_by_key(|c| c.page);
+    for c in &out {
+        assert_eq!(c.tag, c.page + 1000);
+        let p = c.page as usize;
+        match c.result.as_ref().expect("read") {
+            PageContent::Zero => assert!(p.is_multiple_of(4) || p >= pages as usize, "page {p}"),
+            got => {
+                assert!(
+                    p < pages as usize && !p.is_multiple_of(4),
+                    "page {p} had data"
+                );
+                assert_eq!(
+                    got.bytes(PAGE),
+                    Some(&image[p * PAGE..(p + 1) * PAGE]),
+                    "page {p}"
+                );
+            }
+        }
+    }
+    // A server that went away fails reads as I/O errors (retryable), not as zeros.
+    drop(server);
+    src.submit(1, 1).expect("submit");
+    let mut out = Vec::new();
+    src.poll(&mut out, 1).expect("poll");
+    assert!(
+        matches!(
+            out[0].result,
+            Err(pager::source::SourceError::Io { page: 1, .. })
+        ),
+        "{:?}",
+        out[0].result
+    );
 }

@@ -291,6 +291,81 @@ fn two_host_hand_off_over_nbd() {
     hand_off(&|| open_backend(&spec, &SpecOptions::default()).expect("connect to qemu-nbd"));
 }
 
+/// A device shared behind a mutex (as the daemon, the evictor and the fault loop's source
+/// hold it) is released while a reader thread keeps reading through the same handle: the
+/// reads never fail, writes through the handle are refused naming the state, and another
+/// host acquires the device and sees every page.
+fn release_while_reading(open: &dyn Fn() -> Box<dyn Backend>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut a = SwapDevice::create(open(), create_opts(256, "host-a")).unwrap();
+    for p in 0..64 {
+        a.write_pages(&[(p, &random_page(p))]).unwrap();
+    }
+    let a = Arc::new(Mutex::new(a));
+    let released = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let after = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut p = 0;
+            while !stop.load(Ordering::Acquire) {
+                let was_released = released.load(Ordering::Acquire);
+                let got = read(&mut a.lock().unwrap(), p);
+                assert_eq!(got, Some(random_page(p)), "page {p}");
+                if was_released {
+                    after.fetch_add(1, Ordering::Relaxed);
+                }
+                p = (p + 1) % 64;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        a.lock().unwrap().release_ownership().unwrap();
+        released.store(true, Ordering::Release);
+        let err = a
+            .lock()
+            .unwrap()
+            .write_pages(&[(1, &random_page(99))])
+            .unwrap_err();
+        assert!(
+            matches!(err, SwapError::Released { ref host, .. } if host == "host-a"),
+            "{err}"
+        );
+        let mut b =
+            SwapDevice::open(open(), OpenOptions::read_write("host-b", true, false)).unwrap();
+        assert_eq!(b.owner(), ("host-b", true));
+        assert_eq!(read(&mut b, 63), Some(random_page(63)));
+        while after.load(Ordering::Relaxed) < 100 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Release);
+        drop(b);
+    });
+    assert!(after.load(Ordering::Relaxed) >= 100);
+}
+
+#[test]
+fn release_while_reading_on_a_file() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("shared.swap");
+    std::fs::File::create(&path).unwrap();
+    release_while_reading(&|| file(&path, false));
+}
+
+#[test]
+fn release_while_reading_over_nbd() {
+    require_qemu_nbd();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("export.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let server = NbdServer::unix(&path, &dir.path().join("nbd.sock"), "swap", &[]);
+    let spec = server.spec();
+    release_while_reading(&|| open_backend(&spec, &SpecOptions::default()).expect("connect"));
+}
+
 /// A steady random-rewrite workload far larger than the device: the file never grows and
 /// its allocated blocks stay bounded (cleaning frees and trims segments).
 #[test]

@@ -54,14 +54,7 @@ pub struct BatchOutcome {
     pub abandoned: usize,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let words = page.chunks_exact(8);
-    let tail = words.remainder();
-    words
-        .map(|w| u64::from_ne_bytes(w.try_into().expect("8-byte chunk")))
-        .all(|w| w == 0)
-        && tail.iter().all(|&b| b == 0)
-}
+use swapdev::is_zero_page as is_zero;
 
 impl EvictionTarget<'_> {
     fn page_size(&self) -> usize {

@@ -8,12 +8,13 @@
 //!   `forget_pages` writes tombstones so discarded pages read back as not stored.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{fallocate, FallocateFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::{PageStore, StoreError};
 
@@ -127,23 +128,85 @@ impl PageStore for ImageFileStore {
 }
 
 /// The VM's swap device as the evictor's page store.
+///
+/// The fault loop's reads share the device's lock, so a write holds it only briefly: pages
+/// are encoded (zero check, lz4, checksums) without it, then `begin_write` seals and submits
+/// the batches under it, and the wait for their completion (and for any checkpoint the write
+/// takes) happens with the lock released, taking it again only to reap and submit the next
+/// step. With a completion fd (io_uring file backend) the wait is a `poll` on a duplicate of
+/// it; without one (NBD) each step holds the lock for one completion, like the reads' I/O
+/// thread does.
 pub struct SwapdevStore {
     device: Arc<Mutex<swapdev::SwapDevice>>,
+    encoder: swapdev::PageEncoder,
+    /// The backend's completion eventfd (a duplicate), if it has one.
+    wake: Option<OwnedFd>,
 }
+
+/// Longest a writer sleeps on the completion fd before reaping anyway: the fault loop may
+/// have reset the fd (and parked our completion) between our look and our `poll`.
+const WAKE_SLICE_MS: u8 = 1;
 
 impl SwapdevStore {
     pub fn new(device: Arc<Mutex<swapdev::SwapDevice>>) -> Self {
-        Self { device }
+        let (encoder, wake) = {
+            let d = device.lock().unwrap_or_else(|e| e.into_inner());
+            let wake = d.completion_fd().and_then(|fd| match fd.try_clone_to_owned() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(%e, "duplicating the swap device's completion fd; writes wait under the lock");
+                    None
+                }
+            });
+            (d.encoder(), wake)
+        };
+        Self {
+            device,
+            encoder,
+            wake,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, swapdev::SwapDevice> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Drive a begun write to its acknowledgement, holding the lock only per step.
+    fn wait(&self, t: swapdev::WriteTicket) -> Result<(), StoreError> {
+        let Some(wake) = &self.wake else {
+            while !self.lock().poll_write(&t, true)? {}
+            return Ok(());
+        };
+        loop {
+            {
+                // Reset before reaping (a completion posted later sets it again); if our
+                // reaping parked page reads the fault loop waits for, set it for them.
+                let mut buf = [0u8; 8];
+                let _ = nix::unistd::read(wake, &mut buf);
+                let mut d = self.lock();
+                let done = d.poll_write(&t, false);
+                if d.reads_parked() {
+                    let _ = nix::unistd::write(wake, &1u64.to_ne_bytes());
+                }
+                if done? {
+                    return Ok(());
+                }
+            }
+            let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(WAKE_SLICE_MS)) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(Box::new(std::io::Error::from(e))),
+            }
+        }
+    }
 }
 
 impl PageStore for SwapdevStore {
     fn store_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), StoreError> {
-        Ok(self.lock().write_pages(pages)?)
+        // The expensive part, without the device.
+        let enc = self.encoder.encode(pages)?;
+        let ticket = self.lock().begin_write(enc)?;
+        self.wait(ticket)
     }
 
     fn forget_pages(&self, pages: &[u64]) -> Result<(), StoreError> {
@@ -176,5 +239,98 @@ mod tests {
         assert!(err.contains("beyond"), "{err}");
         let err = s.store_pages(&[(1, &a[..100])]).unwrap_err().to_string();
         assert!(err.contains("100 bytes"), "{err}");
+    }
+
+    fn device_on(backend: Box<dyn swapdev::backend::Backend>) -> Arc<Mutex<swapdev::SwapDevice>> {
+        let dev = swapdev::SwapDevice::create(
+            backend,
+            swapdev::CreateOptions {
+                vm_uuid: swapdev::Uuid::from_u128(7),
+                page_size: 4096,
+                capacity_pages: 2048,
+                host_id: "h".into(),
+                codec: swapdev::CodecPolicy::Lz4,
+                checksum: swapdev::ChecksumKind::Crc32c,
+                force: false,
+            },
+        )
+        .unwrap();
+        Arc::new(Mutex::new(dev))
+    }
+
+    fn content(p: u64, round: u64) -> Vec<u8> {
+        format!("page {p} round {round}; ")
+            .bytes()
+            .cycle()
+            .take(4096)
+            .collect()
+    }
+
+    /// The store's writes (encode outside the lock, wait with the lock released) while
+    /// another thread keeps reading through the same lock: every read sees a complete
+    /// acknowledged version, everything reads back after.
+    fn store_while_reading(device: Arc<Mutex<swapdev::SwapDevice>>) {
+        let store = SwapdevStore::new(device.clone());
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u64;
+                let mut out = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let p = reads % 512;
+                    out.clear();
+                    {
+                        let mut d = device.lock().unwrap();
+                        d.submit_read(p, p).unwrap();
+                        d.poll_reads(&mut out, 1).unwrap();
+                    }
+                    if let Some(bytes) = out[0].result.as_ref().unwrap().to_vec(4096) {
+                        let text = String::from_utf8_lossy(&bytes[..32]).to_string();
+                        assert!(text.starts_with(&format!("page {p} round ")), "{text}");
+                    }
+                    reads += 1;
+                }
+                reads
+            });
+            for round in 0..20u64 {
+                let pages: Vec<(u64, Vec<u8>)> = (0..512).map(|p| (p, content(p, round))).collect();
+                let refs: Vec<(u64, &[u8])> = pages.iter().map(|(p, d)| (*p, &d[..])).collect();
+                store.store_pages(&refs).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(reader.join().unwrap() > 0);
+        });
+        store.forget_pages(&[3]).unwrap();
+        let mut d = device.lock().unwrap();
+        for p in 0..512 {
+            let got = d.read_page(p).unwrap().to_vec(4096);
+            let want = (p != 3).then(|| content(p, 19));
+            assert_eq!(got, want, "page {p}");
+        }
+        assert!(d.fsck().unwrap().is_clean());
+    }
+
+    #[test]
+    fn swapdev_store_on_a_file_with_a_completion_fd_and_reads_alongside() {
+        let dir = tempfile::tempdir().unwrap();
+        let be = swapdev::backend::spec::open_backend(
+            dir.path().join("dev").to_str().unwrap(),
+            &swapdev::backend::spec::SpecOptions {
+                create: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let device = device_on(be);
+        assert!(device.lock().unwrap().completion_fd().is_some());
+        store_while_reading(device);
+    }
+
+    #[test]
+    fn swapdev_store_on_a_backend_without_a_completion_fd() {
+        let be = swapdev::backend::mem::MemBackend::new(swapdev::backend::mem::MemStore::new());
+        let device = device_on(Box::new(be));
+        assert!(device.lock().unwrap().completion_fd().is_none());
+        store_while_reading(device);
     }
 }

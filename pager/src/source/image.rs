@@ -1,134 +1,185 @@
 //! [`ImageFileSource`]: pages of a raw guest-memory image (page `i` at byte `i * page_size`),
-//! e.g. a Firecracker snapshot memory file, read with io_uring. Bytes past the end of the
-//! file read as zero pages; all-zero pages are reported as [`PageContent::Zero`].
+//! e.g. a Firecracker snapshot memory file, read through a [`swapdev::backend::Backend`]: a
+//! file through the io_uring file backend (buffered: the page cache serves repeated reads),
+//! or an NBD export (`nbd://...`, `nbd+unix://...`) through the NBD client on an I/O thread
+//! ([`swapdev::backend::threaded::Threaded`]) so it has a completion fd. Bytes past the end
+//! of the image read as zero (pages wholly past it complete without I/O); all-zero pages are
+//! reported as [`PageContent::Zero`]; a short read is [`SourceError::Io`].
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
-use io_uring::{opcode, types, IoUring};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use swapdev::backend::file::{DirectMode, FileBackend, OpenOptions as FileOptions};
+use swapdev::backend::spec::{open_backend, SpecOptions};
+use swapdev::backend::threaded::Threaded;
+use swapdev::backend::{Backend, IoCompletion, IoOp, IoRequest};
 use swapdev::AlignedBuf;
 
 use super::{PageCompletion, PageContent, PageSource, SourceError};
 
-/// Ring size: the most reads in flight at once.
-const RING_ENTRIES: u32 = 256;
+/// io_uring queue depth of an image file: the most reads in flight in the kernel at once.
+const QUEUE_DEPTH: u32 = 256;
 
+/// A read in flight: which page, the caller's tag, how many bytes of it the image holds.
 struct PendingRead {
     page: u64,
     tag: u64,
-    buf: AlignedBuf,
+    len: usize,
 }
 
-/// A raw memory image served page by page through io_uring.
+/// A raw memory image served page by page.
 pub struct ImageFileSource {
-    file: File,
-    path: PathBuf,
-    file_len: u64,
+    backend: Box<dyn Backend>,
+    /// A duplicate of the backend's completion fd, also set for completions that need no I/O.
+    wake: OwnedFd,
+    description: String,
+    image_len: u64,
     page_size: usize,
     capacity_pages: u64,
-    ring: IoUring,
-    completion: EventFd,
     pending: HashMap<u64, PendingRead>,
+    /// Completions reaped or made without I/O, not handed out yet.
+    ready: VecDeque<PageCompletion>,
+    completions: Vec<IoCompletion>,
     next_id: u64,
-    /// Requests pushed to the submission queue but not yet submitted to the kernel.
-    unsubmitted: usize,
 }
 
 impl ImageFileSource {
-    /// Open `path`; the source answers for `capacity_pages` pages of `page_size` bytes.
+    /// Open the image file `path`; the source answers for `capacity_pages` pages of
+    /// `page_size` bytes.
     pub fn open(
         path: impl AsRef<Path>,
         page_size: usize,
         capacity_pages: u64,
     ) -> Result<Self, SourceError> {
-        let path = path.as_ref().to_path_buf();
-        let fail = |why: String| SourceError::unavailable(path.display().to_string(), why);
-        let file = File::open(&path).map_err(|e| fail(format!("open: {e}")))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| fail(format!("stat: {e}")))?
-            .len();
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| fail(format!("io_uring setup: {e}")))?;
-        let completion =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| fail(format!("eventfd: {e}")))?;
-        ring.submitter()
-            .register_eventfd(completion.as_fd().as_raw_fd())
-            .map_err(|e| fail(format!("io_uring eventfd registration: {e}")))?;
+        let path = path.as_ref();
+        let description = format!("image {}", path.display());
+        let opts = FileOptions {
+            create: false,
+            direct: DirectMode::Never,
+            queue_depth: QUEUE_DEPTH,
+        };
+        let backend = FileBackend::open(path, opts)
+            .map_err(|e| SourceError::unavailable(description.clone(), e))?;
+        Self::from_backend(Box::new(backend), description, page_size, capacity_pages)
+    }
+
+    /// Open an image named by a backend spec: a path, `nbd://HOST[:PORT]/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH` (see `swapdev::backend::spec`).
+    pub fn open_spec(
+        spec: &str,
+        page_size: usize,
+        capacity_pages: u64,
+    ) -> Result<Self, SourceError> {
+        let description = format!("image {spec}");
+        let opts = SpecOptions {
+            create: false,
+            direct: DirectMode::Never,
+            queue_depth: QUEUE_DEPTH,
+            ..SpecOptions::default()
+        };
+        let backend = open_backend(spec, &opts)
+            .map_err(|e| SourceError::unavailable(description.clone(), e))?;
+        Self::from_backend(backend, description, page_size, capacity_pages)
+    }
+
+    /// Serve the image held by `backend` (one without a completion fd gets an I/O thread).
+    pub fn from_backend(
+        backend: Box<dyn Backend>,
+        description: String,
+        page_size: usize,
+        capacity_pages: u64,
+    ) -> Result<Self, SourceError> {
+        let fail = |e: &dyn std::fmt::Display| {
+            SourceError::unavailable(description.clone(), e.to_string())
+        };
+        let backend: Box<dyn Backend> = if backend.completion_fd().is_some() {
+            backend
+        } else {
+            Box::new(Threaded::spawn(backend).map_err(|e| fail(&e))?)
+        };
+        let image_len = backend.size().map_err(|e| fail(&e))?;
+        let wake = backend
+            .completion_fd()
+            .expect("a completion fd (threaded otherwise)")
+            .try_clone_to_owned()
+            .map_err(|e| fail(&format!("duplicating the completion fd: {e}")))?;
         Ok(Self {
-            file,
-            path,
-            file_len,
+            backend,
+            wake,
+            description,
+            image_len,
             page_size,
             capacity_pages,
-            ring,
-            completion,
             pending: HashMap::new(),
+            ready: VecDeque::new(),
+            completions: Vec::new(),
             next_id: 0,
-            unsubmitted: 0,
         })
     }
 
-    fn flush_submissions(&mut self, wait: usize) -> Result<(), SourceError> {
-        if self.unsubmitted == 0 && wait == 0 {
-            return Ok(());
-        }
-        loop {
-            match self.ring.submit_and_wait(wait) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(SourceError::unavailable(self.describe(), e)),
+    /// Reap what the backend finished (waiting for at least `min`) into `ready`.
+    fn reap(&mut self, min: usize) -> Result<(), SourceError> {
+        let mut done = std::mem::take(&mut self.completions);
+        done.clear();
+        let r = self.backend.complete(&mut done, min);
+        for c in done.drain(..) {
+            if let Some(read) = self.pending.remove(&c.tag) {
+                let completion = self.finish(read, c);
+                self.ready.push_back(completion);
             }
         }
-        self.unsubmitted = 0;
-        Ok(())
+        self.completions = done;
+        r.map(|_| ())
+            .map_err(|e| SourceError::unavailable(self.description.clone(), e))
     }
 
-    fn reap(&mut self, out: &mut Vec<PageCompletion>) -> usize {
-        let mut n = 0;
-        let page_size = self.page_size;
-        for cqe in self.ring.completion() {
-            let Some(read) = self.pending.remove(&cqe.user_data()) else {
-                continue;
-            };
-            let res = cqe.result();
-            let result = if res < 0 {
-                Err(SourceError::Io {
-                    page: read.page,
-                    source: std::io::Error::from_raw_os_error(-res).into(),
-                })
-            } else if (res as usize) < page_size
-                && read.page * page_size as u64 + (res as u64) < self.file_len
-            {
-                Err(SourceError::Io {
-                    page: read.page,
-                    source: format!("short read: {res} of {page_size} bytes").into(),
-                })
-            } else if is_zero(read.buf.as_slice()) {
-                // A read ending at EOF leaves the rest of the zeroed buffer as zeros.
-                Ok(PageContent::Zero)
-            } else {
-                Ok(PageContent::Data(read.buf))
-            };
-            out.push(PageCompletion {
+    fn finish(&self, read: PendingRead, c: IoCompletion) -> PageCompletion {
+        let result = match c.result {
+            Ok(Some(buf)) if buf.len() == read.len => {
+                let buf = if read.len < self.page_size {
+                    // The page straddles the end of the image: the rest reads as zero.
+                    let mut page = AlignedBuf::new(self.page_size);
+                    page[..read.len].copy_from_slice(&buf);
+                    page
+                } else {
+                    buf
+                };
+                if swapdev::is_zero_page(&buf) {
+                    Ok(PageContent::Zero)
+                } else {
+                    Ok(PageContent::Data(buf))
+                }
+            }
+            Ok(other) => Err(SourceError::Io {
                 page: read.page,
-                tag: read.tag,
-                result,
-            });
-            n += 1;
+                source: format!(
+                    "read of {} bytes returned {:?} bytes",
+                    read.len,
+                    other.map(|b| b.len())
+                )
+                .into(),
+            }),
+            Err(e) => Err(SourceError::Io {
+                page: read.page,
+                source: Box::new(e),
+            }),
+        };
+        PageCompletion {
+            page: read.page,
+            tag: read.tag,
+            result,
         }
-        n
     }
-}
 
-/// Whether every byte of `bytes` is zero (OR-folds 64-byte chunks; vectorises well).
-pub fn is_zero(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+    fn signal(&self) {
+        let _ = nix::unistd::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    fn reset(&self) {
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(&self.wake, &mut buf);
+    }
 }
 
 impl PageSource for ImageFileSource {
@@ -147,56 +198,77 @@ impl PageSource for ImageFileSource {
                 capacity: self.capacity_pages,
             });
         }
-        if self.ring.submission().is_full() {
-            self.flush_submissions(0)?;
+        let offset = page * self.page_size as u64;
+        let len = self
+            .image_len
+            .saturating_sub(offset)
+            .min(self.page_size as u64) as usize;
+        if len == 0 {
+            // Wholly past the end of the image.
+            self.ready.push_back(PageCompletion {
+                page,
+                tag,
+                result: Ok(PageContent::Zero),
+            });
+            return Ok(());
         }
-        let id = self.next_id;
         self.next_id += 1;
-        let mut buf = AlignedBuf::new(self.page_size);
-        let entry = opcode::Read::new(
-            types::Fd(self.file.as_raw_fd()),
-            buf.as_mut_ptr(),
-            self.page_size as u32,
-        )
-        .offset(page * self.page_size as u64)
-        .build()
-        .user_data(id);
-        // SAFETY: the buffer is heap-allocated and moved into `pending` (its address does not
-        // change) until the completion for `id` is reaped; the fd outlives the ring's use.
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        if pushed.is_err() {
-            return Err(SourceError::unavailable(
-                self.describe(),
-                "submission queue full after flushing",
-            ));
+        let id = self.next_id;
+        let req = IoRequest {
+            tag: id,
+            offset,
+            op: IoOp::Read {
+                buf: AlignedBuf::new(len),
+            },
+        };
+        if let Err(e) = self.backend.submit(req) {
+            self.ready.push_back(PageCompletion {
+                page,
+                tag,
+                result: Err(SourceError::Io {
+                    page,
+                    source: Box::new(e),
+                }),
+            });
+            return Ok(());
         }
-        self.pending.insert(id, PendingRead { page, tag, buf });
-        self.unsubmitted += 1;
+        self.pending.insert(id, PendingRead { page, tag, len });
         Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError> {
-        // Reset the eventfd before reaping, so a completion arriving after the reap re-arms it.
-        let _ = self.completion.read();
-        self.flush_submissions(0)?;
-        let mut got = self.reap(out);
-        while got < min && !self.pending.is_empty() {
-            self.flush_submissions(1)?;
-            got += self.reap(out);
+        // Reset the fd before reaping, so a completion arriving after the reap re-arms it.
+        self.reset();
+        self.reap(0)?;
+        let mut got = 0;
+        loop {
+            got += self.ready.len();
+            out.extend(self.ready.drain(..));
+            if got >= min || self.pending.is_empty() {
+                return Ok(got);
+            }
+            self.reap(1)?;
         }
-        Ok(got)
     }
 
+    /// Push out what is queued and reap what finished inline (page-cache hits); if anything
+    /// is ready, set the completion fd so the caller does not sleep on it.
     fn flush(&mut self) -> Result<(), SourceError> {
-        self.flush_submissions(0)
+        if !self.pending.is_empty() {
+            self.reap(0)?;
+        }
+        if !self.ready.is_empty() {
+            self.signal();
+        }
+        Ok(())
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.ready.len()
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {
-        self.completion.as_fd()
+        self.wake.as_fd()
     }
 
     fn route(&self) -> crate::route::Route {
@@ -204,7 +276,7 @@ impl PageSource for ImageFileSource {
     }
 
     fn describe(&self) -> String {
-        format!("image {}", self.path.display())
+        self.description.clone()
     }
 }
 
@@ -244,11 +316,74 @@ mod tests {
         }
     }
 
+    fn read_all(src: &mut ImageFileSource, pages: u64) -> Vec<PageCompletion> {
+        for page in 0..pages {
+            src.submit(page, page).unwrap();
+        }
+        src.flush().unwrap();
+        let mut out = Vec::new();
+        while out.len() < pages as usize {
+            let mut fds = [nix::poll::PollFd::new(
+                src.completion_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
+            assert_eq!(
+                n,
+                1,
+                "completion fd not readable, {} in flight",
+                src.in_flight()
+            );
+            src.poll(&mut out, 0).unwrap();
+        }
+        out.sort_by_key(|c| c.page);
+        out
+    }
+
     #[test]
-    fn zero_scan() {
-        let mut b = vec![0u8; 4099];
-        assert!(is_zero(&b));
-        b[4098] = 1;
-        assert!(!is_zero(&b));
+    fn a_page_straddling_the_end_reads_zero_past_it() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut image = vec![0x11u8; 4096 + 100];
+        image[4096 + 99] = 0x22;
+        f.write_all(&image).unwrap();
+        let mut src = ImageFileSource::open(f.path(), 4096, 3).unwrap();
+        let out = read_all(&mut src, 3);
+        let PageContent::Data(b) = out[1].result.as_ref().unwrap() else {
+            panic!("page 1: {:?}", out[1].result)
+        };
+        assert!(b[..99].iter().all(|&x| x == 0x11));
+        assert_eq!(b[99], 0x22);
+        assert!(
+            b[100..].iter().all(|&x| x == 0),
+            "past the end reads as zero"
+        );
+        assert!(matches!(out[2].result, Ok(PageContent::Zero)));
+    }
+
+    #[test]
+    fn an_image_truncated_under_the_source_gives_io_errors_not_zeros() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![0x33u8; 4 * 4096]).unwrap();
+        let mut src = ImageFileSource::open(f.path(), 4096, 4).unwrap();
+        f.as_file().set_len(4096 + 10).unwrap();
+        let out = read_all(&mut src, 4);
+        assert!(matches!(out[0].result, Ok(PageContent::Data(_))));
+        for c in &out[1..] {
+            match &c.result {
+                Err(SourceError::Io { page, source }) => {
+                    assert_eq!(*page, c.page);
+                    assert!(source.to_string().contains("short read"), "{source}");
+                }
+                other => panic!("page {}: {other:?}", c.page),
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_image_is_unavailable_naming_it() {
+        let err = ImageFileSource::open("/nonexistent/pw-image", 4096, 4)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/pw-image"), "{err}");
     }
 }

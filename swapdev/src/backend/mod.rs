@@ -100,3 +100,4 @@ pub mod mem;
 pub mod nbd;
 pub mod nfs;
 pub mod spec;
+pub mod threaded;

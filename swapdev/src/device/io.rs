@@ -32,6 +32,34 @@ pub(super) struct IoState {
 }
 
 impl IoState {
+    /// Internal requests submitted whose completion has not been reaped yet.
+    pub(super) fn internal_waiting(&self) -> usize {
+        self.internal_waiting
+    }
+
+    /// When every request in `tags` has completed: their results in order (or the first
+    /// error), removed from the done set. `None` while any is still in flight.
+    pub(super) fn take_done(&mut self, tags: &[u64]) -> Option<Result<Vec<Option<AlignedBuf>>>> {
+        if !tags.iter().all(|t| self.internal_done.contains_key(t)) {
+            return None;
+        }
+        let mut first_err = None;
+        let mut out = Vec::with_capacity(tags.len());
+        for t in tags {
+            match self.internal_done.remove(t).expect("checked above") {
+                Ok(b) => out.push(b),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    out.push(None);
+                }
+            }
+        }
+        Some(match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        })
+    }
+
     /// Page reads and run reads in flight (both point into the log: a checkpoint waits for
     /// them before it frees segments).
     pub(super) fn user_reads_in_flight(&self) -> usize {
@@ -110,6 +138,33 @@ impl SwapDevice {
         Ok(())
     }
 
+    /// Submit every request (no window) and return their tags. If one cannot be submitted,
+    /// the ones before it are waited for and the error is returned.
+    pub(super) fn io_submit_all(&mut self, reqs: Vec<(u64, IoOp)>) -> Result<Vec<u64>> {
+        let mut tags = Vec::with_capacity(reqs.len());
+        for (off, op) in reqs {
+            match self.submit_internal(off, op) {
+                Ok(t) => tags.push(t),
+                Err(e) => {
+                    let _ = self.wait_all(&tags);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Wait until every request in `tags` completed; their results in order or the first
+    /// error.
+    pub(super) fn wait_all(&mut self, tags: &[u64]) -> Result<Vec<Option<AlignedBuf>>> {
+        loop {
+            if let Some(r) = self.io.take_done(tags) {
+                return r;
+            }
+            self.pump(1)?;
+        }
+    }
+
     fn wait_internal(&mut self, tag: u64) -> Result<Option<AlignedBuf>> {
         loop {
             if let Some(r) = self.io.internal_done.remove(&tag) {
@@ -176,19 +231,7 @@ impl SwapDevice {
 
     /// Write a large buffer as 1 MiB chunks in flight together.
     pub(super) fn write_chunked(&mut self, offset: u64, buf: AlignedBuf) -> Result<()> {
-        let reqs = buf
-            .chunks(CHUNK)
-            .enumerate()
-            .map(|(i, c)| {
-                (
-                    offset + (i * CHUNK) as u64,
-                    IoOp::Write {
-                        buf: AlignedBuf::from_slice(c),
-                    },
-                )
-            })
-            .collect();
-        self.run_internal(reqs)?;
+        self.run_internal(chunked(offset, &buf))?;
         Ok(())
     }
 
@@ -220,6 +263,21 @@ impl SwapDevice {
         self.run_internal(vec![(0, IoOp::Flush)])?;
         Ok(())
     }
+}
+
+/// Writes of `buf` at `offset` in 1 MiB chunks.
+pub(super) fn chunked(offset: u64, buf: &[u8]) -> Vec<(u64, IoOp)> {
+    buf.chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                offset + (i * CHUNK) as u64,
+                IoOp::Write {
+                    buf: AlignedBuf::from_slice(c),
+                },
+            )
+        })
+        .collect()
 }
 
 /// A synchronous read straight on a backend with nothing else in flight (used before a

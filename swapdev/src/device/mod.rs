@@ -3,7 +3,9 @@
 //! argument.
 
 mod check;
+mod encode;
 mod io;
+mod job;
 mod owner;
 mod read;
 mod recover;
@@ -22,6 +24,8 @@ use crate::format::{checkpoint, ChecksumKind, CodecPolicy, BLOCK};
 use crate::AlignedBuf;
 
 pub use check::{FsckReport, Stats};
+pub use encode::{EncodedPages, PageEncoder};
+pub use job::WriteTicket;
 pub use read::{PageData, PageRead, RunRead};
 use space::SpaceMap;
 
@@ -123,9 +127,15 @@ pub struct SwapDevice {
     cleaned_segments: u64,
     io: io::IoState,
     poisoned: bool,
-    scratch: Vec<u8>,
+    /// `release_ownership` ran: writes are refused with `Released`.
+    released: bool,
     /// What replaying the log found when the device was opened (for fsck).
     replayed: recover::ReplayOutcome,
+    /// The write in progress between `begin_write` and its last `poll_write` (job.rs).
+    job: Option<job::Job>,
+    next_job_id: u64,
+    /// Results of writes another call finished for them, until their owner polls.
+    job_results: Vec<(u64, Result<()>)>,
 }
 
 fn check_host_id(host: &str) -> Result<()> {
@@ -144,7 +154,6 @@ fn random_u64() -> u64 {
 
 impl SwapDevice {
     fn blank(backend: Box<dyn Backend>, hdr: DeviceHeader, host_id: &str) -> Self {
-        let page_size = hdr.page_size as usize;
         Self {
             backend,
             index: Vec::new(),
@@ -165,8 +174,11 @@ impl SwapDevice {
             cleaned_segments: 0,
             io: io::IoState::default(),
             poisoned: false,
-            scratch: vec![0; crate::format::lz4_scratch_len(page_size)],
+            released: false,
             replayed: recover::ReplayOutcome::default(),
+            job: None,
+            next_job_id: 0,
+            job_results: Vec::new(),
         }
     }
 
@@ -267,6 +279,7 @@ impl SwapDevice {
 
     /// Checkpoint and flush, then drop the device. The device stays owned by this host.
     pub fn close(mut self) -> Result<()> {
+        self.finish_job()?;
         if self.writable && !self.poisoned {
             self.checkpoint()?;
         }
@@ -332,6 +345,12 @@ impl SwapDevice {
     fn check_writable(&self) -> Result<()> {
         if self.poisoned {
             return Err(SwapError::Poisoned);
+        }
+        if self.released {
+            return Err(SwapError::Released {
+                host: self.host_id.clone(),
+                generation: self.hdr.generation,
+            });
         }
         if !self.writable {
             return Err(SwapError::ReadOnly);

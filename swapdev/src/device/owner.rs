@@ -76,8 +76,20 @@ impl SwapDevice {
     }
 
     /// Hand the device over: checkpoint, flush, mark it unowned at a new generation. The
-    /// next host opens it with `acquire`.
+    /// next host opens it with `acquire`. The consuming form of
+    /// [`SwapDevice::release_ownership`].
     pub fn release(mut self) -> Result<()> {
+        self.release_ownership()
+    }
+
+    /// Hand the device over without giving up this handle (it may be shared, e.g. behind a
+    /// mutex by the daemon, the evictor and the fault loop's source): finish a pending
+    /// write, checkpoint (durable), mark the header unowned at a new generation. Afterwards
+    /// every write-path call is refused with [`SwapError::Released`]; reads go on against
+    /// the index as it was, like a read-only observer's (once another host has acquired the
+    /// device and reuses space, a read of a page it rewrote may fail its checksum).
+    pub fn release_ownership(&mut self) -> Result<()> {
+        self.finish_job()?;
         self.checkpoint()?;
         self.fence_check(true)?;
         let mut h = self.hdr.clone();
@@ -85,7 +97,16 @@ impl SwapDevice {
         h.generation += 1;
         self.write_header(h)?;
         self.writable = false;
+        self.released = true;
         tracing::info!(host = %self.host_id, generation = self.hdr.generation, "swap device released");
         Ok(())
     }
+
+    /// Whether this handle released the device ([`SwapDevice::release_ownership`]).
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
 }
+
+#[cfg(test)]
+mod tests;

@@ -15,7 +15,7 @@ use crate::error::{Result, SwapError};
 use crate::format::entry::IndexEntry;
 use crate::format::header::Layout;
 use crate::format::wire::{align_down, align_up};
-use crate::format::{checkpoint, BLOCK};
+use crate::format::BLOCK;
 use crate::AlignedBuf;
 
 /// Free segments the write path leaves untouched, for cleaning to copy into.
@@ -84,19 +84,31 @@ impl SpaceMap {
 impl SwapDevice {
     /// Make the index durable: flush the log, write the index to the other checkpoint slot,
     /// flush, switch the header to it, flush. Then segments with no live data become free.
+    /// (The same steps a write job runs without holding its caller's lock: `job.rs`.)
     pub fn checkpoint(&mut self) -> Result<()> {
-        self.check_writable()?;
-        self.fence_check(true)?;
-        // Reads in flight may point into segments about to be freed: let them land first.
+        self.finish_job()?;
+        let mut c = self.ckpt_start()?;
+        loop {
+            let r = self.wait_all(&c.tags).and_then(|_| self.ckpt_step(&mut c));
+            match r {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// After a durable checkpoint: segments it no longer references (no live data, not the
+    /// head) become free and are trimmed. Reads in flight may point into them (submitted
+    /// before the index moved on): they land first.
+    pub(super) fn free_unreferenced(&mut self) -> Result<()> {
         while self.io.user_reads_in_flight() > 0 {
             self.pump(1)?;
         }
         let l = self.hdr.layout;
-        let r = self.checkpoint_inner(&l);
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r?;
         let head_seg = l.segment_of(self.log.head);
         let mut newly_free = Vec::new();
         for (s, &live) in self.space.live.iter().enumerate() {
@@ -125,26 +137,6 @@ impl SwapDevice {
         }
         self.log_since_ckpt = 0;
         Ok(())
-    }
-
-    fn checkpoint_inner(&mut self, l: &Layout) -> Result<()> {
-        self.flush_backend()?;
-        let slot = 1 - self.hdr.ckpt_slot;
-        let meta = checkpoint::CheckpointMeta {
-            ckpt_seq: self.hdr.ckpt_seq + 1,
-            generation: self.hdr.generation,
-            head: self.log.head,
-            next_seq: self.log.next_seq,
-            prev_crc: self.log.last_crc,
-            capacity: self.hdr.capacity_pages,
-        };
-        let buf = checkpoint::encode(&meta, &self.index, l.ckpt_slot_size);
-        self.write_chunked(l.ckpt_offset(slot), buf)?;
-        self.flush_backend()?;
-        let mut h = self.hdr.clone();
-        h.ckpt_slot = slot;
-        h.ckpt_seq = meta.ckpt_seq;
-        self.write_header(h)
     }
 
     /// Make sure `needed` segments plus the cleaning reserve are free, checkpointing and

@@ -8,7 +8,7 @@ use super::*;
 use crate::backend::mem::{MemBackend, MemStore};
 use crate::format::CodecPolicy;
 
-const PS: usize = 4096;
+pub(super) const PS: usize = 4096;
 
 fn opts(cap: u64, codec: CodecPolicy) -> CreateOptions {
     CreateOptions {
@@ -22,11 +22,11 @@ fn opts(cap: u64, codec: CodecPolicy) -> CreateOptions {
     }
 }
 
-fn create(store: &MemStore, cap: u64, codec: CodecPolicy) -> SwapDevice {
+pub(super) fn create(store: &MemStore, cap: u64, codec: CodecPolicy) -> SwapDevice {
     SwapDevice::create(Box::new(MemBackend::new(store.clone())), opts(cap, codec)).unwrap()
 }
 
-fn open_rw(store: &MemStore, host: &str) -> Result<SwapDevice> {
+pub(super) fn open_rw(store: &MemStore, host: &str) -> Result<SwapDevice> {
     SwapDevice::open(
         Box::new(MemBackend::new(store.clone())),
         OpenOptions::read_write(host, true, false),
@@ -34,7 +34,7 @@ fn open_rw(store: &MemStore, host: &str) -> Result<SwapDevice> {
 }
 
 /// Page content kinds: 0 zero, 1 text-like, 2 random, seeded by `v`.
-fn page(kind: u8, v: u64) -> Vec<u8> {
+pub(super) fn page(kind: u8, v: u64) -> Vec<u8> {
     let mut x = v.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     match kind % 3 {
         0 => vec![0; PS],

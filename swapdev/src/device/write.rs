@@ -3,12 +3,13 @@
 //! (is acknowledged) only when every one of its batches has completed; only then does the
 //! in-memory index point at the new records.
 
-use super::SwapDevice;
+use super::job::Job;
+use super::{EncodedPages, SwapDevice};
 use crate::backend::IoOp;
 use crate::error::{Result, SwapError};
 use crate::format::batch::{BatchBuilder, BatchHeader};
 use crate::format::entry::IndexEntry;
-use crate::format::{encode_page, Codec};
+use crate::format::Codec;
 
 /// One record to append: a page's stored form.
 pub(super) struct Rec<'a> {
@@ -18,118 +19,73 @@ pub(super) struct Rec<'a> {
     pub checksum: u32,
 }
 
+/// A piece's batches in flight: their request tags, and where each landed with its records
+/// (applied to the index once all of them completed).
+pub(super) struct Submitted {
+    pub tags: Vec<u64>,
+    placed: Vec<(u64, Vec<crate::format::batch::RecordDesc>)>,
+}
+
 impl SwapDevice {
     /// Store pages (`(page index, content)`; content is exactly one page). Returns when the
     /// writes are acknowledged: a crash after this keeps them (and `flush` makes them
     /// survive power loss). A page listed twice ends with its last content.
+    ///
+    /// The same as [`SwapDevice::encoder`] + [`PageEncoder::encode`](super::PageEncoder) +
+    /// [`SwapDevice::write_encoded`]; a caller sharing the device encodes without it.
     pub fn write_pages(&mut self, pages: &[(u64, &[u8])]) -> Result<()> {
+        self.finish_job()?;
         self.check_writable()?;
-        let ps = self.page_size();
-        for &(page, data) in pages {
-            self.check_page(page)?;
-            if data.len() != ps {
-                return Err(SwapError::WrongPageLength {
-                    page,
-                    len: data.len(),
-                    page_size: ps,
-                });
-            }
-        }
+        let enc = self.encoder().encode(pages)?;
+        self.write_encoded(enc)
+    }
+
+    /// Store pages encoded beforehand; returns when acknowledged (as `write_pages`).
+    pub fn write_encoded(&mut self, enc: EncodedPages) -> Result<()> {
+        self.finish_job()?;
+        self.check_writable()?;
+        self.check_encoded(&enc)?;
         self.fence_check(false)?;
-        // Encode: lz4 output goes to one arena, referenced by range until the arena is final.
-        let policy = self.hdr.codec;
-        let kind = self.hdr.checksum;
-        let mut arena: Vec<u8> = Vec::new();
-        let mut plan: Vec<(u64, Codec, std::ops::Range<usize>, u32)> =
-            Vec::with_capacity(pages.len());
-        let mut scratch = std::mem::take(&mut self.scratch);
-        for &(page, data) in pages {
-            let (codec, n) = encode_page(policy, data, &mut scratch);
-            let (range, sum) = match codec {
-                Codec::Lz4 => {
-                    let at = arena.len();
-                    arena.extend_from_slice(&scratch[..n]);
-                    (at..at + n, kind.compute(&scratch[..n]))
-                }
-                Codec::Raw => (0..0, kind.compute(data)),
-                _ => (0..0, 0),
-            };
-            plan.push((page, codec, range, sum));
-        }
-        self.scratch = scratch;
-        let recs: Vec<Rec> = plan
-            .iter()
-            .zip(pages)
-            .map(|((page, codec, range, sum), &(_, data))| Rec {
-                page: *page,
-                codec: *codec,
-                payload: match codec {
-                    Codec::Lz4 => &arena[range.clone()],
-                    Codec::Raw => data,
-                    _ => &[],
-                },
-                checksum: *sum,
-            })
-            .collect();
-        self.append_with_space(&recs)
+        self.drive(&mut Job::new(0, enc))
     }
 
     /// Mark pages as no longer stored (the guest freed them): a tombstone record each.
     /// They read back as `NotStored`.
     pub fn remove_pages(&mut self, pages: &[u64]) -> Result<()> {
+        self.finish_job()?;
         self.check_writable()?;
         for &p in pages {
             self.check_page(p)?;
         }
         self.fence_check(false)?;
-        let recs: Vec<Rec> = pages
+        let stored = pages
             .iter()
-            .filter(|&&p| self.index[p as usize] != IndexEntry::ABSENT)
-            .map(|&page| Rec {
-                page,
-                codec: Codec::Absent,
-                payload: &[],
-                checksum: 0,
-            })
-            .collect();
-        self.append_with_space(&recs)
-    }
-
-    /// Append in pieces of at most half a segment, making room before each piece.
-    fn append_with_space(&mut self, recs: &[Rec]) -> Result<()> {
-        let l = self.hdr.layout;
-        let piece_limit = (l.segment_size - l.max_batch) / 2;
-        let mut start = 0;
-        while start < recs.len() {
-            let mut bytes = 0u64;
-            let mut end = start;
-            while end < recs.len()
-                && (end == start || bytes + recs[end].payload.len() as u64 <= piece_limit)
-            {
-                bytes += recs[end].payload.len() as u64 + 64;
-                end += 1;
-            }
-            self.ensure_free(1)?;
-            self.append(&recs[start..end])?;
-            start = end;
-        }
-        if self.log_since_ckpt >= self.checkpoint_interval() {
-            self.checkpoint()?;
-        }
-        Ok(())
+            .copied()
+            .filter(|&p| self.index[p as usize] != IndexEntry::ABSENT);
+        let enc = EncodedPages::tombstones(self.encoder(), stored);
+        self.drive(&mut Job::new(0, enc))
     }
 
     /// Pack records into batches, write them all, wait, then update the index.
     pub(super) fn append(&mut self, recs: &[Rec]) -> Result<()> {
-        let r = self.append_inner(recs);
-        if r.is_err() {
-            // The chain may now have a hole; only a reopen (recovery) makes sense.
-            self.poisoned = true;
+        let r = self
+            .append_submit(recs)
+            .and_then(|sub| self.wait_all(&sub.tags).map(|_| sub));
+        match r {
+            Ok(sub) => {
+                self.append_apply(sub);
+                Ok(())
+            }
+            Err(e) => {
+                // The chain may now have a hole; only a reopen (recovery) makes sense.
+                self.poisoned = true;
+                Err(e)
+            }
         }
-        r
     }
 
-    fn append_inner(&mut self, recs: &[Rec]) -> Result<()> {
+    /// Pack records into batches at the log head and submit them all.
+    pub(super) fn append_submit(&mut self, recs: &[Rec]) -> Result<Submitted> {
         let l = self.hdr.layout;
         let ps = self.page_size();
         let mut sealed = Vec::new();
@@ -151,8 +107,14 @@ impl SwapDevice {
             writes.push((pos, IoOp::Write { buf }));
             placed.push((pos, descs));
         }
-        self.run_internal(writes)?;
-        for (pos, descs) in placed {
+        let tags = self.io_submit_all(writes)?;
+        Ok(Submitted { tags, placed })
+    }
+
+    /// Every batch of `sub` completed: point the index at the new records.
+    pub(super) fn append_apply(&mut self, sub: Submitted) {
+        let l = self.hdr.layout;
+        for (pos, descs) in sub.placed {
             for d in descs {
                 let new = match d.codec {
                     Codec::Absent => IndexEntry::ABSENT,
@@ -166,7 +128,6 @@ impl SwapDevice {
                 self.space.add(&new, &l);
             }
         }
-        Ok(())
     }
 
     /// Place a batch at the log head and decide where the next one goes.
@@ -213,6 +174,7 @@ impl SwapDevice {
 
     /// Make every acknowledged write durable (fdatasync / NBD flush).
     pub fn flush(&mut self) -> Result<()> {
+        self.finish_job()?;
         self.check_writable()?;
         self.fence_check(true)?;
         self.flush_backend()

@@ -118,6 +118,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The one zero scan (the pager's eviction and image source use it too): any length,
+    /// any alignment, a non-zero byte anywhere is seen.
+    #[test]
+    fn zero_scan_any_length_and_alignment() {
+        let mut b = vec![0u8; 4099];
+        for start in 0..9 {
+            assert!(is_zero_page(&b[start..]));
+        }
+        for at in [0, 1, 7, 8, 63, 64, 4095, 4098] {
+            b[at] = 1;
+            assert!(!is_zero_page(&b), "byte {at}");
+            assert!(!is_zero_page(&b[at..]), "from byte {at}");
+            assert!(is_zero_page(&b[..at]), "before byte {at}");
+            b[at] = 0;
+        }
+        assert!(is_zero_page(&[]));
+    }
+
     #[test]
     fn zero_text_random() {
         let mut scratch = vec![0u8; lz4_scratch_len(4096)];

@@ -360,6 +360,23 @@ pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "-"
     );
 
+    let (idle, during, waits) = swapdev_faults_during_eviction(&args)?;
+    println!();
+    println!(
+        "{:<44} {:>8} {:>10} {:>10} {:>10}",
+        "demand faults on the swap device", "faults", "p50 us", "p99 us", "max us"
+    );
+    for (what, l) in [
+        ("idle", &idle),
+        ("during an eviction into it", &during),
+        ("device lock wait of a reader, during it", &waits),
+    ] {
+        println!(
+            "{:<44} {:>8} {:>10.1} {:>10.1} {:>10.1}",
+            what, l.samples, l.p50, l.p99, l.max
+        );
+    }
+
     g.fill()?;
     println!();
     println!(
@@ -391,4 +408,197 @@ pub fn run(args: EvictBenchArgs) -> anyhow::Result<std::process::ExitCode> {
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Demand-fault latency percentiles (µs) of one run of first touches.
+struct FaultLatency {
+    samples: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn latency_of(mut us: Vec<f64>) -> FaultLatency {
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        us.get(((us.len() as f64 * q) as usize).min(us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    FaultLatency {
+        samples: us.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+        max: us.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// Demand faults on a swap device while an eviction into the same device runs: a guest
+/// whose fault loop reads from a `SwapdevSource`, half of it evicted into the device (lz4,
+/// crc32c); then one reader touches evicted pages one at a time (each a demand fault served
+/// from the device) with nothing else running ("idle"), and again while the other half is
+/// being evicted into the same device ("during eviction"); meanwhile a probe thread takes
+/// the device lock the way the fault loop's reads do (every 100 µs) and times how long it
+/// waited for it. Returns (idle, during, lock waits during).
+fn swapdev_faults_during_eviction(
+    args: &EvictBenchArgs,
+) -> anyhow::Result<(FaultLatency, FaultLatency, FaultLatency)> {
+    let pages = args.mib * (1 << 20) / PAGE as u64;
+    let len = pages * PAGE as u64;
+    let memfd = File::from(nix::sys::memfd::memfd_create(
+        c"pw-bench-evict-faults",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )?);
+    memfd.set_len(len)?;
+    let map = memmap2::MmapOptions::new()
+        .len(len as usize)
+        .map_raw(&memfd)?;
+    let uffd = Uffd::new(UffdFlags {
+        nonblocking: true,
+        ..Default::default()
+    })?;
+    uffd.api(Features::EVENT_REMOVE | Features::WP_HUGETLBFS_SHMEM | Features::WP_UNPOPULATED)?;
+    let base = map.as_ptr() as u64;
+    uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
+    let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
+        base_host_virt_addr: base,
+        size: len as usize,
+        offset: 0,
+        page_size: PAGE,
+        page_size_kib: 0,
+    }])?;
+    let mut vm = Vm::new(
+        "bench-faults".into(),
+        uffd,
+        layout,
+        Some(OwnedFd::from(memfd.try_clone()?)),
+        PeerInfo::default(),
+    );
+    vm.wp_registered = true;
+    let vm = Arc::new(vm);
+
+    let dev_file = tempfile::NamedTempFile::new_in(&args.dir)?;
+    let dev_path = dev_file.path().to_str().context("swap device path")?;
+    let backend = swapdev::backend::spec::open_backend(
+        dev_path,
+        &swapdev::backend::spec::SpecOptions {
+            create: true,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("opening {dev_path}"))?;
+    let device = Arc::new(Mutex::new(swapdev::SwapDevice::create(
+        backend,
+        swapdev::CreateOptions {
+            vm_uuid: uuid::Uuid::new_v4(),
+            page_size: PAGE as u32,
+            capacity_pages: pages,
+            host_id: "bench".into(),
+            codec: swapdev::CodecPolicy::Lz4,
+            checksum: swapdev::ChecksumKind::Crc32c,
+            force: true,
+        },
+    )?));
+    let source = pager::source::SwapdevSource::new(device.clone(), dev_path.into())?;
+    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
+    let fl = FaultLoop::new(
+        vm.clone(),
+        Box::new(source),
+        pager::prefetch::by_name("none", pages)?,
+        FaultLoopConfig::default(),
+        stop.clone(),
+        None,
+    );
+    let fault_loop = std::thread::spawn(move || {
+        if let Err(e) = fl.run() {
+            eprintln!("bench fault loop: {e}");
+        }
+    });
+    let result = (|| -> anyhow::Result<(FaultLatency, FaultLatency, FaultLatency)> {
+        // Text-like content (16 letters): lz4 compresses it, so encoding costs what it costs
+        // for real guest memory rather than the quick give-up on random bytes.
+        let mut chunk = vec![0u8; 256 * PAGE];
+        let mut rng = rand::rng();
+        for first in (0..pages).step_by(256) {
+            let n = (pages - first).min(256) as usize;
+            chunk[..n * PAGE]
+                .iter_mut()
+                .for_each(|b| *b = b'a' + rng.random_range(0..16u8));
+            memfd.write_all_at(&chunk[..n * PAGE], first * PAGE as u64)?;
+        }
+        vm.states.set_range(0..pages, PageState::Present);
+        let store = Arc::new(SwapdevStore::new(device.clone()));
+        let svc = VmEviction::new(vm.clone(), store, EvictConfig::default())?;
+        let cancel = AtomicBool::new(false);
+        svc.evict(
+            EvictGoal::TargetResidentPages(pages / 2),
+            Some(args.batch_pages),
+            &cancel,
+            &mut |_| {},
+        )?;
+        let mut cold: Vec<u64> = (0..pages)
+            .filter(|&p| vm.states.get(p) == PageState::Evicted)
+            .collect();
+        anyhow::ensure!(cold.len() >= 64, "only {} pages were evicted", cold.len());
+        use rand::seq::SliceRandom;
+        cold.shuffle(&mut rng);
+        let word = |page: u64| -> &AtomicU64 {
+            // SAFETY: inside our live shared mapping, page aligned, only accessed atomically.
+            unsafe { &*((base + page * PAGE as u64) as *const AtomicU64) }
+        };
+        let touch = |page: u64| -> f64 {
+            let t = Instant::now();
+            std::hint::black_box(word(page).load(Ordering::Relaxed));
+            t.elapsed().as_secs_f64() * 1e6
+        };
+        // Idle: a quarter of the cold pages.
+        let quarter = cold.len() / 4;
+        let idle: Vec<f64> = cold[..quarter].iter().map(|&p| touch(p)).collect();
+        // During eviction: the other cold pages while the resident half is evicted.
+        let done = AtomicBool::new(false);
+        let probe_device = device.clone();
+        let (during, waits) = std::thread::scope(|s| -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+            let probe = s.spawn(|| {
+                let mut waits = Vec::new();
+                while !done.load(Ordering::Acquire) {
+                    let t = Instant::now();
+                    let d = probe_device.lock().unwrap_or_else(|e| e.into_inner());
+                    waits.push(t.elapsed().as_secs_f64() * 1e6);
+                    drop(d);
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                waits
+            });
+            let evictor = s.spawn(|| {
+                let r = svc.evict(
+                    EvictGoal::TargetResidentPages(0),
+                    Some(args.batch_pages),
+                    &cancel,
+                    &mut |_| {},
+                );
+                done.store(true, Ordering::Release);
+                r
+            });
+            let mut us = Vec::new();
+            for &p in &cold[quarter..] {
+                if done.load(Ordering::Acquire) {
+                    break;
+                }
+                us.push(touch(p));
+            }
+            evictor
+                .join()
+                .map_err(|_| anyhow!("evictor thread panicked"))??;
+            let waits = probe.join().map_err(|_| anyhow!("probe thread panicked"))?;
+            Ok((us, waits))
+        })?;
+        anyhow::ensure!(
+            !during.is_empty(),
+            "the eviction finished before the first fault"
+        );
+        Ok((latency_of(idle), latency_of(during), latency_of(waits)))
+    })();
+    let _ = stop.write(1);
+    let _ = fault_loop.join();
+    result
 }

@@ -10,7 +10,7 @@ use swapdev::backend::Backend;
 use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, SwapDevice};
 
 use super::SwapdevSource;
-use crate::source::{PageCompletion, PageContent, PageSource};
+use crate::source::{PageCompletion, PageContent, PageSource, SourceError};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
@@ -221,5 +221,137 @@ fn checkpoint_waits_for_run_reads_in_flight() {
     let buf = run.result.expect("read ok");
     for i in 0..9 {
         assert_eq!(&buf[i * PAGE..(i + 1) * PAGE], &content(10 + i as u64)[..]);
+    }
+}
+
+/// Submit `(page, tag)` requests, wait for all of them, sorted by (page, tag).
+fn collect(src: &mut SwapdevSource, reqs: &[(u64, u64)]) -> Vec<PageCompletion> {
+    for &(p, t) in reqs {
+        src.submit(p, t).expect("submit");
+    }
+    src.flush().expect("flush");
+    let mut got = Vec::new();
+    while got.len() < reqs.len() {
+        let mut fds = [PollFd::new(src.completion_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).expect("poll"), 1);
+        src.poll(&mut got, 0).expect("poll source");
+    }
+    got.sort_by_key(|c| (c.page, c.tag));
+    got
+}
+
+/// A flipped payload byte of page 5 must come back as `Damaged` naming page 5 (never as
+/// a retryable I/O error, never as data), alone and inside a merged run read; its
+/// neighbours are served.
+fn flipped_byte_is_damaged(mut src: SwapdevSource) {
+    // Tag 1: pages 0..9 (raw, back to back) merge into one run read; tag 2: page 5 alone.
+    let mut reqs: Vec<(u64, u64)> = (0..9).map(|p| (p, 1)).collect();
+    reqs.push((5, 2));
+    let got = collect(&mut src, &reqs);
+    assert_eq!(got.len(), 10);
+    for c in &got {
+        match (&c.result, c.page) {
+            (Err(SourceError::Damaged { page, source, .. }), 5) => {
+                assert_eq!(*page, 5);
+                let cause = source.to_string();
+                assert!(cause.contains("page 5 is corrupt"), "{cause}");
+                assert!(cause.contains("checksum mismatch"), "{cause}");
+            }
+            (Err(e), p) => panic!("page {p} (tag {}): {e:?}", c.tag),
+            (Ok(served), 5) => panic!("damaged page 5 was served: {served:?}"),
+            (Ok(served), p) => assert_eq!(served.bytes(PAGE), Some(&content(p)[..])),
+        }
+    }
+    let damaged = got.iter().filter(|c| c.result.is_err()).count();
+    assert_eq!(damaged, 2, "page 5 through the run and alone");
+}
+
+#[test]
+fn flipped_payload_byte_is_damaged_through_the_direct_driver() {
+    let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let path = tmp.path().join("dev.swap");
+    let opts = FileOpenOptions {
+        create: true,
+        ..Default::default()
+    };
+    let dev = device(Box::new(FileBackend::open(&path, opts).expect("open")));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open device file");
+    let bytes = std::fs::read(&path).expect("read device file");
+    let at = PAGE
+        * bytes
+            .chunks_exact(PAGE)
+            .position(|c| c == &content(5)[..])
+            .expect("page 5 payload in the file");
+    use std::os::unix::fs::FileExt;
+    let flipped = [bytes[at + 100] ^ 0x40];
+    file.write_all_at(&flipped, (at + 100) as u64)
+        .expect("flip");
+    file.sync_all().expect("sync");
+    let src = SwapdevSource::new(Arc::new(Mutex::new(dev)), "test".into()).expect("source");
+    assert!(src.is_direct());
+    flipped_byte_is_damaged(src);
+}
+
+#[test]
+fn flipped_payload_byte_is_damaged_through_the_threaded_driver() {
+    let store = MemStore::new();
+    let dev = device(Box::new(MemBackend::new(store.clone())));
+    let at = PAGE
+        * store
+            .snapshot()
+            .chunks_exact(PAGE)
+            .position(|c| c == &content(5)[..])
+            .expect("page 5 payload on the store");
+    store.corrupt(at as u64 + 100, 0x40);
+    let src = SwapdevSource::new(Arc::new(Mutex::new(dev)), "test".into()).expect("source");
+    assert!(!src.is_direct());
+    flipped_byte_is_damaged(src);
+}
+
+/// An lz4 payload whose bytes were changed fails its checksum (or its decode): `Damaged`.
+#[test]
+fn damaged_lz4_payload_is_damaged_not_io() {
+    let store = MemStore::new();
+    let mut dev = SwapDevice::create(
+        Box::new(MemBackend::new(store.clone())),
+        CreateOptions {
+            vm_uuid: uuid::Uuid::new_v4(),
+            page_size: PAGE as u32,
+            capacity_pages: 16,
+            host_id: "test".into(),
+            codec: CodecPolicy::Lz4,
+            checksum: ChecksumKind::Crc32c,
+            force: false,
+        },
+    )
+    .expect("create");
+    let text: Vec<u8> = b"compressible text page "
+        .iter()
+        .copied()
+        .cycle()
+        .take(PAGE)
+        .collect();
+    let before = store.snapshot();
+    dev.write_pages(&[(3, &text)]).expect("write");
+    let after = store.snapshot();
+    // The batch is the only new data area content: flip a byte in its payload block (the
+    // block after the batch header block).
+    let batch = (0..after.len() / PAGE)
+        .rev()
+        .find(|&b| {
+            let block = &after[b * PAGE..(b + 1) * PAGE];
+            block[..8] == *b"PWBATCH1" && before.get(b * PAGE..(b + 1) * PAGE) != Some(block)
+        })
+        .expect("batch header block");
+    store.corrupt(((batch + 1) * PAGE + 10) as u64, 0x01);
+    let mut src = SwapdevSource::new(Arc::new(Mutex::new(dev)), "test".into()).expect("source");
+    let got = collect(&mut src, &[(3, 1)]);
+    match &got[0].result {
+        Err(SourceError::Damaged { page: 3, .. }) => {}
+        other => panic!("lz4 page 3: {other:?}"),
     }
 }
