@@ -162,7 +162,7 @@ fn postcopy_moves_every_page_with_demand_faults_and_active_push() {
             &cancel,
             |p, buf| {
                 memory.read_exact_at(buf, p * PAGE as u64)?;
-                Ok(if buf.iter().all(|&b| b == 0) {
+                Ok(if swapdev::is_zero_page(buf) {
                     SourcePage::Zero
                 } else {
                     SourcePage::Data

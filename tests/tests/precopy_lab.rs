@@ -91,7 +91,7 @@ fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
                     _ => &memory,
                 };
                 from.read_exact_at(buf, p * PAGE as u64)?;
-                Ok(if buf.iter().all(|&b| b == 0) {
+                Ok(if swapdev::is_zero_page(buf) {
                     SourcePage::Zero
                 } else {
                     SourcePage::Data

@@ -82,7 +82,7 @@ pub fn serve_page_requests(
         memory
             .read_exact_at(&mut buf, offset)
             .map_err(|source| PageServerError::Read { page, source })?;
-        if pager::source::image::is_zero(&buf) {
+        if swapdev::is_zero_page(&buf) {
             write_message(
                 &mut writer,
                 &Message::ZeroPages {

@@ -508,7 +508,7 @@ fn swapdev_faults_during_eviction(
         FaultLoopConfig::default(),
         stop.clone(),
         None,
-    );
+    )?;
     let fault_loop = std::thread::spawn(move || {
         if let Err(e) = fl.run() {
             eprintln!("bench fault loop: {e}");
