@@ -160,3 +160,60 @@ fn harvests_return_exactly_the_pages_written_since_the_last_one() {
     .contains("no VM named \"nope\""));
     drop(conn);
 }
+
+#[test]
+fn a_served_vms_swap_device_is_released_for_another_host_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev_path = dir.path().join("vm1.swap");
+    create_swapdev(&dev_path);
+    let (daemon, sock, ctl) = start(dir.path());
+    let guest = support::Guest::new();
+    let conn = UnixStream::connect(&sock).unwrap();
+    let req = AttachRequest {
+        vm: "vm1".into(),
+        regions: vec![guest.region(PAGES * PAGE)],
+        memory_file: false,
+        uffd_features: Features::EVENT_REMOVE.bits(),
+        modes: vec!["missing".into()],
+    };
+    send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
+    assert!(recv_reply(&conn).unwrap().ok);
+    assert_eq!(guest.map[3 * PAGE + 1], page_content(3).unwrap()[1]);
+    // While this daemon owns the device, another host cannot take it.
+    let open_as_dst = || {
+        let backend = swapdev::backend::spec::open_backend(
+            dev_path.to_str().unwrap(),
+            &swapdev::backend::spec::SpecOptions::default(),
+        )
+        .unwrap();
+        swapdev::SwapDevice::open(
+            backend,
+            swapdev::OpenOptions::read_write("dst", true, false),
+        )
+    };
+    let refused = open_as_dst().map(|_| ()).unwrap_err().to_string();
+    assert!(
+        refused.contains("e2e"),
+        "refusal should name the owner: {refused}"
+    );
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    let generation = match c
+        .call(&Request::SwapdevRelease { vm: "vm1".into() })
+        .unwrap()
+    {
+        Response::SwapdevReleased { generation, .. } => generation,
+        other => panic!("answered {other:?}"),
+    };
+    // The daemon keeps serving the VM from the released device.
+    assert_eq!(guest.map[7 * PAGE + 2], page_content(7).unwrap()[2]);
+    let dst = open_as_dst().expect("another host acquires the released device");
+    assert!(
+        dst.generation() > generation,
+        "{} <= {generation}",
+        dst.generation()
+    );
+    assert!(error_of(c.call(&Request::SwapdevRelease { vm: "vm1".into() })).contains("releasing"));
+    drop(dst);
+    drop(conn);
+    daemon.shutdown();
+}

@@ -47,6 +47,14 @@ pub enum CommandError {
     NotPrepared { vm: String },
     #[error(transparent)]
     Tracking(#[from] super::tracking::TrackingError),
+    #[error("VM {vm:?} is not served from a swap device")]
+    NoSwapdev { vm: String },
+    #[error("releasing VM {vm:?}'s swap device")]
+    Release {
+        vm: String,
+        #[source]
+        source: swapdev::SwapError,
+    },
 }
 
 /// Look up an attached VM by name.
@@ -187,6 +195,23 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
         Request::DirtyHarvest { vm, consumer } => {
             let target = require_vm(daemon, &vm)?;
             Response::DirtySet(daemon.tracking().harvest(&target, &consumer)?)
+        }
+        Request::SwapdevRelease { vm } => {
+            let target = require_vm(daemon, &vm)?;
+            let dev = target
+                .swapdev
+                .as_ref()
+                .ok_or_else(|| CommandError::NoSwapdev { vm: vm.clone() })?;
+            let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+            dev.release_ownership()
+                .map_err(|source| CommandError::Release {
+                    vm: vm.clone(),
+                    source,
+                })?;
+            Response::SwapdevReleased {
+                generation: dev.generation(),
+                vm,
+            }
         }
         Request::DirtyStop { vm, consumer } => {
             if !daemon.tracking().stop(&vm, &consumer) {

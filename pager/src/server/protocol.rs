@@ -126,6 +126,10 @@ pub enum Request {
     DirtyHarvest { vm: String, consumer: String },
     /// Stop `consumer`'s tracking: [`Response::DirtyStopped`].
     DirtyStop { vm: String, consumer: String },
+    /// Flush an attached VM's swap device and release its ownership (the daemon keeps
+    /// running and keeps reading it; writes to it are refused from now on), so another host
+    /// can acquire it: [`Response::SwapdevReleased`].
+    SwapdevRelease { vm: String },
 }
 
 impl Request {
@@ -147,6 +151,7 @@ impl Request {
         "dirty_start",
         "dirty_harvest",
         "dirty_stop",
+        "swapdev_release",
     ];
 }
 
@@ -317,6 +322,11 @@ pub enum Response {
         vm: String,
         consumer: String,
     },
+    SwapdevReleased {
+        vm: String,
+        /// The device's generation after the release (the next owner acquires above it).
+        generation: u64,
+    },
     /// The request failed; `message` names the problem and its causes.
     Error {
         message: String,
@@ -343,6 +353,7 @@ impl Response {
             Self::DirtyStarted { .. } => "dirty_started",
             Self::DirtySet(_) => "dirty_set",
             Self::DirtyStopped { .. } => "dirty_stopped",
+            Self::SwapdevReleased { .. } => "swapdev_released",
             Self::Error { .. } => "error",
         }
     }
