@@ -73,6 +73,27 @@ impl Vm {
         }
     }
 
+    /// Write-protect `pages` (those with a host address; others are skipped), one
+    /// `UFFDIO_WRITEPROTECT` per contiguous run. Every later write to them faults to the loop
+    /// and is recorded by write tracking.
+    pub fn write_protect_pages(&self, pages: &[u64]) -> Result<(), uffd::UffdError> {
+        let mapped: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|&p| self.layout.addr_of_page(p).is_some())
+            .collect();
+        let runs = self
+            .layout
+            .runs(&mapped)
+            .expect("only pages with a host address are left");
+        let ps = self.layout.page_size();
+        for run in runs {
+            self.uffd
+                .write_protect(run.host_addr, run.byte_len(ps), true, false)?;
+        }
+        Ok(())
+    }
+
     pub fn page_size(&self) -> u64 {
         self.layout.page_size() as u64
     }

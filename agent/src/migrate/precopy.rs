@@ -99,27 +99,13 @@ pub enum PrecopyError {
     },
 }
 
-/// Write-protect `pages` (those with a host address) of `vm`.
+/// Write-protect `pages` of `vm` before they are read.
 fn protect(vm: &Vm, pages: &[u64]) -> Result<(), PrecopyError> {
-    let mapped: Vec<u64> = pages
-        .iter()
-        .copied()
-        .filter(|&p| vm.layout.addr_of_page(p).is_some())
-        .collect();
-    let runs = vm
-        .layout
-        .runs(&mapped)
-        .expect("only pages with a host address are left");
-    let ps = vm.layout.page_size();
-    for run in runs {
-        vm.uffd
-            .write_protect(run.host_addr, run.byte_len(ps), true, false)
-            .map_err(|source| PrecopyError::Protect {
-                vm: vm.name.clone(),
-                source,
-            })?;
-    }
-    Ok(())
+    vm.write_protect_pages(pages)
+        .map_err(|source| PrecopyError::Protect {
+            vm: vm.name.clone(),
+            source,
+        })
 }
 
 /// Send `pages` (protected first), each read with `read`. Returns (data, zero, bytes).

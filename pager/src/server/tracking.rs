@@ -75,25 +75,11 @@ pub struct Tracking {
 }
 
 fn protect_pages(vm: &Vm, pages: &[u64]) -> Result<(), TrackingError> {
-    let mapped: Vec<u64> = pages
-        .iter()
-        .copied()
-        .filter(|&p| vm.layout.addr_of_page(p).is_some())
-        .collect();
-    let runs = vm
-        .layout
-        .runs(&mapped)
-        .expect("only pages with a host address are left");
-    let ps = vm.layout.page_size();
-    for run in runs {
-        vm.uffd
-            .write_protect(run.host_addr, run.byte_len(ps), true, false)
-            .map_err(|source| TrackingError::Protect {
-                vm: vm.name.clone(),
-                source,
-            })?;
-    }
-    Ok(())
+    vm.write_protect_pages(pages)
+        .map_err(|source| TrackingError::Protect {
+            vm: vm.name.clone(),
+            source,
+        })
 }
 
 fn runs_of(pages: &[u64]) -> Vec<PageRun> {
