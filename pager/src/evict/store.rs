@@ -144,7 +144,7 @@ pub struct SwapdevStore {
 }
 
 /// Longest a writer sleeps on the completion fd before reaping anyway: the fault loop may
-/// have reset the fd (and parked our completion) between our look and our `poll`.
+/// have reset the fd (and reaped our completion) between our look and our `poll`.
 const WAKE_SLICE_MS: u8 = 1;
 
 impl SwapdevStore {
@@ -179,10 +179,9 @@ impl SwapdevStore {
         };
         loop {
             {
-                // Reset before reaping (a completion posted later sets it again); if our
+                // The fd is shared with the fault loop, which also sets it for completions it
+                // queued itself: never reset it here (that could swallow its wakeup). If our
                 // reaping parked page reads the fault loop waits for, set it for them.
-                let mut buf = [0u8; 8];
-                let _ = nix::unistd::read(wake, &mut buf);
                 let mut d = self.lock();
                 let done = d.poll_write(&t, false);
                 if d.reads_parked() {
@@ -194,6 +193,9 @@ impl SwapdevStore {
             }
             let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(WAKE_SLICE_MS)) {
+                // Readable: a completion may be ours, but the fd stays set until the fault
+                // loop resets it; do not spin on it.
+                Ok(n) if n > 0 => std::thread::sleep(std::time::Duration::from_micros(50)),
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(Box::new(std::io::Error::from(e))),
             }
