@@ -15,11 +15,9 @@ use agent::migrate::page_server::serve_page_requests;
 use agent::migrate::remote::RemoteSource;
 use memmap2::MmapMut;
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::fault_loop::{FaultLoop, FaultLoopConfig, LoopController};
 use pager::route::Route;
-use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
-use pager::vm::{GuestLayout, PeerInfo, Vm};
+use pager::vm::Vm;
 
 const PAGE: usize = 4096;
 
@@ -86,31 +84,8 @@ struct Destination {
 }
 
 fn destination(pages: u64, remote: RemoteSource) -> Destination {
-    let uffd = Uffd::new(UffdFlags {
-        nonblocking: true,
-        ..Default::default()
-    })
-    .unwrap();
-    uffd.api(Features::EVENT_REMOVE).unwrap();
-    let map = MmapMut::map_anon(pages as usize * PAGE).unwrap();
-    let addr = map.as_ptr() as u64;
-    uffd.register(addr, pages * PAGE as u64, RegisterMode::MISSING)
-        .unwrap();
-    let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-        base_host_virt_addr: addr,
-        size: pages as usize * PAGE,
-        offset: 0,
-        page_size: PAGE,
-        page_size_kib: 0,
-    }])
-    .unwrap();
-    let vm = Arc::new(Vm::new(
-        "dst".into(),
-        uffd,
-        layout,
-        None,
-        PeerInfo::default(),
-    ));
+    let guest = pagewise_tools::lab_vm::AnonVm::new("dst", pages, PAGE).unwrap();
+    let (map, vm) = (guest.map, Arc::new(guest.vm));
     vm.routes.set_range(0..pages, Route::Remote).unwrap();
     let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
     let fl = FaultLoop::with_sources(

@@ -77,7 +77,7 @@ fn run(first_page: u64, count: u64) -> PageRun {
 fn harvests_return_exactly_the_pages_written_since_the_last_one() {
     let dir = tempfile::tempdir().unwrap();
     create_swapdev(&dir.path().join("vm1.swap"));
-    let (_daemon, sock, ctl) = start(dir.path());
+    let (daemon, sock, ctl) = start(dir.path());
     let mut map = memmap2::MmapMut::map_anon(PAGES * PAGE).unwrap();
     let uffd = Uffd::new(UffdFlags::default()).unwrap();
     uffd.api(Features::EVENT_REMOVE | Features::PAGEFAULT_FLAG_WP)
@@ -109,6 +109,14 @@ fn harvests_return_exactly_the_pages_written_since_the_last_one() {
         let want = page_content(i).map_or(0, |c| c[3]);
         assert_eq!(map[i * PAGE + 3], want, "page {i}");
     }
+    // The thread's read returns when its page is mapped, a moment before the loop has
+    // finished its bookkeeping (a placement after `dirty_start` counts as written): wait
+    // until every placement is accounted for.
+    let vm = daemon.vm("vm1").unwrap();
+    support::wait_until("all pages placed", || {
+        let m = vm.metrics.snapshot();
+        m.pages_copied + m.pages_zeroed == PAGES as u64
+    });
     let mut c = ControlClient::connect(&ctl).unwrap();
     let start = |c: &mut ControlClient, consumer: &str| {
         c.call(&Request::DirtyStart {

@@ -18,14 +18,10 @@ use agent::migrate::bulk::{push_pages, receive_pages, PushOrder, SentPages, Sour
 use agent::migrate::message::Channel;
 use agent::migrate::page_server::serve_page_requests;
 use agent::migrate::remote::RemoteSource;
-use memmap2::MmapMut;
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::fault_loop::{FaultLoop, FaultLoopConfig};
 use pager::route::Route;
-use pager::vm::{GuestLayout, PeerInfo, Vm};
 use twohost::TwoHost;
-use uffd::{Features, RegisterMode, Uffd, UffdFlags};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 16384; // 64 MiB
@@ -66,31 +62,9 @@ fn postcopy_moves_every_page_with_demand_faults_and_active_push() {
         assert_eq!((u.channel, b.channel), (Channel::Urgent, Channel::Bulk));
         assert_eq!(u.session, b.session);
 
-        let uffd = Uffd::new(UffdFlags {
-            nonblocking: true,
-            ..Default::default()
-        })
-        .unwrap();
-        uffd.api(Features::EVENT_REMOVE).unwrap();
-        let map = MmapMut::map_anon(PAGES as usize * PAGE).unwrap();
+        let guest = pagewise_tools::lab_vm::AnonVm::new("pc", PAGES, PAGE).unwrap();
+        let (map, vm) = (guest.map, Arc::new(guest.vm));
         let base = map.as_ptr() as u64;
-        uffd.register(base, PAGES * PAGE as u64, RegisterMode::MISSING)
-            .unwrap();
-        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: base,
-            size: PAGES as usize * PAGE,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }])
-        .unwrap();
-        let vm = Arc::new(Vm::new(
-            "pc".into(),
-            uffd,
-            layout,
-            None,
-            PeerInfo::default(),
-        ));
         vm.routes.set_range(0..PAGES, Route::Remote).unwrap();
         let remote = RemoteSource::new(urgent, PAGE, PAGES, u.version).unwrap();
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod daemon;
 pub mod image;
 pub mod kvm_guest;
+pub mod lab_vm;
 pub mod memhog;
 pub mod minipager;
 pub mod pattern;

@@ -2,22 +2,20 @@
 //! `pager::fault_loop::FaultLoop` from a raw memory image; eviction stores into that same
 //! image (`ImageFileStore`), so evicted pages come back through the real fault path.
 
-use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::evict::{EvictionTarget, ImageFileStore, PageStore};
 use pager::fault_loop::{FaultLoop, FaultLoopConfig, FaultLoopError, LoopExit};
 use pager::page_state::PageStateTable;
 use pager::source::ImageFileSource;
-use pager::vm::{GuestLayout, PeerInfo, Vm};
+use pager::vm::{GuestLayout, Vm};
 use pager::wss::WorkingSetTracker;
-use uffd::{Features, RegisterMode, Uffd, UffdFlags};
+use uffd::Features;
 
 use super::PAGE;
 
@@ -37,35 +35,10 @@ impl LoopGuest {
     /// holds word 1 = page + 1 in every page (first touches read it from the image);
     /// otherwise the image is all zeros.
     pub fn start(pages: u64, tagged: bool) -> anyhow::Result<Self> {
-        let fd = nix::sys::memfd::memfd_create(
-            c"pw-evict-loop",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?;
-        let memfd = File::from(fd);
         let len = pages * PAGE as u64;
-        memfd.set_len(len)?;
-        let map = memmap2::MmapOptions::new()
-            .len(len as usize)
-            .map_raw(&memfd)?;
-        let uffd = Uffd::new(UffdFlags {
-            nonblocking: true,
-            ..Default::default()
-        })?;
-        uffd.api(
-            Features::EVENT_REMOVE
-                | Features::MISSING_SHMEM
-                | Features::WP_HUGETLBFS_SHMEM
-                | Features::WP_UNPOPULATED,
-        )?;
-        let base = map.as_ptr() as u64;
-        uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
-        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: base,
-            size: len as usize,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }])?;
+        let (map, _memfd, vm) =
+            pagewise_tools::lab_vm::MemfdVm::new("evict-loop", pages, PAGE, Features::empty())?
+                .into_shared();
         let image = tempfile::NamedTempFile::new()?;
         image.as_file().set_len(len)?;
         if tagged {
@@ -76,15 +49,6 @@ impl LoopGuest {
             }
         }
         let image_path = image.path().to_path_buf();
-        let mut vm = Vm::new(
-            "evict-loop".into(),
-            uffd,
-            layout,
-            Some(OwnedFd::from(memfd)),
-            PeerInfo::default(),
-        );
-        vm.wp_registered = true;
-        let vm = Arc::new(vm);
         let source = ImageFileSource::open(&image_path, PAGE, pages)?;
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
         let fl = FaultLoop::new(

@@ -10,7 +10,7 @@
 //!   synchronous WP fault).
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use nix::fcntl::{fallocate, FallocateFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use pager::attach::protocol::GuestRegionUffdMapping;
 use pager::evict::{EvictConfig, EvictGoal, ImageFileStore, SwapdevStore, VmEviction};
 use pager::fault_loop::{FaultLoop, FaultLoopConfig};
 use pager::page_state::PageState;
 use pager::source::ImageFileSource;
-use pager::uffd::{Features, RegisterMode, Uffd, UffdFlags};
-use pager::vm::{GuestLayout, PeerInfo, Vm};
+use pager::uffd::Features;
+use pager::vm::Vm;
 use rand::Rng;
 
 const PAGE: usize = 4096;
@@ -64,40 +63,11 @@ impl Guest {
     fn new(args: &EvictBenchArgs) -> anyhow::Result<Self> {
         let pages = args.mib * (1 << 20) / PAGE as u64;
         let len = pages * PAGE as u64;
-        let memfd = File::from(nix::sys::memfd::memfd_create(
-            c"pw-bench-evict",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?);
-        memfd.set_len(len)?;
-        let map = memmap2::MmapOptions::new()
-            .len(len as usize)
-            .map_raw(&memfd)?;
-        let uffd = Uffd::new(UffdFlags {
-            nonblocking: true,
-            ..Default::default()
-        })?;
-        uffd.api(Features::EVENT_REMOVE | Features::WP_HUGETLBFS_SHMEM | Features::WP_UNPOPULATED)?;
-        let base = map.as_ptr() as u64;
-        uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
-        let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-            base_host_virt_addr: base,
-            size: len as usize,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }])?;
         let image = tempfile::NamedTempFile::new_in(&args.dir)
             .with_context(|| format!("creating the image in {}", args.dir.display()))?;
         image.as_file().set_len(len)?;
-        let mut vm = Vm::new(
-            "bench".into(),
-            uffd,
-            layout,
-            Some(OwnedFd::from(memfd.try_clone()?)),
-            PeerInfo::default(),
-        );
-        vm.wp_registered = true;
-        let vm = Arc::new(vm);
+        let (map, memfd, vm) =
+            crate::lab_vm::MemfdVm::new("bench", pages, PAGE, Features::empty())?.into_shared();
         let source = ImageFileSource::open(image.path(), PAGE, pages)?;
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
         let fl = FaultLoop::new(
@@ -444,38 +414,9 @@ fn swapdev_faults_during_eviction(
     args: &EvictBenchArgs,
 ) -> anyhow::Result<(FaultLatency, FaultLatency, FaultLatency)> {
     let pages = args.mib * (1 << 20) / PAGE as u64;
-    let len = pages * PAGE as u64;
-    let memfd = File::from(nix::sys::memfd::memfd_create(
-        c"pw-bench-evict-faults",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-    )?);
-    memfd.set_len(len)?;
-    let map = memmap2::MmapOptions::new()
-        .len(len as usize)
-        .map_raw(&memfd)?;
-    let uffd = Uffd::new(UffdFlags {
-        nonblocking: true,
-        ..Default::default()
-    })?;
-    uffd.api(Features::EVENT_REMOVE | Features::WP_HUGETLBFS_SHMEM | Features::WP_UNPOPULATED)?;
+    let (map, memfd, vm) =
+        crate::lab_vm::MemfdVm::new("bench-faults", pages, PAGE, Features::empty())?.into_shared();
     let base = map.as_ptr() as u64;
-    uffd.register(base, len, RegisterMode::MISSING | RegisterMode::WP)?;
-    let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
-        base_host_virt_addr: base,
-        size: len as usize,
-        offset: 0,
-        page_size: PAGE,
-        page_size_kib: 0,
-    }])?;
-    let mut vm = Vm::new(
-        "bench-faults".into(),
-        uffd,
-        layout,
-        Some(OwnedFd::from(memfd.try_clone()?)),
-        PeerInfo::default(),
-    );
-    vm.wp_registered = true;
-    let vm = Arc::new(vm);
 
     let dev_file = tempfile::NamedTempFile::new_in(&args.dir)?;
     let dev_path = dev_file.path().to_str().context("swap device path")?;
