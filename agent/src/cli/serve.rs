@@ -99,6 +99,16 @@ fn host_id(arg: &Option<String>) -> Result<String> {
     }
 }
 
+/// Refuse to start with a named swap device that cannot be opened: a typo must show now, not
+/// when a VM attaches. Read-only: nothing is written and ownership is not taken.
+fn check_device(spec: &str, option: &str) -> Result<()> {
+    let backend = swapdev::backend::spec::open_backend(spec, &Default::default())
+        .with_context(|| format!("{option}: cannot open swap device {spec}"))?;
+    swapdev::SwapDevice::open(backend, swapdev::OpenOptions::read_only("serve-check"))
+        .with_context(|| format!("{option}: {spec} is not a usable swap device"))?;
+    Ok(())
+}
+
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.swapdev.is_none() && args.swapdev_dir.is_none() && args.vms.is_empty() {
         bail!("give --swapdev SPEC, --swapdev-dir DIR or at least one --vm NAME=SOCKET:SPEC");
@@ -121,9 +131,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             bail!("--swapdev-dir {}: not a directory", dir.display());
         }
     }
+    if let Some(spec) = &args.swapdev {
+        check_device(spec, "--swapdev")?;
+    }
     let mut listeners = Vec::new();
     for v in &args.vms {
         let (name, socket, spec) = parse_vm(v)?;
+        check_device(&spec, &format!("--vm {name}"))?;
         if provider.per_vm.insert(name.clone(), spec).is_some() {
             bail!("--vm {name} given twice");
         }

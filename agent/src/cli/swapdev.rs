@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use pager::conventions::parse_size;
 use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::backend::Backend;
 use swapdev::{ChecksumKind, CodecPolicy, CreateOptions, OpenOptions, SwapDevice};
@@ -39,8 +40,8 @@ enum SwapdevCommand {
 
 #[derive(Args, Debug, Clone)]
 struct FormatArgs {
-    /// Page size in bytes: 4096 or 2097152.
-    #[arg(long, default_value_t = 4096)]
+    /// Page size: 4096 (4K) or 2097152 (2M).
+    #[arg(long, default_value = "4096", value_parser = parse_page_size)]
     page_size: u32,
     /// VM uuid recorded in the header (random if not given).
     #[arg(long)]
@@ -65,8 +66,9 @@ struct CreateArgs {
     /// Capacity in pages.
     #[arg(long, conflicts_with = "size")]
     pages: Option<u64>,
-    /// Capacity in bytes (a multiple of the page size), e.g. the VM's RAM size.
-    #[arg(long)]
+    /// Capacity in bytes (a multiple of the page size; K, M, G suffixes), e.g. the VM's RAM
+    /// size: 512M.
+    #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     #[command(flatten)]
     format: FormatArgs,
@@ -163,6 +165,11 @@ fn create_options(f: &FormatArgs, host: String, pages: u64) -> CreateOptions {
         checksum: f.checksum,
         force: f.force,
     }
+}
+
+fn parse_page_size(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s).map_err(|e| e.to_string())?;
+    u32::try_from(bytes).map_err(|_| format!("page size {s:?} is too large"))
 }
 
 fn pages_for(bytes: u64, page_size: u32, what: &str) -> Result<u64> {

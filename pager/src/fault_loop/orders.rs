@@ -316,6 +316,10 @@ impl FaultLoop {
     pub(super) fn retry_parked(&mut self) -> Result<(), FaultLoopError> {
         let parked = std::mem::take(&mut self.parked);
         for (page, at) in parked {
+            // Counted as a fault when it parked; `missing_fault` counts it again.
+            self.metrics()
+                .faults
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.missing_fault(page, at)?;
         }
         Ok(())

@@ -69,18 +69,7 @@ const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Parse `1G`, `256M`, `64K` or a byte count into whole pages.
 fn parse_size_pages(s: &str) -> anyhow::Result<u64> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("size {s:?}: expected a number with an optional K/M/G"))?;
-    let bytes = n
-        .checked_mul(mult)
-        .with_context(|| format!("size {s:?} overflows"))?;
+    let bytes = pager::conventions::parse_size(s)?;
     if bytes < 64 * PAGE_SIZE as u64 || bytes % PAGE_SIZE as u64 != 0 {
         bail!("size {s:?} must be a multiple of 4 KiB and at least 256 KiB");
     }
