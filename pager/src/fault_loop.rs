@@ -342,17 +342,14 @@ impl FaultLoop {
             // E.g. a uffd whose UFFDIO_API handshake was never done reports POLLERR forever.
             return Err(FaultLoopError::UffdUnusable);
         }
+        let (uffd, stop, orders) = (ready(0), ready(1), ready(2));
         let connection_ready = self.connection.is_some() && ready(FIRST_SOURCE + sources);
-        let r = Ready {
-            uffd: ready(0),
-            stop: ready(1),
-            orders: ready(2),
-            hangup: false,
-        };
         drop(fds);
         Ok(Ready {
+            uffd,
+            stop,
+            orders,
             hangup: connection_ready && self.connection_closed(),
-            ..r
         })
     }
 
@@ -408,7 +405,7 @@ impl FaultLoop {
         if route == Route::Zero {
             return Ok(Fetch::Zero);
         }
-        if self.paused || self.sources.live(route).is_none() {
+        if self.paused {
             return Ok(Fetch::NoSource);
         }
         let from_states: &[PageState] = match why {
@@ -417,18 +414,13 @@ impl FaultLoop {
                 &[PageState::Missing, PageState::Evicted]
             }
         };
-        let Some(&from) = from_states.iter().find(|&&from| {
-            self.vm
-                .states
-                .transition(page, from, PageState::InFlight)
-                .is_ok()
-        }) else {
+        let Some(source) = self.sources.live(route) else {
+            return Ok(Fetch::NoSource);
+        };
+        let Some(from) = claim_absent(&self.vm.states, page, from_states) else {
             return Ok(Fetch::NotClaimed);
         };
-        let submitted = match self.sources.live(route) {
-            Some(source) => source.submit(page, why.tag()),
-            None => unreachable!("checked above, nothing ran in between"),
-        };
+        let submitted = source.submit(page, why.tag());
         if let Err(e) = submitted {
             self.vm.states.set(page, from);
             return match e {
@@ -525,6 +517,18 @@ impl FaultLoop {
         }
         Ok(submitted)
     }
+}
+
+/// Claim `page` for a fetch: CAS it to `InFlight` from the first of `from` it is in.
+/// Returns the state it had.
+fn claim_absent(
+    states: &crate::page_state::PageStateTable,
+    page: u64,
+    from: &[PageState],
+) -> Option<PageState> {
+    from.iter()
+        .copied()
+        .find(|&f| states.transition(page, f, PageState::InFlight).is_ok())
 }
 
 /// What woke the loop.

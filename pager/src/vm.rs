@@ -73,6 +73,11 @@ impl Vm {
         }
     }
 
+    /// Write-protect the whole guest, one `UFFDIO_WRITEPROTECT` per region.
+    pub fn write_protect_all(&self) -> Result<(), uffd::UffdError> {
+        protect_all(&self.uffd, &self.layout)
+    }
+
     /// Write-protect `pages` (those with a host address; others are skipped), one
     /// `UFFDIO_WRITEPROTECT` per contiguous run. Every later write to them faults to the loop
     /// and is recorded by write tracking.
@@ -97,4 +102,13 @@ impl Vm {
     pub fn page_size(&self) -> u64 {
         self.layout.page_size() as u64
     }
+}
+
+/// Write-protect every region of `layout` through `uffd`.
+pub fn protect_all(uffd: &Uffd, layout: &GuestLayout) -> Result<(), uffd::UffdError> {
+    let ps = layout.page_size();
+    for run in layout.all_runs() {
+        uffd.write_protect(run.host_addr, run.byte_len(ps), true, false)?;
+    }
+    Ok(())
 }

@@ -23,10 +23,7 @@ pub fn protect_and_sample(
     dirty: &Subscription,
     tracker: &WorkingSetTracker,
 ) -> Result<WssSample, UffdError> {
-    let ps = layout.page_size();
-    for run in layout.all_runs() {
-        uffd.write_protect(run.host_addr, run.byte_len(ps), true, false)?;
-    }
+    crate::vm::protect_all(uffd, layout)?;
     Ok(tracker.sample(states, dirty, Instant::now()))
 }
 

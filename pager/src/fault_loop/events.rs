@@ -116,17 +116,8 @@ impl FaultLoop {
                     Fetch::NotClaimed => self.missing_fault_retry(page, read_at),
                     Fetch::Zero => {
                         VmMetrics::add(&self.metrics().faults_avoided, 1);
-                        if self
-                            .vm
-                            .states
-                            .transition(page, PageState::Missing, PageState::InFlight)
-                            .is_err()
-                            && self
-                                .vm
-                                .states
-                                .transition(page, PageState::Evicted, PageState::InFlight)
-                                .is_err()
-                        {
+                        let absent = [PageState::Missing, PageState::Evicted];
+                        if super::claim_absent(&self.vm.states, page, &absent).is_none() {
                             return self.missing_fault_retry(page, read_at);
                         }
                         self.waiters.entry(page).or_default().push(read_at);

@@ -343,14 +343,8 @@ impl FaultLoop {
                 report.rejected += 1;
                 continue;
             }
-            let claimed = [PageState::Missing, PageState::Evicted, PageState::Zero]
-                .into_iter()
-                .any(|from| {
-                    self.vm
-                        .states
-                        .transition(p.page, from, PageState::InFlight)
-                        .is_ok()
-                });
+            let absent = [PageState::Missing, PageState::Evicted, PageState::Zero];
+            let claimed = super::claim_absent(&self.vm.states, p.page, &absent).is_some();
             // A page whose own read is in flight takes the pushed copy now; the read's
             // answer is dropped when it arrives (the page is no longer in flight).
             if !claimed && self.vm.states.get(p.page) != PageState::InFlight {

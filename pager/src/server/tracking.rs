@@ -134,15 +134,11 @@ impl Tracking {
                 vm: vm.name.clone(),
                 source,
             })?;
-        let ps = vm.layout.page_size();
-        for run in vm.layout.all_runs() {
-            vm.uffd
-                .write_protect(run.host_addr, run.byte_len(ps), true, false)
-                .map_err(|source| TrackingError::Protect {
-                    vm: vm.name.clone(),
-                    source,
-                })?;
-        }
+        vm.write_protect_all()
+            .map_err(|source| TrackingError::Protect {
+                vm: vm.name.clone(),
+                source,
+            })?;
         let pages = vm.layout.pages();
         map.insert(key, Tracked { vm, subscription });
         Ok(pages)
