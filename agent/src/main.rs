@@ -33,6 +33,8 @@ enum Command {
     Stats(cli::stats::StatsArgs),
     /// Run an unmodified QEMU with its guest RAM served by the pager.
     Vm(cli::vm::VmArgs),
+    /// Move a running VM to another host's pager daemon (pre-copy, post-copy or agile).
+    Migrate(cli::migrate::MigrateArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => cli::serve::run(args),
         Command::Stats(args) => cli::stats::run(args),
         Command::Vm(args) => cli::vm::run(args),
+        Command::Migrate(args) => cli::migrate::run(args),
     };
     match result {
         Ok(code) => code,

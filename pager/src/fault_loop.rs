@@ -399,10 +399,10 @@ impl FaultLoop {
     /// evictor's work. Returns whether a read was submitted; a page whose route has no live
     /// source is not claimed (a demand fault on it parks, see `missing_fault`).
     fn fetch(&mut self, page: u64, why: FetchReason) -> Result<Fetch, FaultLoopError> {
-        let Some(route) = self.vm.routes.get(page) else {
+        let Some(table_route) = self.vm.routes.get(page) else {
             return Ok(Fetch::NotClaimed);
         };
-        if route == Route::Zero {
+        if table_route == Route::Zero && self.vm.states.get(page) != PageState::Evicted {
             return Ok(Fetch::Zero);
         }
         if self.paused {
@@ -414,11 +414,24 @@ impl FaultLoop {
                 &[PageState::Missing, PageState::Evicted]
             }
         };
-        let Some(source) = self.sources.live(route) else {
-            return Ok(Fetch::NoSource);
-        };
         let Some(from) = claim_absent(&self.vm.states, page, from_states) else {
             return Ok(Fetch::NotClaimed);
+        };
+        // An evicted page's current copy is in the VM's own swap device, whatever the route
+        // table says (it routes the page's content *before* this host had it: a migration
+        // destination's zero, remote or handed-over pages).
+        let route = if from == PageState::Evicted {
+            Route::Swapdev
+        } else {
+            self.vm.routes.get(page).unwrap_or(table_route)
+        };
+        if route == Route::Zero {
+            self.vm.states.set(page, from);
+            return Ok(Fetch::Zero);
+        }
+        let Some(source) = self.sources.live(route) else {
+            self.vm.states.set(page, from);
+            return Ok(Fetch::NoSource);
         };
         let submitted = source.submit(page, why.tag());
         if let Err(e) = submitted {

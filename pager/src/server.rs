@@ -8,6 +8,7 @@
 pub mod client;
 pub mod control;
 pub mod error;
+pub mod migration;
 pub mod prepare;
 pub mod protocol;
 pub mod provider;
@@ -99,6 +100,8 @@ pub struct Daemon {
     evictor: OnceLock<Arc<EvictRegistry>>,
     /// Write tracking for control-socket consumers (`dirty_start` / `dirty_harvest`).
     tracking: tracking::Tracking,
+    /// The migration engine, when the binary installed one.
+    migration: OnceLock<Arc<dyn migration::MigrationService>>,
 }
 
 /// Bind a Unix socket at `path`, replacing a stale socket file (never a regular file).
@@ -140,6 +143,7 @@ impl Daemon {
             stopping: std::sync::atomic::AtomicBool::new(false),
             evictor: OnceLock::new(),
             tracking: tracking::Tracking::default(),
+            migration: OnceLock::new(),
         }))
     }
 
@@ -155,6 +159,21 @@ impl Daemon {
     /// The eviction service, when enabled.
     pub fn evictor(&self) -> Option<&Arc<EvictRegistry>> {
         self.evictor.get()
+    }
+
+    /// Install the migration engine (once; later calls are ignored).
+    pub fn set_migration(&self, service: Arc<dyn migration::MigrationService>) {
+        let _ = self.migration.set(service);
+    }
+
+    /// The migration engine, when installed.
+    pub fn migration(&self) -> Option<&Arc<dyn migration::MigrationService>> {
+        self.migration.get()
+    }
+
+    /// Whether VM `name` is being migrated (eviction waits for the end).
+    pub fn is_migrating(&self, name: &str) -> bool {
+        self.migration().is_some_and(|m| m.is_migrating(name))
     }
 
     /// The attached VMs, by name.

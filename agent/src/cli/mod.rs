@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod evict;
+pub mod migrate;
 pub mod serve;
 pub mod stats;
 pub mod swapdev;

@@ -70,6 +70,79 @@ pub struct ServeArgs {
     /// cost the guest more (see docs/evict.md).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
     wss_interval_ms: u64,
+    /// Receive migrating VMs on this TCP address (HOST:PORT); needs --psk-file and
+    /// --swapdev-dir (each incoming VM gets DIR/NAME.swap).
+    #[arg(long, value_name = "ADDR:PORT", requires = "psk_file")]
+    migrate_listen: Option<SocketAddr>,
+    /// The pre-shared key both hosts' migration endpoints authenticate each other with (a
+    /// file of at least 16 bytes; `pagewise migrate` from this daemon uses it too).
+    #[arg(long, value_name = "KEY")]
+    psk_file: Option<PathBuf>,
+    /// Where incoming VMs' files go (guest RAM, QMP socket, serial log): tmpfs or hugetlbfs.
+    #[arg(long, default_value = "/dev/shm/pagewise-incoming")]
+    migrate_dir: PathBuf,
+    /// The attach library incoming QEMUs run under [default: next to the pagewise binary].
+    #[arg(long)]
+    preload: Option<PathBuf>,
+}
+
+/// Install the migration engine (with `--psk-file`) and its endpoint (`--migrate-listen`).
+fn start_migration(
+    args: &ServeArgs,
+    daemon: &Arc<Daemon>,
+    host_id: String,
+) -> Result<Option<std::thread::JoinHandle<()>>> {
+    let Some(psk_file) = &args.psk_file else {
+        return Ok(None);
+    };
+    let psk = agent::migrate::auth::Psk::from_file(psk_file)
+        .with_context(|| format!("--psk-file {}", psk_file.display()))?;
+    let swapdev_dir = match (&args.swapdev_dir, &args.migrate_listen) {
+        (Some(d), _) => d.clone(),
+        (None, Some(_)) => bail!(
+            "--migrate-listen needs --swapdev-dir: each incoming VM gets its swap device there"
+        ),
+        (None, None) => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&args.migrate_dir)
+        .with_context(|| format!("--migrate-dir {}", args.migrate_dir.display()))?;
+    check_ram_dir(&args.migrate_dir)?;
+    let preload = crate::cli::vm::find_preload(args.preload.clone())?;
+    let engine = agent::migrate::session::Engine::install(
+        agent::migrate::session::EngineConfig {
+            psk,
+            dir: std::fs::canonicalize(&args.migrate_dir)
+                .with_context(|| args.migrate_dir.display().to_string())?,
+            preload,
+            attach_socket: std::path::absolute(&args.socket)
+                .with_context(|| args.socket.display().to_string())?,
+            swapdev_dir,
+            host_id,
+            qemu_start_timeout: Duration::from_secs(30),
+        },
+        daemon,
+    );
+    let Some(addr) = args.migrate_listen else {
+        return Ok(None);
+    };
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("--migrate-listen {addr}: binding"))?;
+    eprintln!("pagewise serve: migration endpoint on {addr}");
+    Ok(Some(engine.listen(listener)))
+}
+
+/// Guest RAM of incoming VMs must be on tmpfs or hugetlbfs (userfaultfd serves those).
+fn check_ram_dir(dir: &std::path::Path) -> Result<()> {
+    use nix::sys::statfs::{statfs, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+    let fs = statfs(dir).with_context(|| format!("--migrate-dir {}", dir.display()))?;
+    let kind = fs.filesystem_type();
+    if kind != TMPFS_MAGIC && kind != HUGETLBFS_MAGIC {
+        bail!(
+            "--migrate-dir {} is not on tmpfs or hugetlbfs: incoming guest RAM must be served              there (e.g. /dev/shm/pagewise-incoming)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Parse `NAME=SOCKET:SPEC`. SPEC may itself contain ':' (nbd URLs), SOCKET may not.
@@ -120,10 +193,11 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.max_inflight == 0 {
         bail!("--max-inflight must be at least 1");
     }
+    let host = host_id(&args.host_id)?;
     let mut provider = SwapdevProvider {
         single: args.swapdev.clone(),
         dir: args.swapdev_dir.clone(),
-        host_id: host_id(&args.host_id)?,
+        host_id: host.clone(),
         ..Default::default()
     };
     if let Some(dir) = &provider.dir {
@@ -186,6 +260,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     )
     .context("starting working-set tracking")?;
     let mut threads = Vec::new();
+    if let Some(t) = start_migration(&args, &daemon, host)? {
+        threads.push(t);
+    }
     let mut paths = vec![stats_path.clone()];
     for (listener, naming, path) in listeners {
         tracing::info!(socket = %path.display(), ?naming, "listening for VMs");

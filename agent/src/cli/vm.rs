@@ -71,7 +71,7 @@ fn env_path(name: &str) -> Option<PathBuf> {
 }
 
 /// `--preload`, `PAGEWISE_PRELOAD`, or the library next to this binary.
-fn find_preload(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn find_preload(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         if !path.is_file() {
             bail!("attach library {} does not exist", path.display());

@@ -31,6 +31,9 @@ pub enum SourcePage {
     Freed,
     /// Its bytes (written into the buffer the reader was given).
     Data,
+    /// Its current copy is in the swap device both hosts share (agile): never sent, the
+    /// destination reads it there.
+    Stored,
 }
 
 /// Pushing failed.
@@ -226,6 +229,9 @@ pub fn push_pages(
                     },
                 )?;
             }
+            // The destination routes it to the shared swap device (announced before the
+            // switchover): nothing to push.
+            SourcePage::Stored => {}
         }
     }
     write_message(&mut w, &Message::Done)?;

@@ -68,10 +68,21 @@ pub enum Command {
     /// Source -> destination (urgent channel): the requested page was already pushed on the
     /// bulk channel; it arrives there (so no page crosses the link twice).
     PageInBulk = 15,
+    /// Source -> destination: pages whose pre-copied copy went stale (written after it was
+    /// sent); the destination drops them and routes them to the source.
+    StalePages = 16,
+    /// Source -> destination (agile): pages whose current copy is in the shared swap device;
+    /// they never cross the link.
+    StoredPages = 17,
+    /// Destination -> source: the switchover is applied (routes set, sources installed):
+    /// the source may let QEMU move the devices.
+    Ready = 18,
+    /// Destination -> source: the destination's figures at the end (a JSON object).
+    Report = 19,
 }
 
 impl Command {
-    pub const ALL: [Command; 15] = [
+    pub const ALL: [Command; 19] = [
         Command::Hello,
         Command::AuthProof,
         Command::Refuse,
@@ -87,6 +98,10 @@ impl Command {
         Command::Abort,
         Command::Ack,
         Command::PageInBulk,
+        Command::StalePages,
+        Command::StoredPages,
+        Command::Ready,
+        Command::Report,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -98,14 +113,18 @@ impl Command {
         match self {
             Command::Hello => 56,
             Command::AuthProof => 32,
-            Command::Refuse | Command::Abort => 2 + MAX_STR,
+            Command::Refuse | Command::Abort | Command::Report => 2 + MAX_STR,
             Command::Setup => 256 * 1024,
             Command::SetupOk => 8 + 2 + MAX_STR,
             Command::Page => 12 + MAX_PAGE_SIZE,
-            Command::ZeroPages | Command::FreedPages | Command::Ack => 16,
+            Command::ZeroPages
+            | Command::FreedPages
+            | Command::Ack
+            | Command::StalePages
+            | Command::StoredPages => 16,
             Command::PageRequest | Command::PageInBulk => 8,
             Command::RoundEnd => 20,
-            Command::Switchover | Command::Done => 0,
+            Command::Switchover | Command::Done | Command::Ready => 0,
         }
     }
 }
@@ -211,7 +230,7 @@ mod tests {
     #[test]
     fn command_numbers_are_pinned_and_zero_is_invalid() {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
-        assert_eq!(numbers, (1..=15).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=19).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
         assert_eq!(Command::from_u16(16), None);
     }

@@ -71,6 +71,10 @@ pub enum Message {
     Abort(String),
     Ack { first: u64, count: u64 },
     PageInBulk { page: u64 },
+    StalePages { first: u64, count: u64 },
+    StoredPages { first: u64, count: u64 },
+    Ready,
+    Report(String),
 }
 
 /// A message that cannot be read.
@@ -184,6 +188,10 @@ impl Message {
             Message::Abort(_) => Command::Abort,
             Message::Ack { .. } => Command::Ack,
             Message::PageInBulk { .. } => Command::PageInBulk,
+            Message::StalePages { .. } => Command::StalePages,
+            Message::StoredPages { .. } => Command::StoredPages,
+            Message::Ready => Command::Ready,
+            Message::Report(_) => Command::Report,
         }
     }
 
@@ -200,7 +208,9 @@ impl Message {
                 out.extend_from_slice(&h.session);
             }
             Message::AuthProof(mac) => out.extend_from_slice(mac),
-            Message::Refuse(reason) | Message::Abort(reason) => put_str(&mut out, reason),
+            Message::Refuse(reason) | Message::Abort(reason) | Message::Report(reason) => {
+                put_str(&mut out, reason)
+            }
             Message::Setup(s) => {
                 put_str(&mut out, &s.vm);
                 out.push(s.mode as u8);
@@ -229,7 +239,9 @@ impl Message {
             }
             Message::ZeroPages { first, count }
             | Message::FreedPages { first, count }
-            | Message::Ack { first, count } => run(&mut out, *first, *count),
+            | Message::Ack { first, count }
+            | Message::StalePages { first, count }
+            | Message::StoredPages { first, count } => run(&mut out, *first, *count),
             Message::PageRequest { page } | Message::PageInBulk { page } => {
                 out.extend_from_slice(&page.to_le_bytes())
             }
@@ -238,7 +250,7 @@ impl Message {
                 out.extend_from_slice(&sent.to_le_bytes());
                 out.extend_from_slice(&dirty.to_le_bytes());
             }
-            Message::Switchover | Message::Done => {}
+            Message::Switchover | Message::Done | Message::Ready => {}
         }
         out
     }
@@ -285,6 +297,7 @@ impl Message {
             Command::AuthProof => Message::AuthProof(f.array()?),
             Command::Refuse => Message::Refuse(f.string()?),
             Command::Abort => Message::Abort(f.string()?),
+            Command::Report => Message::Report(f.string()?),
             Command::Setup => {
                 let vm = f.string()?;
                 let mode = match f.u8()? {
@@ -353,6 +366,15 @@ impl Message {
                 first: f.u64()?,
                 count: f.u64()?,
             },
+            Command::StalePages => Message::StalePages {
+                first: f.u64()?,
+                count: f.u64()?,
+            },
+            Command::StoredPages => Message::StoredPages {
+                first: f.u64()?,
+                count: f.u64()?,
+            },
+            Command::Ready => Message::Ready,
             Command::PageRequest => Message::PageRequest { page: f.u64()? },
             Command::PageInBulk => Message::PageInBulk { page: f.u64()? },
             Command::RoundEnd => Message::RoundEnd {

@@ -10,3 +10,4 @@ pub mod page_server;
 pub mod precopy;
 pub mod qmp;
 pub mod remote;
+pub mod session;

@@ -49,7 +49,29 @@ pub fn serve_page_requests(
     pages: u64,
     version: u16,
     sent: Option<&SentPages>,
+    on_request: impl FnMut(u64),
+) -> Result<Served, PageServerError> {
+    serve_page_requests_with(
+        stream,
+        page_size,
+        pages,
+        version,
+        sent,
+        on_request,
+        |page, buf| memory.read_exact_at(buf, page * page_size as u64),
+    )
+}
+
+/// [`serve_page_requests`] reading each page with `read` (a source whose pages live in more
+/// than one place: its memory file and its swap device).
+pub fn serve_page_requests_with(
+    stream: TcpStream,
+    page_size: usize,
+    pages: u64,
+    version: u16,
+    sent: Option<&SentPages>,
     mut on_request: impl FnMut(u64),
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<Served, PageServerError> {
     let _ = stream.set_nodelay(true);
     let mut reader = stream.try_clone().map_err(WireError::Io)?;
@@ -78,10 +100,7 @@ pub fn serve_page_requests(
                 continue;
             }
         }
-        let offset = page * page_size as u64;
-        memory
-            .read_exact_at(&mut buf, offset)
-            .map_err(|source| PageServerError::Read { page, source })?;
+        read(page, &mut buf).map_err(|source| PageServerError::Read { page, source })?;
         if swapdev::is_zero_page(&buf) {
             write_message(
                 &mut writer,

@@ -147,6 +147,16 @@ pub fn send_round(
                 )?;
                 bytes += 32;
             }
+            SourcePage::Stored => {
+                write_message(
+                    out,
+                    &Message::StoredPages {
+                        first: page,
+                        count: 1,
+                    },
+                )?;
+                bytes += 32;
+            }
         }
     }
     Ok((data, zero, bytes))

@@ -44,6 +44,19 @@ pub enum DestCmdlineError {
     BadName(String),
 }
 
+/// The QMP socket of a QEMU command line (`-qmp unix:PATH,...`), the migration's handle on
+/// the source QEMU.
+pub fn qmp_socket(argv: &[String]) -> Option<PathBuf> {
+    argv.windows(2).find_map(|w| {
+        let opt = w[0].trim_start_matches('-');
+        if opt != "qmp" || !w[0].starts_with('-') {
+            return None;
+        }
+        let rest = w[1].strip_prefix("unix:")?;
+        split_opts(rest).into_iter().next().map(PathBuf::from)
+    })
+}
+
 /// Join option parts back, escaping commas as QEMU does (`,,`).
 fn join_opts(parts: &[String]) -> String {
     parts
@@ -190,6 +203,14 @@ mod tests {
 
     fn v(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_qmp_socket_is_found() {
+        let argv = v("qemu -m 1G -qmp unix:/run/q,,1.sock,server=on,wait=off");
+        assert_eq!(qmp_socket(&argv), Some(PathBuf::from("/run/q,1.sock")));
+        assert_eq!(qmp_socket(&v("qemu -qmp tcp:1.2.3.4:5")), None);
+        assert_eq!(qmp_socket(&v("qemu -m 1G")), None);
     }
 
     #[test]

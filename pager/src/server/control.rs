@@ -49,6 +49,16 @@ pub enum CommandError {
     Tracking(#[from] super::tracking::TrackingError),
     #[error("VM {vm:?} is not served from a swap device")]
     NoSwapdev { vm: String },
+    #[error("this daemon has no migration endpoint (start it with --migrate-listen)")]
+    NoMigration,
+    #[error("migration of VM {vm:?}")]
+    Migration {
+        vm: String,
+        #[source]
+        source: crate::source::BoxError,
+    },
+    #[error("VM {vm:?} is being migrated; eviction waits for the migration to end")]
+    Migrating { vm: String },
     #[error("releasing VM {vm:?}'s swap device")]
     Release {
         vm: String,
@@ -108,6 +118,7 @@ pub fn all_stats(daemon: &Daemon, only: Option<&str>) -> Result<StatsReport, Com
     }
     Ok(StatsReport {
         vms: vms.into_iter().map(|(_, s)| s).collect(),
+        migrations: daemon.migration().map(|m| m.overview()).unwrap_or_default(),
     })
 }
 
@@ -137,6 +148,7 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
             ops: Request::OPS
                 .iter()
                 .filter(|op| daemon.evictor().is_some() || !is_eviction_op(op))
+                .filter(|op| daemon.migration().is_some() || !op.starts_with("migrate"))
                 .map(|s| s.to_string())
                 .collect(),
         },
@@ -153,7 +165,12 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
             goal,
             batch_pages,
             wait,
-        } => evictor(daemon)?.start_eviction(daemon, &vm, goal, batch_pages, wait)?,
+        } => {
+            if daemon.is_migrating(&vm) {
+                return Err(CommandError::Migrating { vm });
+            }
+            evictor(daemon)?.start_eviction(daemon, &vm, goal, batch_pages, wait)?
+        }
         Request::EvictStatus { vm } => evictor(daemon)?.status(daemon, &vm)?,
         Request::EvictCancel { vm } => evictor(daemon)?.cancel(daemon, &vm)?,
         Request::Wss { vm } => evictor(daemon)?.wss(daemon, vm.as_deref())?,
@@ -212,6 +229,28 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
                 generation: dev.generation(),
                 vm,
             }
+        }
+        Request::Migrate(request) => {
+            let vm = request.vm.clone();
+            let m = daemon.migration().ok_or(CommandError::NoMigration)?;
+            Response::Migration(
+                m.start(request)
+                    .map_err(|source| CommandError::Migration { vm, source })?,
+            )
+        }
+        Request::MigrateStatus { vm } => {
+            let m = daemon.migration().ok_or(CommandError::NoMigration)?;
+            Response::Migration(
+                m.status(&vm)
+                    .map_err(|source| CommandError::Migration { vm, source })?,
+            )
+        }
+        Request::MigrateCancel { vm } => {
+            let m = daemon.migration().ok_or(CommandError::NoMigration)?;
+            Response::Migration(
+                m.cancel(&vm)
+                    .map_err(|source| CommandError::Migration { vm, source })?,
+            )
         }
         Request::DirtyStop { vm, consumer } => {
             if !daemon.tracking().stop(&vm, &consumer) {

@@ -130,6 +130,12 @@ pub enum Request {
     /// running and keeps reading it; writes to it are refused from now on), so another host
     /// can acquire it: [`Response::SwapdevReleased`].
     SwapdevRelease { vm: String },
+    /// Migrate an attached VM to another host: [`Response::Migration`] (its first status).
+    Migrate(super::migration::MigrateRequest),
+    /// The running or last migration of a VM: [`Response::Migration`].
+    MigrateStatus { vm: String },
+    /// Stop a migration before its switchover: [`Response::Migration`].
+    MigrateCancel { vm: String },
 }
 
 impl Request {
@@ -152,6 +158,9 @@ impl Request {
         "dirty_harvest",
         "dirty_stop",
         "swapdev_release",
+        "migrate",
+        "migrate_status",
+        "migrate_cancel",
     ];
 }
 
@@ -327,6 +336,8 @@ pub enum Response {
         /// The device's generation after the release (the next owner acquires above it).
         generation: u64,
     },
+    /// A migration's status or report (the migration engine's JSON).
+    Migration(Value),
     /// The request failed; `message` names the problem and its causes.
     Error {
         message: String,
@@ -354,6 +365,7 @@ impl Response {
             Self::DirtySet(_) => "dirty_set",
             Self::DirtyStopped { .. } => "dirty_stopped",
             Self::SwapdevReleased { .. } => "swapdev_released",
+            Self::Migration(_) => "migration",
             Self::Error { .. } => "error",
         }
     }
@@ -382,6 +394,9 @@ pub struct ListedVm {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatsReport {
     pub vms: Vec<VmStats>,
+    /// Migrations to or from this host (the migration engine's status objects).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<Value>,
 }
 
 /// Pages per state, by the lowercase state names.

@@ -41,6 +41,7 @@ impl TwoHost {
     }
 
     /// Run `f` on a new thread inside `host`'s network namespace.
+    #[allow(dead_code)] // used by some of the test binaries that include this module
     pub fn on<T: Send + 'static>(
         &self,
         host: &str,

@@ -59,6 +59,16 @@ fn sample_messages() -> Vec<Message> {
             count: 512,
         },
         Message::PageInBulk { page: 0x1234 },
+        Message::StalePages {
+            first: 3,
+            count: 2,
+        },
+        Message::StoredPages {
+            first: 0x100,
+            count: 0x10,
+        },
+        Message::Ready,
+        Message::Report("{}".into()),
     ]
 }
 
@@ -99,7 +109,12 @@ fn payload_bytes_are_pinned() {
         format!("0900 {}", a("link lost")),
         "0000000000000000 0002000000000000".into(),
         "3412000000000000".into(),
+        "0300000000000000 0200000000000000".into(),
+        "0001000000000000 1000000000000000".into(),
+        String::new(),
+        format!("0200 {}", a("{}")),
     ];
+    assert_eq!(pinned.len(), sample_messages().len(), "one pinned layout per message");
     for (m, want) in sample_messages().iter().zip(pinned) {
         let want: String = want.split_whitespace().collect();
         let got = hex(&m.payload());
@@ -216,7 +231,7 @@ fn a_frame_of_another_version_mid_connection_is_refused() {
 
 proptest! {
     #[test]
-    fn arbitrary_payloads_never_panic(cmd in 1u16..=15, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+    fn arbitrary_payloads_never_panic(cmd in 1u16..=19, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let command = Command::from_u16(cmd).unwrap();
         let _ = Message::decode(command, &bytes);
     }

@@ -1,0 +1,459 @@
+//! One incoming VM on the destination: prepared in the daemon, its QEMU started under the
+//! pager with `-incoming defer`, pre-copied pages written into its memory file, the
+//! switchover applied (routes, the remote source, the shared swap device), pushed pages
+//! placed, and a report for the source.
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pager::page_state::PageState;
+use pager::route::Route;
+use pager::server::Daemon;
+use serde_json::{json, Value};
+
+use super::dest_qemu::{DestQemu, DestQemuError};
+use super::engine::{Engine, Job};
+use super::status::Phase;
+use crate::migrate::bulk::{receive_pages, BulkError, Received};
+use crate::migrate::frame::Command;
+use crate::migrate::message::{read_message, write_message, Message, Mode, Setup, WireError};
+use crate::migrate::remote::{RemoteError, RemoteSource};
+
+/// Longest silence on the bulk channel before the switchover.
+const PRECOPY_IDLE: Duration = Duration::from_secs(300);
+/// Largest guest accepted (bytes).
+const MAX_GUEST_BYTES: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("invalid VM name {0:?}")]
+    BadName(String),
+    #[error("VM {0:?} is already served here")]
+    Exists(String),
+    #[error("a guest of {pages} pages of {page_size} bytes is larger than this host accepts")]
+    TooLarge { pages: u64, page_size: u32 },
+    #[error("the source's QEMU command line")]
+    Cmdline(#[from] crate::qemu::dest::DestCmdlineError),
+    #[error("the source's QEMU command line has no -qmp unix: socket")]
+    NoQmp,
+    #[error("creating {what} {path}")]
+    File {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening {path} for the VM's swap device")]
+    SwapdevBackend {
+        path: String,
+        #[source]
+        source: swapdev::backend::BackendError,
+    },
+    #[error("creating the VM's swap device {path}")]
+    Swapdev {
+        path: String,
+        #[source]
+        source: swapdev::SwapError,
+    },
+    #[error("opening the shared swap device {spec}")]
+    Shared {
+        spec: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("agile migration without a shared swap device")]
+    NoSharedDevice,
+    #[error("preparing the VM in the daemon")]
+    Prepare(#[from] pager::server::prepare::PrepareError),
+    #[error("the destination QEMU")]
+    Qemu(#[from] DestQemuError),
+    #[error("the bulk channel")]
+    Wire(#[from] WireError),
+    #[error("the source sent {got:?} while the destination was {state}")]
+    OutOfOrder { got: Command, state: &'static str },
+    #[error("the source sent pages {first}+{count}, outside the VM's {pages} pages")]
+    OutOfRange { first: u64, count: u64, pages: u64 },
+    #[error("the source sent a {got}-byte page; the VM's pages have {want} bytes")]
+    WrongPageSize { got: usize, want: usize },
+    #[error("writing page {page} into the memory file")]
+    Write {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    #[error("the remote page source")]
+    Remote(#[from] RemoteError),
+    #[error("the VM's fault loop refused an order")]
+    Order(#[from] pager::fault_loop::OrderError),
+    #[error("placing pushed pages")]
+    Push(#[from] BulkError),
+    #[error("the VM left the daemon")]
+    Gone,
+}
+
+/// One incoming VM.
+pub(super) struct Incoming {
+    engine: Arc<Engine>,
+    /// This host's address on the link (where the source QEMU reaches ours).
+    local_ip: String,
+    daemon: Arc<Daemon>,
+    setup: Setup,
+    job: Arc<Job>,
+    qemu: Option<DestQemu>,
+    memory: Option<File>,
+    /// Files made here (removed if the migration fails before the switchover).
+    made: Vec<std::path::PathBuf>,
+    /// `Ready` was sent: the guest is (about to be) running here.
+    ready: bool,
+}
+
+impl Incoming {
+    fn pages(&self) -> u64 {
+        self.setup.pages
+    }
+    fn page_size(&self) -> usize {
+        self.setup.page_size as usize
+    }
+
+    pub fn run(&mut self, urgent: TcpStream, bulk: &mut TcpStream, version: u16) -> Result<(), IncomingError> {
+        let incoming_uri = self.prepare()?;
+        let pid = self.qemu.as_ref().map(|q| q.pid()).unwrap_or(0);
+        write_message(
+            bulk,
+            &Message::SetupOk {
+                qemu_pid: pid as u64,
+                incoming: incoming_uri,
+            },
+        )?;
+        self.job.update(|s| {
+            s.status = Phase::Active;
+            s.dest_qemu_pid = Some(pid as u64);
+        });
+        let _ = bulk.set_read_timeout(Some(PRECOPY_IDLE));
+        self.receive_precopy(bulk, version)?;
+        self.switch_over(urgent, version)?;
+        write_message(bulk, &Message::Ready)?;
+        self.ready = true;
+        self.job.update(|s| s.status = Phase::PostcopyActive);
+        let _ = bulk.set_read_timeout(None);
+        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
+        let received = receive_pages(&mut *bulk, &controller, self.page_size(), self.pages(), version)?;
+        // Every page is here: the source's pages need no route any more.
+        let _ = controller.remove_source(Route::Remote);
+        let report = self.report(received);
+        write_message(bulk, &Message::Report(report.to_string()))?;
+        self.job.update(|s| s.destination = Some(report));
+        Ok(())
+    }
+
+    /// Check the setup, make the VM's files, prepare it and start its QEMU.
+    fn prepare(&mut self) -> Result<String, IncomingError> {
+        let s = self.setup.clone();
+        let vm = s.vm.clone();
+        if !pager::attach::server::valid_vm_name(&vm) {
+            return Err(IncomingError::BadName(vm));
+        }
+        if self.daemon.vm(&vm).is_some() {
+            return Err(IncomingError::Exists(vm));
+        }
+        let bytes = s
+            .pages
+            .checked_mul(s.page_size as u64)
+            .filter(|b| *b > 0 && *b <= MAX_GUEST_BYTES)
+            .ok_or(IncomingError::TooLarge {
+                pages: s.pages,
+                page_size: s.page_size,
+            })?;
+        if s.mode == Mode::Agile && s.swapdev.is_none() {
+            return Err(IncomingError::NoSharedDevice);
+        }
+        let engine = self.engine.clone();
+        let cfg = &engine.config;
+        let dest = crate::qemu::dest::rewrite(&s.qemu_argv, &vm, &cfg.dir)?;
+        let qmp = dest.qmp.clone().ok_or(IncomingError::NoQmp)?;
+        let file_err = |what, path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| IncomingError::File { what, path, source }
+        };
+        // Leftovers of an earlier migration of this name (no VM of it runs here).
+        let _ = std::fs::remove_file(&dest.mem_path);
+        let _ = std::fs::remove_file(&qmp);
+        let memory = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&dest.mem_path)
+            .map_err(file_err("the memory file", &dest.mem_path))?;
+        self.made.push(dest.mem_path.clone());
+        memory
+            .set_len(bytes)
+            .map_err(file_err("the memory file", &dest.mem_path))?;
+        self.memory = Some(memory);
+        let device = cfg.swapdev_dir.join(format!("{vm}.swap"));
+        self.create_swapdev(&device)?;
+        self.daemon.prepare(pager::server::protocol::PrepareSpec {
+            vm: vm.clone(),
+            layout: pager::server::protocol::LayoutSpec {
+                page_size: s.page_size as u64,
+                regions: vec![pager::server::protocol::RegionSpec {
+                    offset: 0,
+                    size: bytes,
+                }],
+            },
+            swapdev: Some(device.display().to_string()),
+            states: vec![],
+            routes: vec![pager::server::protocol::RouteRange {
+                first_page: 0,
+                count: s.pages,
+                route: Route::Remote,
+            }],
+        })?;
+        let mut qemu = DestQemu::start(cfg, &vm, &dest, &self.daemon)?;
+        let uri = qemu.listen_incoming(&self.local_ip)?;
+        self.job.update(|st| {
+            st.dest_paths = dest.dest_paths.iter().cloned().collect();
+        });
+        self.qemu = Some(qemu);
+        Ok(uri)
+    }
+
+    fn create_swapdev(&mut self, path: &std::path::Path) -> Result<(), IncomingError> {
+        let cfg = &self.engine.config;
+        let err = |source| IncomingError::Swapdev {
+            path: path.display().to_string(),
+            source,
+        };
+        let _ = std::fs::remove_file(path);
+        let spec = path.display().to_string();
+        let opts = swapdev::backend::spec::SpecOptions {
+            create: true,
+            ..Default::default()
+        };
+        let backend = swapdev::backend::spec::open_backend(&spec, &opts).map_err(|e| {
+            IncomingError::SwapdevBackend {
+                path: spec.clone(),
+                source: e,
+            }
+        })?;
+        self.made.push(path.to_path_buf());
+        let dev = swapdev::SwapDevice::create(
+            backend,
+            swapdev::CreateOptions {
+                vm_uuid: swapdev::Uuid::new_v4(),
+                page_size: self.setup.page_size,
+                capacity_pages: self.setup.pages,
+                host_id: cfg.host_id.clone(),
+                codec: swapdev::CodecPolicy::Lz4,
+                checksum: swapdev::ChecksumKind::Crc32c,
+                force: true,
+            },
+        )
+        .map_err(err)?;
+        dev.close().map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Pages `first..first+count` when they lie inside a guest of `pages` pages.
+fn checked(first: u64, count: u64, pages: u64) -> Result<std::ops::Range<u64>, IncomingError> {
+    match first.checked_add(count) {
+        Some(end) if end <= pages => Ok(first..end),
+        _ => Err(IncomingError::OutOfRange {
+            first,
+            count,
+            pages,
+        }),
+    }
+}
+
+impl Incoming {
+    pub fn new(
+        engine: Arc<Engine>,
+        daemon: Arc<Daemon>,
+        setup: Setup,
+        job: Arc<Job>,
+        local_ip: String,
+    ) -> Self {
+        Self {
+            engine,
+            local_ip,
+            daemon,
+            setup,
+            job,
+            qemu: None,
+            memory: None,
+            made: Vec::new(),
+            ready: false,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    pub fn vm_name(&self) -> &str {
+        &self.setup.vm
+    }
+
+    fn memory(&self) -> &File {
+        self.memory.as_ref().expect("the memory file is made before pages arrive")
+    }
+
+    /// Drop `range` from the memory file: its pages read absent (they fault again).
+    fn punch(&self, range: &std::ops::Range<u64>) -> Result<(), IncomingError> {
+        let ps = self.page_size() as u64;
+        nix::fcntl::fallocate(
+            self.memory().as_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (range.start * ps) as i64,
+            ((range.end - range.start) * ps) as i64,
+        )
+        .map_err(|e| IncomingError::Write {
+            page: range.start,
+            source: e.into(),
+        })
+    }
+
+    /// Mark `range` absent (a page the file held goes back to Missing) and route it.
+    fn absent(&self, range: std::ops::Range<u64>, route: Route) -> Result<(), IncomingError> {
+        let vm = self.daemon.vm(&self.setup.vm).ok_or(IncomingError::Gone)?;
+        self.punch(&range)?;
+        for p in range.clone() {
+            let _ = vm.states.transition(p, PageState::Present, PageState::Missing);
+        }
+        vm.routes
+            .set_range(range.clone(), route)
+            .map_err(|_| IncomingError::OutOfRange {
+                first: range.start,
+                count: range.end - range.start,
+                pages: self.pages(),
+            })?;
+        Ok(())
+    }
+
+    /// Pre-copy frames until `Switchover`.
+    fn receive_precopy(&mut self, bulk: &mut TcpStream, version: u16) -> Result<(), IncomingError> {
+        let vm = self.daemon.vm(&self.setup.vm).ok_or(IncomingError::Gone)?;
+        let (pages, ps) = (self.pages(), self.page_size());
+        let mut rounds = 0u64;
+        loop {
+            match read_message(bulk, Some(version))? {
+                Message::Page { page, data } => {
+                    checked(page, 1, pages)?;
+                    if data.len() != ps {
+                        return Err(IncomingError::WrongPageSize {
+                            got: data.len(),
+                            want: ps,
+                        });
+                    }
+                    self.memory()
+                        .write_all_at(&data, page * ps as u64)
+                        .map_err(|source| IncomingError::Write { page, source })?;
+                    let _ = vm.states.transition(page, PageState::Missing, PageState::Present);
+                    self.job.normal.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Message::ZeroPages { first, count } | Message::FreedPages { first, count } => {
+                    self.absent(checked(first, count, pages)?, Route::Zero)?;
+                    self.job.duplicate.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                }
+                Message::StoredPages { first, count } => {
+                    if self.setup.mode != Mode::Agile {
+                        return Err(IncomingError::OutOfOrder {
+                            got: Command::StoredPages,
+                            state: "migrating without a shared swap device",
+                        });
+                    }
+                    self.absent(checked(first, count, pages)?, Route::Local)?;
+                    self.job.stored.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                }
+                Message::StalePages { first, count } => {
+                    self.absent(checked(first, count, pages)?, Route::Remote)?;
+                }
+                Message::RoundEnd { .. } => {
+                    rounds += 1;
+                    self.job.update(|s| s.ram.dirty_sync_count = rounds);
+                }
+                Message::Switchover => return Ok(()),
+                Message::Abort(why) => return Err(IncomingError::Aborted(why)),
+                other => {
+                    return Err(IncomingError::OutOfOrder {
+                        got: other.command(),
+                        state: "receiving pre-copy",
+                    })
+                }
+            }
+        }
+    }
+
+    /// The source is paused: route the rest and install the sources that serve it.
+    fn switch_over(&mut self, urgent: TcpStream, version: u16) -> Result<(), IncomingError> {
+        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
+        if self.setup.mode == Mode::Agile {
+            let spec = self.setup.swapdev.clone().ok_or(IncomingError::NoSharedDevice)?;
+            let shared = |source: Box<dyn std::error::Error + Send + Sync>| IncomingError::Shared {
+                spec: spec.clone(),
+                source,
+            };
+            let backend = swapdev::backend::spec::open_backend(&spec, &Default::default())
+                .map_err(|e| shared(Box::new(e)))?;
+            // The source released it at pre-switchover: acquire it (generation fencing).
+            let device = swapdev::SwapDevice::open(
+                backend,
+                swapdev::OpenOptions::read_write(&self.engine.config.host_id, true, false),
+            )
+            .map_err(|e| shared(Box::new(e)))?;
+            let source = pager::source::SwapdevSource::new(
+                Arc::new(Mutex::new(device)),
+                format!("shared swapdev {spec}"),
+            )
+            .map_err(|e| shared(Box::new(e)))?;
+            controller.install_source(Route::Local, Box::new(source))?;
+        }
+        let remote = RemoteSource::new(urgent, self.page_size(), self.pages(), version)?;
+        controller.install_source(Route::Remote, Box::new(remote))?;
+        Ok(())
+    }
+
+    /// The destination's figures for the source's report.
+    pub(super) fn report(&mut self, received: Received) -> Value {
+        let vm = self.daemon.vm(&self.setup.vm);
+        let m = vm.as_ref().map(|v| v.metrics.snapshot());
+        let routed = vm.as_ref().map(|v| v.routes.census());
+        let running = self.qemu.as_mut().map(|q| q.wait_running(Duration::from_secs(30)));
+        json!({
+            "qemu_pid": self.qemu.as_ref().map(|q| q.pid()),
+            "qemu_running": running.map(|r| r.is_ok()),
+            "dest_paths": self.job.snapshot().dest_paths,
+            "pages_pushed_placed": received.placed,
+            "pages_pushed_already_present": received.already_present,
+            "pages_routed_to_swapdev": routed.map(|r| r[Route::Local as usize]),
+            "demand_faults": m.as_ref().map(|m| m.faults_to_source),
+            "faults": m.as_ref().map(|m| m.faults),
+            "fault_latency_p50_us": m.as_ref().and_then(|m| m.fault_latency.quantile_us(0.5)),
+            "fault_latency_p99_us": m.as_ref().and_then(|m| m.fault_latency.quantile_us(0.99)),
+            "fault_latency_buckets": m.as_ref().map(|m| m.fault_latency.buckets.clone()),
+            "blocktime_ms": m.as_ref().map(|m| m.blocktime_ns / 1_000_000),
+            "faults_parked": m.as_ref().map(|m| m.faults_parked),
+        })
+    }
+
+    /// Remove what was made for a migration that failed before the switchover.
+    pub fn clean_up(&mut self) {
+        if let Some(mut q) = self.qemu.take() {
+            q.kill();
+        }
+        let vm = &self.setup.vm;
+        self.daemon.detach(vm);
+        self.daemon.unprepare(vm);
+        for f in self.made.drain(..) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}

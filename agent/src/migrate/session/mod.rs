@@ -1,0 +1,42 @@
+//! Whole migrations between two pagewise daemons, QEMU moving only device state: the source
+//! driver ([`source`]), the destination endpoint ([`destination`]) and the engine the daemon
+//! calls through its control socket ([`engine`]).
+//!
+//! # One migration, on the wire
+//! Two authenticated TCP connections per migration (same session id): **urgent** (demand
+//! page requests and their answers) and **bulk** (everything else). Bulk, in order:
+//!
+//! ```text
+//! source                                   destination
+//!   Setup{vm, mode, layout, argv, swapdev} ->  prepare VM, create RAM file, start QEMU
+//!                                         <-  SetupOk{qemu_pid, incoming} | Refuse(why)
+//!   pre-copy: Page / ZeroPages / FreedPages / StoredPages / RoundEnd ...
+//!                                             pages -> RAM file, routes local/zero/stored
+//!   (QEMU: migrate; source paused at pre-switchover)
+//!   precopy: the final dirty pages as Page
+//!   postcopy/agile: StalePages runs           punch them, route them remote
+//!   agile: flush + release the swap device
+//!   Switchover                            ->  install the remote source (+ agile: acquire
+//!                                             the shared device, route stored pages to it)
+//!                                         <-  Ready
+//!   (QEMU: migrate-continue: devices move; the destination guest runs)
+//!   push: Page / ZeroPages ... Done       ->  placed unless the guest already has the page
+//!   urgent: PageRequest <-> Page/ZeroPages/PageInBulk, in parallel with the push
+//!                                         <-  Report{json}
+//!   punch + remove the source RAM file, quit the source QEMU
+//! ```
+//! Either side may send `Abort(why)` before the switchover; the source guest keeps running
+//! and the destination removes what it made. After the switchover the source keeps every
+//! page until the destination's report (surviving failures there is the reliability work).
+
+mod dest_qemu;
+pub mod destination;
+mod incoming;
+pub mod engine;
+mod pages;
+pub mod source;
+mod status;
+mod throttle;
+
+pub use engine::{Engine, EngineConfig};
+pub use status::{MigrationStatus, Phase, RamStats, Role};

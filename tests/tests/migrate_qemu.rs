@@ -1,0 +1,66 @@
+//! Live migration of an unmodified QEMU guest between the two lab hosts, pagewise moving
+//! the RAM and QEMU moving only device state: each mode migrates a memverify guest that
+//! keeps rewriting a hot set; the guest must go on verifying on the destination with 0 bad
+//! pages, the source QEMU must be gone and the source must hold none of the VM's RAM.
+
+mod migration_lab;
+mod qemu_lab;
+mod twohost;
+
+use std::time::{Duration, Instant};
+
+use migration_lab::{dest_path, MigrationLab};
+use qemu_lab::assert_memverify_passed;
+
+const RAM_MIB: u64 = 256;
+const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mibs=4 \
+                     memverify.verify_secs=4 memverify.duration_secs=40";
+
+fn migrate_a_verifying_guest(prefix: &str, mode: &str) -> serde_json::Value {
+    let lab = MigrationLab::up(prefix, "800mbit");
+    let mut guest = lab.start_guest("vm1", RAM_MIB, GUEST);
+    qemu_lab::wait_for_text(
+        &guest.serial,
+        "memverify: pass 1 ",
+        Duration::from_secs(180),
+        &mut guest.qemu,
+    );
+    let (ok, report, text) = lab.migrate("vm1", mode, &[]);
+    assert!(ok, "pagewise migrate --mode {mode} failed:\n{text}\n{}", lab.logs());
+    assert_eq!(report["status"], "completed", "{report}");
+    // The guest goes on on the destination and finishes its verification there.
+    let serial = dest_path(&report, &guest.serial);
+    let start = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.contains("memverify: DONE") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "the destination guest did not finish:\n{text}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_memverify_passed(&text);
+    // The source QEMU quit and its RAM file is gone.
+    let status = guest.qemu.wait(Duration::from_secs(20));
+    eprintln!("source QEMU exited: {status}");
+    assert!(!guest.mem.0.exists(), "the source RAM file is still there");
+    assert!(report["source_released_ms"].as_u64().is_some(), "{report}");
+    eprintln!("{mode}: {report}");
+    report
+}
+
+#[test]
+fn precopy_moves_a_verifying_qemu_guest() {
+    let r = migrate_a_verifying_guest("pwmpre", "precopy");
+    assert_eq!(r["stop_rule"], "converged", "{r}");
+}
+
+#[test]
+fn postcopy_moves_a_verifying_qemu_guest() {
+    let r = migrate_a_verifying_guest("pwmpost", "postcopy");
+    assert!(r["pages_pushed"].as_u64().unwrap() > 0, "{r}");
+}

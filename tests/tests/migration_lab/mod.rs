@@ -1,0 +1,177 @@
+//! Two pagewise daemons in the two-host lab, a QEMU guest under the source one, and
+//! `pagewise migrate` between them: what the migration tests (and their failure cases) share.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::qemu_lab::{guest, pagewise_bin, qemu_args, wait_for_text, Proc, ShmFile};
+use crate::twohost::TwoHost;
+
+pub const SRC_IP: &str = "10.77.0.1";
+pub const DST_IP: &str = "10.77.0.2";
+pub const PORT: u16 = 7600;
+
+/// `ip netns exec NS PROGRAM`.
+pub fn in_ns(ns: &str, program: &Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
+/// One host's daemon: `pagewise serve` with a migration endpoint.
+pub struct HostDaemon {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+    pub incoming: PathBuf,
+}
+
+impl HostDaemon {
+    pub fn start(ns: &str, name: &str, dir: &Path, ip: &str, key: &Path) -> Self {
+        let socket = dir.join("pager.sock");
+        let incoming = PathBuf::from(format!(
+            "/dev/shm/pagewise-test-in-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let mut cmd = in_ns(ns, &pagewise_bin());
+        cmd.args(["serve", "-v", "--socket"])
+            .arg(&socket)
+            .arg("--swapdev-dir")
+            .arg(dir)
+            .arg("--migrate-listen")
+            .arg(format!("{ip}:{PORT}"))
+            .arg("--psk-file")
+            .arg(key)
+            .arg("--migrate-dir")
+            .arg(&incoming)
+            .arg("--host-id")
+            .arg(name)
+            .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
+        let mut proc = Proc::spawn(&format!("serve-{name}"), cmd, dir);
+        let err = proc.stderr_path.clone();
+        wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
+        HostDaemon {
+            proc,
+            socket,
+            dir: dir.to_path_buf(),
+            incoming,
+        }
+    }
+}
+
+impl Drop for HostDaemon {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.incoming);
+    }
+}
+
+/// The lab, both daemons and a key.
+pub struct MigrationLab {
+    pub dir: tempfile::TempDir,
+    pub src: HostDaemon,
+    pub dst: HostDaemon,
+    pub key: PathBuf,
+    pub lab: TwoHost,
+}
+
+/// A guest under the source daemon.
+pub struct SourceGuest {
+    pub qemu: Proc,
+    pub mem: ShmFile,
+    pub serial: PathBuf,
+    pub qmp: PathBuf,
+}
+
+impl MigrationLab {
+    pub fn up(prefix: &str, rate: &str) -> Self {
+        let lab = TwoHost::up(prefix, rate);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("psk");
+        std::fs::write(&key, b"a test key of the migration lab, 0123456789").unwrap();
+        let src_dir = dir.path().join("src");
+        let dst_dir = dir.path().join("dst");
+        std::fs::create_dir_all(&src_dir).unwrap();
+        std::fs::create_dir_all(&dst_dir).unwrap();
+        let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key);
+        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key);
+        MigrationLab {
+            dir,
+            src,
+            dst,
+            key,
+            lab,
+        }
+    }
+
+    /// Start the lab guest as VM `name` under the source daemon (its swap device created),
+    /// with a QMP socket, kernel command line `append`.
+    pub fn start_guest(&self, name: &str, ram_mib: u64, append: &str) -> SourceGuest {
+        let device = self.src.dir.join(format!("{name}.swap"));
+        if !device.exists() {
+            crate::qemu_lab::pagewise_ok(&[
+                "swapdev",
+                "create",
+                device.to_str().unwrap(),
+                "--size",
+                &format!("{ram_mib}M"),
+            ]);
+        }
+        let mem = ShmFile::new(name);
+        let serial = self.src.dir.join(format!("{name}.serial"));
+        let qmp = self.src.dir.join(format!("{name}.qmp"));
+        let mut args = qemu_args(guest(), &mem.0, ram_mib, true, append, &serial);
+        args.extend([
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+        let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
+        cmd.args(["vm", "run", "--socket"])
+            .arg(&self.src.socket)
+            .args(["--name", name, "--", "qemu-system-x86_64"])
+            .args(&args)
+            .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
+        let qemu = Proc::spawn(&format!("vm-run-{name}"), cmd, &self.src.dir);
+        SourceGuest {
+            qemu,
+            mem,
+            serial,
+            qmp,
+        }
+    }
+
+    /// `pagewise migrate --json` on the source host; (exit success, report).
+    pub fn migrate(&self, vm: &str, mode: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
+        let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
+        cmd.args(["migrate", "--socket"])
+            .arg(&self.src.socket)
+            .args(["--vm", vm, "--to", &format!("{DST_IP}:{PORT}"), "--mode", mode, "--json"])
+            .args(extra);
+        let out = cmd.output().expect("run pagewise migrate");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.success(), report, format!("{stdout}\n{stderr}"))
+    }
+
+    /// Both daemons' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- source daemon:\n{}\n--- destination daemon:\n{}",
+            self.src.proc.output(),
+            self.dst.proc.output()
+        )
+    }
+}
+
+/// The destination path a report maps `source` to.
+pub fn dest_path(report: &serde_json::Value, source: &Path) -> PathBuf {
+    let key = source.display().to_string();
+    PathBuf::from(
+        report["dest_paths"][&key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no dest_paths entry for {key}: {report}")),
+    )
+}
