@@ -79,10 +79,13 @@ pub enum Command {
     Ready = 18,
     /// Destination -> source: the destination's figures at the end (a JSON object).
     Report = 19,
+    /// Source -> destination (agile): the shared swap device is released (flushed, no longer
+    /// written here): acquire it.
+    Released = 20,
 }
 
 impl Command {
-    pub const ALL: [Command; 19] = [
+    pub const ALL: [Command; 20] = [
         Command::Hello,
         Command::AuthProof,
         Command::Refuse,
@@ -102,6 +105,7 @@ impl Command {
         Command::StoredPages,
         Command::Ready,
         Command::Report,
+        Command::Released,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -124,7 +128,7 @@ impl Command {
             | Command::StoredPages => 16,
             Command::PageRequest | Command::PageInBulk => 8,
             Command::RoundEnd => 20,
-            Command::Switchover | Command::Done | Command::Ready => 0,
+            Command::Switchover | Command::Done | Command::Ready | Command::Released => 0,
         }
     }
 }
@@ -230,7 +234,7 @@ mod tests {
     #[test]
     fn command_numbers_are_pinned_and_zero_is_invalid() {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
-        assert_eq!(numbers, (1..=19).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=20).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
         assert_eq!(Command::from_u16(16), None);
     }

@@ -75,6 +75,7 @@ pub enum Message {
     StoredPages { first: u64, count: u64 },
     Ready,
     Report(String),
+    Released,
 }
 
 /// A message that cannot be read.
@@ -192,6 +193,7 @@ impl Message {
             Message::StoredPages { .. } => Command::StoredPages,
             Message::Ready => Command::Ready,
             Message::Report(_) => Command::Report,
+            Message::Released => Command::Released,
         }
     }
 
@@ -250,7 +252,7 @@ impl Message {
                 out.extend_from_slice(&sent.to_le_bytes());
                 out.extend_from_slice(&dirty.to_le_bytes());
             }
-            Message::Switchover | Message::Done | Message::Ready => {}
+            Message::Switchover | Message::Done | Message::Ready | Message::Released => {}
         }
         out
     }
@@ -375,6 +377,7 @@ impl Message {
                 count: f.u64()?,
             },
             Command::Ready => Message::Ready,
+            Command::Released => Message::Released,
             Command::PageRequest => Message::PageRequest { page: f.u64()? },
             Command::PageInBulk => Message::PageInBulk { page: f.u64()? },
             Command::RoundEnd => Message::RoundEnd {

@@ -29,7 +29,7 @@ pub struct HostDaemon {
 }
 
 impl HostDaemon {
-    pub fn start(ns: &str, name: &str, dir: &Path, ip: &str, key: &Path) -> Self {
+    pub fn start(ns: &str, name: &str, dir: &Path, ip: &str, key: &Path, extra: &[String]) -> Self {
         let socket = dir.join("pager.sock");
         let incoming = PathBuf::from(format!(
             "/dev/shm/pagewise-test-in-{name}-{}-{}",
@@ -49,6 +49,7 @@ impl HostDaemon {
             .arg(&incoming)
             .arg("--host-id")
             .arg(name)
+            .args(extra)
             .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
         let mut proc = Proc::spawn(&format!("serve-{name}"), cmd, dir);
         let err = proc.stderr_path.clone();
@@ -70,6 +71,10 @@ impl Drop for HostDaemon {
 
 /// The lab, both daemons and a key.
 pub struct MigrationLab {
+    /// qemu-nbd on the store host serving the shared swap device (agile), if any.
+    pub nbd: Option<Proc>,
+    /// The source VM's attach socket (its own socket when it uses the shared device).
+    pub vm_socket: PathBuf,
     pub dir: tempfile::TempDir,
     pub src: HostDaemon,
     pub dst: HostDaemon,
@@ -87,6 +92,16 @@ pub struct SourceGuest {
 
 impl MigrationLab {
     pub fn up(prefix: &str, rate: &str) -> Self {
+        Self::build(prefix, rate, None)
+    }
+
+    /// The lab with VM `vm`'s swap device (`ram_mib` of capacity) on an NBD export of the
+    /// store host, which both hosts reach (agile migration).
+    pub fn with_shared_device(prefix: &str, rate: &str, vm: &str, ram_mib: u64) -> Self {
+        Self::build(prefix, rate, Some((vm, ram_mib)))
+    }
+
+    fn build(prefix: &str, rate: &str, shared: Option<(&str, u64)>) -> Self {
         let lab = TwoHost::up(prefix, rate);
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("psk");
@@ -95,9 +110,20 @@ impl MigrationLab {
         let dst_dir = dir.path().join("dst");
         std::fs::create_dir_all(&src_dir).unwrap();
         std::fs::create_dir_all(&dst_dir).unwrap();
-        let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key);
-        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key);
+        let mut extra = Vec::new();
+        let mut nbd = None;
+        let mut vm_socket = src_dir.join("pager.sock");
+        if let Some((vm, ram_mib)) = shared {
+            let (proc, spec) = shared_device(&lab, dir.path(), vm, ram_mib);
+            nbd = Some(proc);
+            vm_socket = src_dir.join(format!("{vm}.sock"));
+            extra = vec!["--vm".into(), format!("{vm}={}:{spec}", vm_socket.display())];
+        }
+        let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key, &extra);
+        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key, &[]);
         MigrationLab {
+            nbd,
+            vm_socket,
             dir,
             src,
             dst,
@@ -110,7 +136,7 @@ impl MigrationLab {
     /// with a QMP socket, kernel command line `append`.
     pub fn start_guest(&self, name: &str, ram_mib: u64, append: &str) -> SourceGuest {
         let device = self.src.dir.join(format!("{name}.swap"));
-        if !device.exists() {
+        if !device.exists() && self.nbd.is_none() {
             crate::qemu_lab::pagewise_ok(&[
                 "swapdev",
                 "create",
@@ -129,7 +155,7 @@ impl MigrationLab {
         ]);
         let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
         cmd.args(["vm", "run", "--socket"])
-            .arg(&self.src.socket)
+            .arg(&self.vm_socket)
             .args(["--name", name, "--", "qemu-system-x86_64"])
             .args(&args)
             .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
@@ -174,4 +200,38 @@ pub fn dest_path(report: &serde_json::Value, source: &Path) -> PathBuf {
             .as_str()
             .unwrap_or_else(|| panic!("no dest_paths entry for {key}: {report}")),
     )
+}
+
+pub const STORE_IP: &str = "10.77.1.254";
+pub const NBD_PORT: u16 = 10809;
+
+/// qemu-nbd on the store host exporting a fresh file as `vm`, formatted as a swap device of
+/// `ram_mib` from the source host. Returns the server and the device spec.
+fn shared_device(lab: &TwoHost, dir: &Path, vm: &str, ram_mib: u64) -> (Proc, String) {
+    let file = dir.join(format!("{vm}.shared"));
+    let f = std::fs::File::create(&file).unwrap();
+    f.set_len((ram_mib << 20) * 2 + (64 << 20)).unwrap();
+    let mut cmd = in_ns(&lab.ns("store"), Path::new("qemu-nbd"));
+    cmd.args(["-f", "raw", "-x", vm, "-b", STORE_IP, "-p", &NBD_PORT.to_string()])
+        .args(["--persistent", "--shared=4", "--discard=unmap"])
+        .arg(&file);
+    let proc = Proc::spawn("qemu-nbd", cmd, dir);
+    let spec = format!("nbd://{STORE_IP}:{NBD_PORT}/{vm}");
+    let start = std::time::Instant::now();
+    loop {
+        let out = in_ns(&lab.ns("src"), &pagewise_bin())
+            .args(["swapdev", "create", &spec, "--size", &format!("{ram_mib}M"), "--host-id", "src"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "creating the shared swap device failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (proc, spec)
 }

@@ -69,6 +69,7 @@ fn sample_messages() -> Vec<Message> {
         },
         Message::Ready,
         Message::Report("{}".into()),
+        Message::Released,
     ]
 }
 
@@ -113,6 +114,7 @@ fn payload_bytes_are_pinned() {
         "0001000000000000 1000000000000000".into(),
         String::new(),
         format!("0200 {}", a("{}")),
+        String::new(),
     ];
     assert_eq!(pinned.len(), sample_messages().len(), "one pinned layout per message");
     for (m, want) in sample_messages().iter().zip(pinned) {
@@ -231,7 +233,7 @@ fn a_frame_of_another_version_mid_connection_is_refused() {
 
 proptest! {
     #[test]
-    fn arbitrary_payloads_never_panic(cmd in 1u16..=19, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+    fn arbitrary_payloads_never_panic(cmd in 1u16..=20, bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let command = Command::from_u16(cmd).unwrap();
         let _ = Message::decode(command, &bytes);
     }

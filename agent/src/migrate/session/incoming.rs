@@ -111,6 +111,8 @@ pub(super) struct Incoming {
     made: Vec<std::path::PathBuf>,
     /// `Ready` was sent: the guest is (about to be) running here.
     ready: bool,
+    /// Agile: the shared swap device is acquired and installed.
+    acquired: bool,
 }
 
 impl Incoming {
@@ -290,6 +292,7 @@ impl Incoming {
             memory: None,
             made: Vec::new(),
             ready: false,
+            acquired: false,
         }
     }
 
@@ -379,6 +382,13 @@ impl Incoming {
                 Message::RoundEnd { .. } => {
                     rounds += 1;
                     self.job.update(|s| s.ram.dirty_sync_count = rounds);
+                    // The source waits for this before it pauses the guest, so the pause
+                    // does not begin while pre-copy data still sits in the link.
+                    write_message(bulk, &Message::Ack { first: 0, count: rounds })?;
+                }
+                Message::Released if self.setup.mode == Mode::Agile && !self.acquired => {
+                    self.acquire_shared()?;
+                    write_message(bulk, &Message::Ack { first: 0, count: rounds })?;
                 }
                 Message::Switchover => return Ok(()),
                 Message::Abort(why) => return Err(IncomingError::Aborted(why)),
@@ -392,30 +402,41 @@ impl Incoming {
         }
     }
 
-    /// The source is paused: route the rest and install the sources that serve it.
-    fn switch_over(&mut self, urgent: TcpStream, version: u16) -> Result<(), IncomingError> {
+    /// Agile: the source released the shared swap device; acquire it (generation fencing)
+    /// and serve the pages routed to it (`Route::Local` on a destination) from it.
+    fn acquire_shared(&mut self) -> Result<(), IncomingError> {
         let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
-        if self.setup.mode == Mode::Agile {
-            let spec = self.setup.swapdev.clone().ok_or(IncomingError::NoSharedDevice)?;
-            let shared = |source: Box<dyn std::error::Error + Send + Sync>| IncomingError::Shared {
-                spec: spec.clone(),
-                source,
-            };
-            let backend = swapdev::backend::spec::open_backend(&spec, &Default::default())
-                .map_err(|e| shared(Box::new(e)))?;
-            // The source released it at pre-switchover: acquire it (generation fencing).
-            let device = swapdev::SwapDevice::open(
-                backend,
-                swapdev::OpenOptions::read_write(&self.engine.config.host_id, true, false),
-            )
+        let spec = self.setup.swapdev.clone().ok_or(IncomingError::NoSharedDevice)?;
+        let shared = |source: Box<dyn std::error::Error + Send + Sync>| IncomingError::Shared {
+            spec: spec.clone(),
+            source,
+        };
+        let backend = swapdev::backend::spec::open_backend(&spec, &Default::default())
             .map_err(|e| shared(Box::new(e)))?;
-            let source = pager::source::SwapdevSource::new(
-                Arc::new(Mutex::new(device)),
-                format!("shared swapdev {spec}"),
-            )
-            .map_err(|e| shared(Box::new(e)))?;
-            controller.install_source(Route::Local, Box::new(source))?;
+        let device = swapdev::SwapDevice::open(
+            backend,
+            swapdev::OpenOptions::read_write(&self.engine.config.host_id, true, false),
+        )
+        .map_err(|e| shared(Box::new(e)))?;
+        let source = pager::source::SwapdevSource::new(
+            Arc::new(Mutex::new(device)),
+            format!("shared swapdev {spec}"),
+        )
+        .map_err(|e| shared(Box::new(e)))?;
+        controller.install_source(Route::Local, Box::new(source))?;
+        self.acquired = true;
+        Ok(())
+    }
+
+    /// The source is paused: the pages still on it are served through the urgent channel.
+    fn switch_over(&mut self, urgent: TcpStream, version: u16) -> Result<(), IncomingError> {
+        if self.setup.mode == Mode::Agile && !self.acquired {
+            return Err(IncomingError::OutOfOrder {
+                got: Command::Switchover,
+                state: "waiting for the shared swap device to be released",
+            });
         }
+        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
         let remote = RemoteSource::new(urgent, self.page_size(), self.pages(), version)?;
         controller.install_source(Route::Remote, Box::new(remote))?;
         Ok(())

@@ -12,12 +12,12 @@
 //!                                         <-  SetupOk{qemu_pid, incoming} | Refuse(why)
 //!   pre-copy: Page / ZeroPages / FreedPages / StoredPages / RoundEnd ...
 //!                                             pages -> RAM file, routes local/zero/stored
+//!   agile: flush + release the swap device
+//!   Released                              ->  acquire it, serve stored pages from it
 //!   (QEMU: migrate; source paused at pre-switchover)
 //!   precopy: the final dirty pages as Page
 //!   postcopy/agile: StalePages runs           punch them, route them remote
-//!   agile: flush + release the swap device
-//!   Switchover                            ->  install the remote source (+ agile: acquire
-//!                                             the shared device, route stored pages to it)
+//!   Switchover                            ->  install the remote source
 //!                                         <-  Ready
 //!   (QEMU: migrate-continue: devices move; the destination guest runs)
 //!   push: Page / ZeroPages ... Done       ->  placed unless the guest already has the page

@@ -332,8 +332,20 @@ impl SourceRun {
             256 * 1024,
             self.throttled(bulk, self.job.cancel.clone())?,
         );
-        let finish = self.precopy(&writes, &mut out, source, held)?;
+        let (finish, syncs) = self.precopy(&writes, &mut out, source, held)?;
+        if self.mode == Mode::Agile {
+            // Hand the swap device over while the guest still runs (it is only read here
+            // from now on: evictions wait for the migration), so the destination opens it
+            // outside the downtime.
+            let dev = self.vm.swapdev.as_ref().ok_or(SourceError::NoSharedDevice)?;
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_ownership()
+                .map_err(SourceError::Release)?;
+            write_message(&mut out, &Message::Released)?;
+        }
         out.flush().map_err(WireError::Io)?;
+        self.wait_acks(bulk, version, syncs + u64::from(self.mode == Mode::Agile))?;
         if self.job.cancel.load(Ordering::Acquire) {
             return Err(SourceError::Cancelled);
         }
@@ -348,6 +360,7 @@ impl SourceRun {
         while source.in_flight() > 0 && settle.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let settled = paused.elapsed();
         let mut last = writes.harvest();
         last.sort_unstable();
         match finish {
@@ -368,13 +381,7 @@ impl SourceRun {
         }
         self.job
             .update(|s| s.ram.dirty_sync_count = s.rounds.len() as u64);
-        if self.mode == Mode::Agile {
-            let dev = self.vm.swapdev.as_ref().ok_or(SourceError::NoSharedDevice)?;
-            dev.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .release_ownership()
-                .map_err(SourceError::Release)?;
-        }
+        let final_sent = paused.elapsed();
         write_message(&mut out, &Message::Switchover)?;
         out.flush().map_err(WireError::Io)?;
         drop(out);
@@ -392,10 +399,20 @@ impl SourceRun {
                 })
             }
         }
+        let ready = paused.elapsed();
         // From here on the destination runs the guest: no roll-back.
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
         let info = qmp.wait_status(&["completed"], QEMU_STEP_TIMEOUT)?;
         let downtime = paused.elapsed().as_millis() as u64;
+        tracing::info!(
+            vm = %self.request.vm,
+            settled_ms = settled.as_millis() as u64,
+            final_set = last.len(),
+            final_sent_ms = final_sent.as_millis() as u64,
+            ready_ms = ready.as_millis() as u64,
+            downtime_ms = downtime,
+            "switchover"
+        );
         self.job.update(|s| {
             s.downtime = Some(downtime);
             s.qemu_downtime_ms = info.get("downtime").and_then(Value::as_u64);
@@ -425,20 +442,51 @@ impl SourceRun {
         }
     }
 
-    /// The pre-copy part of each mode; says how the last dirty set goes.
+    /// Read `count` acknowledgements (of rounds, of the release): the destination has taken
+    /// in everything sent so far.
+    fn wait_acks(&self, bulk: &TcpStream, version: u16, count: u64) -> Result<(), SourceError> {
+        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
+        reader
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .map_err(WireError::Io)?;
+        for _ in 0..count {
+            match read_message(&mut reader, Some(version))? {
+                Message::Ack { .. } => {}
+                Message::Abort(r) => return Err(SourceError::Aborted(r)),
+                other => {
+                    return Err(SourceError::Unexpected {
+                        got: other.command(),
+                        expected: "Ack",
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pre-copy part of each mode; says how the last dirty set goes, and how many
+    /// rounds the destination acknowledges.
     fn precopy(
         &self,
         writes: &Subscription,
         out: &mut impl Write,
         source: &SourcePages,
         held: &Held,
-    ) -> Result<Finish, SourceError> {
+    ) -> Result<(Finish, u64), SourceError> {
         let downtime = Duration::from_millis(self.request.downtime_limit_ms.unwrap_or(300));
         let postcopy_after = self.request.postcopy_after_ms.map(Duration::from_millis);
         let limits = match self.mode {
             Mode::Postcopy => {
                 self.announce_absent(out, source, held)?;
-                return Ok(Finish::Stale);
+                write_message(
+                    out,
+                    &Message::RoundEnd {
+                        round: 0,
+                        sent: 0,
+                        dirty: 0,
+                    },
+                )?;
+                return Ok((Finish::Stale, 1));
             }
             Mode::Precopy => PrecopyLimits {
                 downtime_limit: downtime,
@@ -459,12 +507,13 @@ impl SourceRun {
             s.stop_rule = Some(outcome.stop);
             s.rounds = outcome.rounds;
         });
-        match (self.mode, rule) {
-            (Mode::Precopy, StopRule::Converged) => Ok(Finish::Data),
-            (Mode::Precopy, _) if postcopy_after.is_some() => Ok(Finish::Stale),
-            (Mode::Precopy, rule) => Err(SourceError::NotConverged { rule, rounds }),
-            _ => Ok(Finish::Stale),
-        }
+        let finish = match (self.mode, rule) {
+            (Mode::Precopy, StopRule::Converged) => Finish::Data,
+            (Mode::Precopy, _) if postcopy_after.is_some() => Finish::Stale,
+            (Mode::Precopy, rule) => return Err(SourceError::NotConverged { rule, rounds }),
+            _ => Finish::Stale,
+        };
+        Ok((finish, rounds as u64))
     }
 
     /// Post-copy's only pre-copy: which pages are zero or freed (never sent), as runs.
@@ -617,6 +666,18 @@ impl SourceRun {
             .and_then(|s| s["running"].as_bool());
         if was_running && running == Some(false) {
             let _ = qmp.execute("cont", json!({}));
+        }
+        let released = self
+            .vm
+            .swapdev
+            .as_ref()
+            .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).is_released());
+        if released {
+            tracing::warn!(
+                vm = %self.request.vm,
+                "the guest runs on here, reading its released swap device: evictions of it \
+                 are refused until the VM is attached again (nothing is lost)"
+            );
         }
     }
 }
