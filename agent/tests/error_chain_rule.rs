@@ -166,8 +166,14 @@ fn source_fields(item: &str) -> (String, Vec<String>) {
     let mut sources = Vec::new();
     for (i, field) in top_level_fields(&body[..end]).into_iter().enumerate() {
         let (attrs, decl) = split_attrs(field);
-        let marked = attrs.split_whitespace().any(|a| a == "source" || a == "from");
-        let decl = decl.trim_start().strip_prefix("pub ").unwrap_or(decl).trim();
+        let marked = attrs
+            .split_whitespace()
+            .any(|a| a == "source" || a == "from");
+        let decl = decl
+            .trim_start()
+            .strip_prefix("pub ")
+            .unwrap_or(decl)
+            .trim();
         let field_name = if tuple {
             i.to_string()
         } else {
@@ -262,7 +268,10 @@ fn the_scanner_sees_inline_sources() {
         "#[error(\"open {path}\")]\n /// doc\n Open {\n /// the path\n path: String,\n #[source]\n err: std::io::Error },",
     ];
     for snippet in good {
-        assert!(violations_in(p, snippet).is_empty(), "false alarm: {snippet}");
+        assert!(
+            violations_in(p, snippet).is_empty(),
+            "false alarm: {snippet}"
+        );
     }
 }
 
@@ -345,7 +354,10 @@ fn an_io_error_reads_once() {
     let (ok, stderr) = pagewise(&["swapdev", "inspect", missing.to_str().unwrap()]);
     assert!(!ok, "{stderr}");
     assert_once(&stderr, "No such file or directory");
-    assert!(stderr.contains("no-such.swap"), "names the device: {stderr}");
+    assert!(
+        stderr.contains("no-such.swap"),
+        "names the device: {stderr}"
+    );
 
     // An image that cannot be created: ENOENT through SwapError::Image.
     let dev = dir.path().join("vm1.swap");
@@ -382,6 +394,9 @@ fn an_io_error_reads_once() {
         let (ok, stderr) = pagewise(&["swapdev", sub, &spec]);
         assert!(!ok, "{stderr}");
         assert_once(&stderr, "Input/output error");
-        assert!(stderr.contains("read at offset 0"), "says what failed: {stderr}");
+        assert!(
+            stderr.contains("read at offset 0"),
+            "says what failed: {stderr}"
+        );
     }
 }

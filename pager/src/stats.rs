@@ -92,11 +92,18 @@ impl Collector for Scrape {
                         Some(&Unit::Seconds),
                         MetricType::Counter,
                     ),
-                    |m, mut e| e.encode_counter::<NoLabelSet, _, f64>(&(value(m) as f64 / 1e9), None),
+                    |m, mut e| {
+                        e.encode_counter::<NoLabelSet, _, f64>(&(value(m) as f64 / 1e9), None)
+                    },
                 )?,
                 _ => self.family(
                     &mut encoder,
-                    (&format!("pagewise_{name}"), &help_of(doc), None, MetricType::Counter),
+                    (
+                        &format!("pagewise_{name}"),
+                        &help_of(doc),
+                        None,
+                        MetricType::Counter,
+                    ),
                     |m, mut e| e.encode_counter::<NoLabelSet, _, u64>(&value(m), None),
                 )?,
             }
@@ -183,11 +190,7 @@ fn serve_http(daemon: &Arc<Daemon>, listener: TcpListener) {
         let n = stream.read(&mut req).unwrap_or(0);
         let first_line = String::from_utf8_lossy(&req[..n]);
         let (status, body, ctype) = if first_line.starts_with("GET /metrics ") {
-            (
-                "200 OK",
-                prometheus_text(&snapshots(daemon)),
-                CONTENT_TYPE,
-            )
+            ("200 OK", prometheus_text(&snapshots(daemon)), CONTENT_TYPE)
         } else {
             (
                 "404 Not Found",
@@ -238,7 +241,10 @@ mod tests {
         for (name, _) in MetricsSnapshot::default().counters() {
             let (family_name, kind) = match name {
                 "inflight" => ("pagewise_inflight".to_string(), OpenMetricsType::Gauge),
-                "blocktime_ns" => ("pagewise_blocktime_seconds".into(), OpenMetricsType::Counter),
+                "blocktime_ns" => (
+                    "pagewise_blocktime_seconds".into(),
+                    OpenMetricsType::Counter,
+                ),
                 _ => (format!("pagewise_{name}"), OpenMetricsType::Counter),
             };
             let f = family(&family_name);
@@ -247,7 +253,10 @@ mod tests {
             assert_eq!(f.get_label_names(), ["vm"], "{family_name}");
             assert_eq!(f.iter_samples().count(), 2, "{family_name}");
         }
-        assert!(text.contains("pagewise_faults_total{vm=\"vm\\\"1\"} 3\n"), "{text}");
+        assert!(
+            text.contains("pagewise_faults_total{vm=\"vm\\\"1\"} 3\n"),
+            "{text}"
+        );
         let total = |name: &str, vm: &str| match &family(name)
             .get_sample_by_label_values(&label(vm))
             .unwrap()
@@ -273,7 +282,11 @@ mod tests {
         // The latency histogram: seconds, cumulative buckets ending in +Inf.
         let latency = family("pagewise_fault_latency_seconds");
         assert_eq!(latency.family_type, OpenMetricsType::Histogram);
-        let h = match &latency.get_sample_by_label_values(&label("vm\"1")).unwrap().value {
+        let h = match &latency
+            .get_sample_by_label_values(&label("vm\"1"))
+            .unwrap()
+            .value
+        {
             OpenMetricsValue::Histogram(h) => h.clone(),
             other => panic!("{other:?}"),
         };
@@ -300,8 +313,14 @@ mod tests {
         let text = prometheus_text(&[]);
         let parsed = parse_openmetrics(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
         assert_eq!(parsed.families.len(), 1, "{text}");
-        let vms = parsed.families["pagewise_vms"].iter_samples().next().unwrap();
-        assert!(matches!(&vms.value, OpenMetricsValue::Gauge(g) if g.as_f64() == 0.0), "{text}");
+        let vms = parsed.families["pagewise_vms"]
+            .iter_samples()
+            .next()
+            .unwrap();
+        assert!(
+            matches!(&vms.value, OpenMetricsValue::Gauge(g) if g.as_f64() == 0.0),
+            "{text}"
+        );
     }
 
     #[test]

@@ -164,7 +164,10 @@ fn advertised_minimum_block_size_is_honoured() {
         },
     )
     .unwrap_err();
-    assert!(swapdev::error_chain(&err).contains("minimum block size 4096"), "{err}");
+    assert!(
+        swapdev::error_chain(&err).contains("minimum block size 4096"),
+        "{err}"
+    );
     // 3 MiB is split into commands of at most the advertised 1 MiB maximum.
     large_unaligned_request(b.as_mut(), 4096, 3 << 20);
     let targets = random_pages(4096, 128, 2);
