@@ -54,9 +54,9 @@ pub enum EvictError {
     Layout(#[from] crate::layout::LayoutError),
     #[error("guest page {page} is outside every guest memory region")]
     PageOutOfRange { page: u64 },
-    #[error("userfaultfd: {0}")]
+    #[error(transparent)]
     Uffd(#[from] uffd::UffdError),
-    #[error("reading the guest memory file at offset {offset:#x}: {source}")]
+    #[error("reading the guest memory file at offset {offset:#x}")]
     ReadMemoryFile {
         offset: u64,
         #[source]
@@ -66,7 +66,7 @@ pub enum EvictError {
     MemoryFileTooShort { offset: u64, len: u64 },
     #[error("storing evicted pages in the swap device: {0}")]
     Store(StoreError),
-    #[error("punching the guest memory file at offset {offset:#x} (+{len} bytes): {source}")]
+    #[error("punching the guest memory file at offset {offset:#x} (+{len} bytes)")]
     PunchHole {
         offset: u64,
         len: u64,
@@ -184,7 +184,7 @@ pub fn run_eviction(
         p.resident = resident_pages(target.states) as u64;
         progress(&p);
         if let Some(e) = err {
-            tracing::warn!(error = %e, "eviction batch failed");
+            tracing::warn!(error = %crate::error_chain(&e), "eviction batch failed");
             let nothing_done = outcome.evicted + outcome.zero + outcome.skipped == 0;
             errors.push(e.to_string());
             if nothing_done {

@@ -17,17 +17,8 @@ pub mod vm;
 pub mod wss;
 
 /// An error and its causes on one line, `outer: cause: root cause` (for log fields; the
-/// variants themselves never print their source inline).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+/// variants themselves never print their source inline): the swap device's, shared.
+pub use swapdev::error_chain;
 
 /// The userfaultfd layer, re-exported for users of the pager.
 pub use uffd;

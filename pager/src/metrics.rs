@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 pub use histogram::{HistogramSnapshot, LatencyHistogram};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Counters of one VM. All `Relaxed` atomics: cheap on the fault path.
         #[derive(Debug, Default)]
         pub struct VmMetrics {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
             /// Demand-fault latency: message read -> page placed / thread woken.
             pub fault_latency: LatencyHistogram,
         }
@@ -21,7 +21,7 @@ macro_rules! counters {
         /// A copy of a VM's counters.
         #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
         pub struct MetricsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
             pub fault_latency: HistogramSnapshot,
         }
 
@@ -38,6 +38,11 @@ macro_rules! counters {
             /// (name, value) of every plain counter, for tables and Prometheus.
             pub fn counters(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
+            }
+
+            /// (name, doc comment) of every plain counter: the help text of `/metrics`.
+            pub fn counter_help() -> Vec<(&'static str, &'static str)> {
+                vec![$((stringify!($name), concat!($($doc),*)),)*]
             }
         }
     };

@@ -2,10 +2,24 @@
 
 use crate::backend::BackendError;
 
+/// An error and its causes on one line, `outer: cause: root cause`: for log fields and
+/// reports that keep errors as text. No variant prints its source inline
+/// (ARCHITECTURE.md, "Errors"), so this is how a flattened error keeps its cause.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Everything that can go wrong opening, reading or writing a swap device.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
-    #[error("backend I/O failed: {0}")]
+    #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("not a pagewise swap device: bad magic \"{found}\" in both header copies (expected \"PWSWAP01\")")]
     BadMagic { found: String },
@@ -96,7 +110,7 @@ pub enum SwapError {
         page_size: u32,
         expected: u64,
     },
-    #[error("image I/O failed: {0}")]
+    #[error("image I/O failed")]
     Image(#[source] std::io::Error),
 }
 

@@ -19,7 +19,7 @@ pub use device::{
     Access, CreateOptions, EncodedPages, FsckReport, OpenOptions, PageData, PageEncoder, PageRead,
     PageState, RunRead, Stats, SwapDevice, WriteTicket, DEFAULT_FENCE_INTERVAL,
 };
-pub use error::{Result, SwapError};
+pub use error::{error_chain, Result, SwapError};
 pub use format::{is_zero_page, ChecksumKind, CodecPolicy};
 pub use image::ImageStats;
 pub use uuid::Uuid;

@@ -267,7 +267,7 @@ fn read_only_export_refuses_writes() {
             op: IoOp::Write { buf: page_of(1) },
         })
         .unwrap_err();
-    assert!(err.to_string().contains("is read-only"), "{err}");
+    assert!(swapdev::error_chain(&err).contains("is read-only"), "{err}");
     assert_eq!(read_page(b.as_mut(), 3).len(), PAGE);
 }
 
@@ -277,7 +277,7 @@ fn export_cannot_grow_or_be_read_past_its_end() {
     let server = unix_server(dir.path(), &file, &[]);
     let mut b = connect(&server);
     b.grow(16 * PAGE as u64).unwrap();
-    let err = b.grow(1 << 30).unwrap_err().to_string();
+    let err = swapdev::error_chain(&b.grow(1 << 30).unwrap_err());
     assert!(err.contains("fixed size of 65536 bytes"), "{err}");
     let err = b
         .submit(IoRequest {
@@ -289,8 +289,7 @@ fn export_cannot_grow_or_be_read_past_its_end() {
         })
         .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("past the end of NBD export 'swap'"),
+        swapdev::error_chain(&err).contains("past the end of NBD export 'swap'"),
         "{err}"
     );
 }

@@ -74,8 +74,7 @@ fn memory_plugin_conformance_over_unix() {
         })
         .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("past the end of NBD export 'swap'"),
+        swapdev::error_chain(&err).contains("past the end of NBD export 'swap'"),
         "{err}"
     );
     drop(b);
@@ -165,7 +164,10 @@ fn advertised_minimum_block_size_is_honoured() {
         },
     )
     .unwrap_err();
-    assert!(err.to_string().contains("minimum block size 4096"), "{err}");
+    assert!(
+        swapdev::error_chain(&err).contains("minimum block size 4096"),
+        "{err}"
+    );
     // 3 MiB is split into commands of at most the advertised 1 MiB maximum.
     large_unaligned_request(b.as_mut(), 4096, 3 << 20);
     let targets = random_pages(4096, 128, 2);
@@ -234,7 +236,7 @@ fn wrong_export_and_read_only_export_are_clear_errors() {
             op: IoOp::Write { buf: page_of(1) },
         })
         .unwrap_err();
-    assert!(err.to_string().contains("is read-only"), "{err}");
+    assert!(swapdev::error_chain(&err).contains("is read-only"), "{err}");
 }
 
 #[test]

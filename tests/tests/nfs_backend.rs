@@ -90,7 +90,7 @@ fn conformance_read_write_flush_trim() {
             },
         })
         .unwrap_err();
-    assert!(err.to_string().contains("limit"), "{err}");
+    assert!(swapdev::error_chain(&err).contains("limit"), "{err}");
     assert_eq!(b.in_flight(), 0);
     // Zero-length requests complete at once.
     run_one(
@@ -214,7 +214,7 @@ fn server_dying_fails_outstanding_and_later_requests_clearly() {
             Ok(()) => {}
             Err(e) => {
                 failed += 1;
-                assert!(e.to_string().contains("127.0.0.1"), "{e}");
+                assert!(swapdev::error_chain(&e).contains("127.0.0.1"), "{e}");
             }
         }
     }
@@ -227,7 +227,7 @@ fn server_dying_fails_outstanding_and_later_requests_clearly() {
             .result
             .as_ref()
             .expect_err("nothing succeeds on a dead server");
-        let msg = e.to_string();
+        let msg = swapdev::error_chain(e);
         assert!(
             msg.contains("127.0.0.1") && msg.contains("dies.img"),
             "{msg}"

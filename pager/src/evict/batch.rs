@@ -68,7 +68,7 @@ impl EvictionTarget<'_> {
                 .write_protect(run.host_addr, run.byte_len(self.page_size()), false, false)
         {
             // The VMM's mm is gone or the range was unmapped: nobody can write any more.
-            tracing::warn!(error = %e, first_page = run.first_page, "un-protect on abandon failed");
+            tracing::warn!(error = %crate::error_chain(&e), first_page = run.first_page, "un-protect on abandon failed");
         }
         let mut n = 0;
         for p in run.page_range() {
@@ -242,7 +242,7 @@ impl EvictionTarget<'_> {
                 }
             }
             if let Err(e) = self.uffd.wake(run.host_addr, run.byte_len(ps)) {
-                tracing::warn!(error = %e, first_page = run.first_page, "wake after eviction failed");
+                tracing::warn!(error = %crate::error_chain(&e), first_page = run.first_page, "wake after eviction failed");
                 first_error.get_or_insert(EvictError::Uffd(e));
             }
         }

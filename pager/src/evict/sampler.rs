@@ -83,7 +83,7 @@ impl Sampler {
                             target.after_sample();
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "working-set sampler stops");
+                            tracing::warn!(error = %crate::error_chain(&e), "working-set sampler stops");
                             failed2.store(true, Ordering::Release);
                             return;
                         }

@@ -98,7 +98,7 @@ impl SamplerTarget for Shared {
             Ok(0) => {}
             Ok(n) => tracing::debug!(vm = %self.vm.name, pages = n, "discarded pages forgotten"),
             Err(e) => {
-                tracing::warn!(vm = %self.vm.name, error = %e, "forgetting discarded pages failed")
+                tracing::warn!(vm = %self.vm.name, error = %crate::error_chain(&*e), "forgetting discarded pages failed")
             }
         }
     }

@@ -189,7 +189,9 @@ impl FaultLoop {
             }
             Ok(_) => {}
             // The range was unmapped meanwhile: the writer, if any, is gone with its mapping.
-            Err(e) => tracing::warn!(vm = %vm.name, %e, "un-protecting after a WP fault failed"),
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %crate::error_chain(&e), "un-protecting after a WP fault failed")
+            }
         }
         Ok(())
     }

@@ -72,7 +72,7 @@ impl FaultLoop {
                                 .map(|s| s.source.describe())
                                 .unwrap_or_default(),
                         };
-                        tracing::warn!(vm = %self.vm.name, route = route.name(), error = %e, "answer dropped");
+                        tracing::warn!(vm = %self.vm.name, route = route.name(), error = %crate::error_chain(&e), "answer dropped");
                     }
                 }
             }

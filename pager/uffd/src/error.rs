@@ -10,14 +10,14 @@ pub enum UffdError {
         device: std::io::Error,
         syscall: std::io::Error,
     },
-    #[error("UFFDIO_API with features {requested:#x?} failed{}: {source}",
+    #[error("UFFDIO_API with features {requested:#x?} failed{}",
         .missing.map(|m| format!(" (kernel lacks {:#x})", m.0)).unwrap_or_default())]
     Api {
         requested: Features,
         missing: Option<Features>,
         source: std::io::Error,
     },
-    #[error("userfaultfd {op} of [{addr:#x}, +{len:#x}) failed: {source}")]
+    #[error("userfaultfd {op} of [{addr:#x}, +{len:#x}) failed")]
     Range {
         op: &'static str,
         addr: u64,
@@ -58,7 +58,7 @@ pub enum CopyError {
     /// ESRCH: the faulting process's address space is gone (the VMM exited).
     #[error("the process owning the userfaultfd's address space has exited")]
     ProcessGone,
-    #[error("placing pages at {addr:#x} (+{len:#x}) failed: {source}")]
+    #[error("placing pages at {addr:#x} (+{len:#x}) failed")]
     Os {
         addr: u64,
         len: u64,

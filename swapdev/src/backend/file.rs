@@ -579,7 +579,7 @@ impl Drop for FileBackend {
             let waited = self.enter(self.in_ring);
             self.reap();
             if let Err(e) = waited {
-                tracing::error!(error = %e, "cannot drain io_uring; leaking in-flight buffers");
+                tracing::error!(error = %crate::error_chain(&e), "cannot drain io_uring; leaking in-flight buffers");
                 std::mem::forget(std::mem::take(&mut self.slots));
                 return;
             }

@@ -12,7 +12,7 @@ use crate::AlignedBuf;
 /// Errors raised by a backend. Each names the operation and where it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("{op} at offset {offset} failed: {source}")]
+    #[error("{op} at offset {offset} failed")]
     Io {
         op: &'static str,
         offset: u64,

@@ -186,7 +186,7 @@ fn run(
         out.clear();
         if let Err(e) = inner.complete(&mut out, usize::from(!pending.is_empty())) {
             // The backend cannot complete anything any more: fail what is in flight.
-            let cause = e.to_string();
+            let cause = crate::error_chain(&e);
             for tag in pending.drain() {
                 let _ = done.send(IoCompletion {
                     tag,

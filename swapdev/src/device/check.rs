@@ -118,7 +118,7 @@ impl SwapDevice {
             Ok(d) => d,
             Err(crate::error::SwapError::Backend(e)) => return Err(e.into()),
             Err(e) => {
-                report.errors.push(e.to_string());
+                report.errors.push(crate::error_chain(&e));
                 return Ok(report);
             }
         };
@@ -195,7 +195,7 @@ impl SwapDevice {
                 let buf = buf.expect("read returns its buffer");
                 let skip = (e.offset() - align_down(e.offset(), BLOCK)) as usize;
                 if let Err(err) = self.decode_payload_for_fsck(*page, e, buf, skip) {
-                    report.errors.push(err.to_string());
+                    report.errors.push(crate::error_chain(&err));
                 }
                 report.pages_checked += 1;
             }

@@ -84,7 +84,7 @@ pub(super) fn load(
         if let Err(err) = dev.validate_entry(page, &e) {
             match issues.as_deref_mut() {
                 Some(list) => {
-                    list.push(err.to_string());
+                    list.push(crate::error_chain(&err));
                     dev.index[page as usize] = IndexEntry::ABSENT;
                 }
                 None => return Err(err),

@@ -131,7 +131,7 @@ impl SwapDevice {
                 })
                 .collect();
             if let Err(e) = self.run_internal(trims) {
-                tracing::warn!(error = %e, "trimming freed segments failed (space is still reused)");
+                tracing::warn!(error = %crate::error_chain(&e), "trimming freed segments failed (space is still reused)");
             }
             self.space.free.extend(newly_free);
         }

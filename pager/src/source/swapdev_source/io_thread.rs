@@ -122,7 +122,7 @@ fn run(
         let polled = lock(&device).poll_reads(&mut reads, usize::from(pending > 0));
         if let Err(e) = polled {
             // The device cannot complete anything any more: fail everything in flight.
-            tracing::error!(%e, "swap device read path failed");
+            tracing::error!(error = %crate::error_chain(&e), "swap device read path failed");
             return;
         }
         pending = pending.saturating_sub(reads.len());

@@ -271,7 +271,8 @@ fn misaligned_direct_request_is_a_clear_error() {
             op: IoOp::Write { buf: page_of(1) },
         })
         .unwrap_err();
-    assert!(err.to_string().contains("O_DIRECT alignment"), "{err}");
+    let err = crate::error_chain(&err);
+    assert!(err.contains("O_DIRECT alignment"), "{err}");
     let err = b
         .submit(IoRequest {
             tag: 2,
@@ -281,7 +282,7 @@ fn misaligned_direct_request_is_a_clear_error() {
             },
         })
         .unwrap_err();
-    assert!(err.to_string().contains("length 100"), "{err}");
+    assert!(crate::error_chain(&err).contains("length 100"), "{err}");
     assert_eq!(b.in_flight(), 0);
 }
 

@@ -143,7 +143,7 @@ fn block_device_round_trip_fixed_size_and_trim() {
     assert!(b.alignment() >= 512, "{}", b.alignment());
     assert_eq!(b.size().unwrap(), 4 << 20);
     b.grow(1 << 20).unwrap();
-    let err = b.grow(8 << 20).unwrap_err().to_string();
+    let err = crate::error_chain(&b.grow(8 << 20).unwrap_err());
     assert!(err.contains("fixed size of 4194304 bytes"), "{err}");
     for p in 0..16u64 {
         run_one(&mut b, p * PAGE as u64, IoOp::Write { buf: page_of(p) }).unwrap();

@@ -163,14 +163,14 @@ fn requests_outside_the_export_are_refused() {
             },
         })
         .unwrap_err();
-    let msg = err.to_string();
+    let msg = crate::error_chain(&err);
     assert!(
         msg.contains("past the end of NBD export 'mem' (8192 bytes)"),
         "{msg}"
     );
     let err = b.grow(1 << 20).unwrap_err();
     assert!(
-        err.to_string().contains("fixed size of 8192 bytes"),
+        crate::error_chain(&err).contains("fixed size of 8192 bytes"),
         "{err}"
     );
     assert!(b.grow(8192).is_ok());
@@ -239,12 +239,12 @@ fn server_error_replies_fail_only_their_request() {
     let mut out = Vec::new();
     b.complete(&mut out, 3).unwrap();
     out.sort_by_key(|c| c.tag);
-    let e1 = out[0].result.as_ref().unwrap_err().to_string();
+    let e1 = crate::error_chain(out[0].result.as_ref().unwrap_err());
     assert!(
         e1.contains("read at offset 0") && e1.contains("os error 5"),
         "{e1}"
     );
-    let e2 = out[1].result.as_ref().unwrap_err().to_string();
+    let e2 = crate::error_chain(out[1].result.as_ref().unwrap_err());
     assert!(
         e2.contains("write at offset 8192") && e2.contains("os error 28"),
         "{e2}"
