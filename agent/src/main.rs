@@ -28,7 +28,7 @@ enum Command {
     /// Offload cold pages of a running VM to its swap device (eviction), with progress.
     Evict(cli::evict::EvictArgs),
     /// Run the pager daemon: serve VMs' page faults from their swap devices.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Show a running pager's per-VM counters (or send it a control request).
     Stats(cli::stats::StatsArgs),
     /// Run an unmodified QEMU with its guest RAM served by the pager.
@@ -59,7 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Swapdev(args) => cli::swapdev::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Evict(args) => cli::evict::run(args),
-        Command::Serve(args) => cli::serve::run(args),
+        Command::Serve(args) => cli::serve::run(*args),
         Command::Stats(args) => cli::stats::run(args),
         Command::Vm(args) => cli::vm::run(args),
         Command::Migrate(args) => cli::migrate::run(args),

@@ -45,7 +45,11 @@ fn migrate_a_verifying_guest(prefix: &str, mode: &str) -> serde_json::Value {
         eprintln!("evicted before the migration: {out}");
     }
     let (ok, report, text) = lab.migrate("vm1", mode, &[]);
-    assert!(ok, "pagewise migrate --mode {mode} failed:\n{text}\n{}", lab.logs());
+    assert!(
+        ok,
+        "pagewise migrate --mode {mode} failed:\n{text}\n{}",
+        lab.logs()
+    );
     assert_eq!(report["status"], "completed", "{report}");
     // The guest goes on on the destination and finishes its verification there.
     let serial = dest_path(&report, &guest.serial);

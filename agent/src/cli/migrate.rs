@@ -61,7 +61,10 @@ fn call(client: &mut ControlClient, request: &Request) -> Result<Value> {
     match client.call(request)? {
         Response::Migration(v) => Ok(v),
         Response::Error { message } => bail!("the daemon refused: {message}"),
-        other => bail!("the daemon answered {:?} to a migration request", other.kind()),
+        other => bail!(
+            "the daemon answered {:?} to a migration request",
+            other.kind()
+        ),
     }
 }
 
@@ -85,8 +88,17 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
     let mut client = ControlClient::connect(&control)
         .with_context(|| format!("the source daemon's control socket {}", control.display()))?;
     if args.cancel {
-        let s = call(&mut client, &Request::MigrateCancel { vm: args.vm.clone() })?;
-        println!("cancelling the migration of {} (status {})", args.vm, text(&s, "status"));
+        let s = call(
+            &mut client,
+            &Request::MigrateCancel {
+                vm: args.vm.clone(),
+            },
+        )?;
+        println!(
+            "cancelling the migration of {} (status {})",
+            args.vm,
+            text(&s, "status")
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let request = MigrateRequest {
@@ -111,7 +123,12 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
         bar
     };
     let status = loop {
-        let s = call(&mut client, &Request::MigrateStatus { vm: args.vm.clone() })?;
+        let s = call(
+            &mut client,
+            &Request::MigrateStatus {
+                vm: args.vm.clone(),
+            },
+        )?;
         let total = num(&s, &["ram", "total"]);
         let remaining = num(&s, &["ram", "remaining"]);
         bar.set_length(total);
@@ -158,7 +175,9 @@ fn render(s: &Value) -> String {
         num(s, &["total-time"]),
         num(s, &["setup-time"]),
         s["downtime"].as_u64().map_or("-".into(), |d| d.to_string()),
-        s["qemu_downtime_ms"].as_u64().map_or("-".into(), |d| d.to_string()),
+        s["qemu_downtime_ms"]
+            .as_u64()
+            .map_or("-".into(), |d| d.to_string()),
     );
     out += &format!(
         "  sent {:.1} MB ({} pages, {} zero pages as counts), {:.0} Mbit/s, {} dirty syncs\n",

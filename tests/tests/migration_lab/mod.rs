@@ -117,7 +117,10 @@ impl MigrationLab {
             let (proc, spec) = shared_device(&lab, dir.path(), vm, ram_mib);
             nbd = Some(proc);
             vm_socket = src_dir.join(format!("{vm}.sock"));
-            extra = vec!["--vm".into(), format!("{vm}={}:{spec}", vm_socket.display())];
+            extra = vec![
+                "--vm".into(),
+                format!("{vm}={}:{spec}", vm_socket.display()),
+            ];
         }
         let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key, &extra);
         let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key, &[]);
@@ -169,11 +172,24 @@ impl MigrationLab {
     }
 
     /// `pagewise migrate --json` on the source host; (exit success, report).
-    pub fn migrate(&self, vm: &str, mode: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
+    pub fn migrate(
+        &self,
+        vm: &str,
+        mode: &str,
+        extra: &[&str],
+    ) -> (bool, serde_json::Value, String) {
         let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
         cmd.args(["migrate", "--socket"])
             .arg(&self.src.socket)
-            .args(["--vm", vm, "--to", &format!("{DST_IP}:{PORT}"), "--mode", mode, "--json"])
+            .args([
+                "--vm",
+                vm,
+                "--to",
+                &format!("{DST_IP}:{PORT}"),
+                "--mode",
+                mode,
+                "--json",
+            ])
             .args(extra);
         let out = cmd.output().expect("run pagewise migrate");
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -212,15 +228,32 @@ fn shared_device(lab: &TwoHost, dir: &Path, vm: &str, ram_mib: u64) -> (Proc, St
     let f = std::fs::File::create(&file).unwrap();
     f.set_len((ram_mib << 20) * 2 + (64 << 20)).unwrap();
     let mut cmd = in_ns(&lab.ns("store"), Path::new("qemu-nbd"));
-    cmd.args(["-f", "raw", "-x", vm, "-b", STORE_IP, "-p", &NBD_PORT.to_string()])
-        .args(["--persistent", "--shared=4", "--discard=unmap"])
-        .arg(&file);
+    cmd.args([
+        "-f",
+        "raw",
+        "-x",
+        vm,
+        "-b",
+        STORE_IP,
+        "-p",
+        &NBD_PORT.to_string(),
+    ])
+    .args(["--persistent", "--shared=4", "--discard=unmap"])
+    .arg(&file);
     let proc = Proc::spawn("qemu-nbd", cmd, dir);
     let spec = format!("nbd://{STORE_IP}:{NBD_PORT}/{vm}");
     let start = std::time::Instant::now();
     loop {
         let out = in_ns(&lab.ns("src"), &pagewise_bin())
-            .args(["swapdev", "create", &spec, "--size", &format!("{ram_mib}M"), "--host-id", "src"])
+            .args([
+                "swapdev",
+                "create",
+                &spec,
+                "--size",
+                &format!("{ram_mib}M"),
+                "--host-id",
+                "src",
+            ])
             .output()
             .unwrap();
         if out.status.success() {

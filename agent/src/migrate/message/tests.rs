@@ -59,10 +59,7 @@ fn sample_messages() -> Vec<Message> {
             count: 512,
         },
         Message::PageInBulk { page: 0x1234 },
-        Message::StalePages {
-            first: 3,
-            count: 2,
-        },
+        Message::StalePages { first: 3, count: 2 },
         Message::StoredPages {
             first: 0x100,
             count: 0x10,
@@ -116,7 +113,11 @@ fn payload_bytes_are_pinned() {
         format!("0200 {}", a("{}")),
         String::new(),
     ];
-    assert_eq!(pinned.len(), sample_messages().len(), "one pinned layout per message");
+    assert_eq!(
+        pinned.len(),
+        sample_messages().len(),
+        "one pinned layout per message"
+    );
     for (m, want) in sample_messages().iter().zip(pinned) {
         let want: String = want.split_whitespace().collect();
         let got = hex(&m.payload());

@@ -145,8 +145,10 @@ impl DestQemu {
     /// Ready QEMU for the device state: `x-ignore-shared`, `migrate-incoming` on a free port
     /// of `ip`; returns the URI the source QEMU migrates to.
     pub fn listen_incoming(&mut self, ip: &str) -> Result<String, DestQemuError> {
-        self.qmp
-            .set_capabilities(&[("x-ignore-shared", true), ("pause-before-switchover", false)])?;
+        self.qmp.set_capabilities(&[
+            ("x-ignore-shared", true),
+            ("pause-before-switchover", false),
+        ])?;
         let port = std::net::TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .map_err(|source| DestQemuError::Port {
@@ -155,7 +157,8 @@ impl DestQemu {
             })?
             .port();
         let uri = format!("tcp:{ip}:{port}");
-        self.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+        self.qmp
+            .execute("migrate-incoming", json!({ "uri": uri }))?;
         Ok(uri)
     }
 

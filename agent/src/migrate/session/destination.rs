@@ -114,7 +114,13 @@ fn handle_connection(engine: &Arc<Engine>, mut stream: TcpStream) {
     run_session(engine, urgent, bulk, opened.version, peer);
 }
 
-fn run_session(engine: &Arc<Engine>, urgent: TcpStream, mut bulk: TcpStream, version: u16, peer: String) {
+fn run_session(
+    engine: &Arc<Engine>,
+    urgent: TcpStream,
+    mut bulk: TcpStream,
+    version: u16,
+    peer: String,
+) {
     let _ = bulk.set_read_timeout(Some(Duration::from_secs(30)));
     let setup = match read_message(&mut bulk, Some(version)) {
         Ok(Message::Setup(s)) => s,
@@ -166,4 +172,3 @@ fn run_session(engine: &Arc<Engine>, urgent: TcpStream, mut bulk: TcpStream, ver
         }
     }
 }
-

@@ -117,10 +117,7 @@ impl Job {
     }
 
     pub fn phase(&self) -> Phase {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .status
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).status
     }
 
     /// End the job in `phase` (failed/cancelled carry `error`).

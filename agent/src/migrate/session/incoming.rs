@@ -123,7 +123,12 @@ impl Incoming {
         self.setup.page_size as usize
     }
 
-    pub fn run(&mut self, urgent: TcpStream, bulk: &mut TcpStream, version: u16) -> Result<(), IncomingError> {
+    pub fn run(
+        &mut self,
+        urgent: TcpStream,
+        bulk: &mut TcpStream,
+        version: u16,
+    ) -> Result<(), IncomingError> {
         let incoming_uri = self.prepare()?;
         let pid = self.qemu.as_ref().map(|q| q.pid()).unwrap_or(0);
         write_message(
@@ -144,8 +149,17 @@ impl Incoming {
         self.ready = true;
         self.job.update(|s| s.status = Phase::PostcopyActive);
         let _ = bulk.set_read_timeout(None);
-        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
-        let received = receive_pages(&mut *bulk, &controller, self.page_size(), self.pages(), version)?;
+        let controller = self
+            .daemon
+            .controller(&self.setup.vm)
+            .ok_or(IncomingError::Gone)?;
+        let received = receive_pages(
+            &mut *bulk,
+            &controller,
+            self.page_size(),
+            self.pages(),
+            version,
+        )?;
         // Every page is here: the source's pages need no route any more.
         let _ = controller.remove_source(Route::Remote);
         let report = self.report(received);
@@ -305,7 +319,9 @@ impl Incoming {
     }
 
     fn memory(&self) -> &File {
-        self.memory.as_ref().expect("the memory file is made before pages arrive")
+        self.memory
+            .as_ref()
+            .expect("the memory file is made before pages arrive")
     }
 
     /// Drop `range` from the memory file: its pages read absent (they fault again).
@@ -329,7 +345,9 @@ impl Incoming {
         let vm = self.daemon.vm(&self.setup.vm).ok_or(IncomingError::Gone)?;
         self.punch(&range)?;
         for p in range.clone() {
-            let _ = vm.states.transition(p, PageState::Present, PageState::Missing);
+            let _ = vm
+                .states
+                .transition(p, PageState::Present, PageState::Missing);
         }
         vm.routes
             .set_range(range.clone(), route)
@@ -359,12 +377,18 @@ impl Incoming {
                     self.memory()
                         .write_all_at(&data, page * ps as u64)
                         .map_err(|source| IncomingError::Write { page, source })?;
-                    let _ = vm.states.transition(page, PageState::Missing, PageState::Present);
-                    self.job.normal.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = vm
+                        .states
+                        .transition(page, PageState::Missing, PageState::Present);
+                    self.job
+                        .normal
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Message::ZeroPages { first, count } | Message::FreedPages { first, count } => {
                     self.absent(checked(first, count, pages)?, Route::Zero)?;
-                    self.job.duplicate.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    self.job
+                        .duplicate
+                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                 }
                 Message::StoredPages { first, count } => {
                     if self.setup.mode != Mode::Agile {
@@ -374,7 +398,9 @@ impl Incoming {
                         });
                     }
                     self.absent(checked(first, count, pages)?, Route::Local)?;
-                    self.job.stored.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    self.job
+                        .stored
+                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                 }
                 Message::StalePages { first, count } => {
                     self.absent(checked(first, count, pages)?, Route::Remote)?;
@@ -384,11 +410,23 @@ impl Incoming {
                     self.job.update(|s| s.ram.dirty_sync_count = rounds);
                     // The source waits for this before it pauses the guest, so the pause
                     // does not begin while pre-copy data still sits in the link.
-                    write_message(bulk, &Message::Ack { first: 0, count: rounds })?;
+                    write_message(
+                        bulk,
+                        &Message::Ack {
+                            first: 0,
+                            count: rounds,
+                        },
+                    )?;
                 }
                 Message::Released if self.setup.mode == Mode::Agile && !self.acquired => {
                     self.acquire_shared()?;
-                    write_message(bulk, &Message::Ack { first: 0, count: rounds })?;
+                    write_message(
+                        bulk,
+                        &Message::Ack {
+                            first: 0,
+                            count: rounds,
+                        },
+                    )?;
                 }
                 Message::Switchover => return Ok(()),
                 Message::Abort(why) => return Err(IncomingError::Aborted(why)),
@@ -405,8 +443,15 @@ impl Incoming {
     /// Agile: the source released the shared swap device; acquire it (generation fencing)
     /// and serve the pages routed to it (`Route::Local` on a destination) from it.
     fn acquire_shared(&mut self) -> Result<(), IncomingError> {
-        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
-        let spec = self.setup.swapdev.clone().ok_or(IncomingError::NoSharedDevice)?;
+        let controller = self
+            .daemon
+            .controller(&self.setup.vm)
+            .ok_or(IncomingError::Gone)?;
+        let spec = self
+            .setup
+            .swapdev
+            .clone()
+            .ok_or(IncomingError::NoSharedDevice)?;
         let shared = |source: Box<dyn std::error::Error + Send + Sync>| IncomingError::Shared {
             spec: spec.clone(),
             source,
@@ -436,7 +481,10 @@ impl Incoming {
                 state: "waiting for the shared swap device to be released",
             });
         }
-        let controller = self.daemon.controller(&self.setup.vm).ok_or(IncomingError::Gone)?;
+        let controller = self
+            .daemon
+            .controller(&self.setup.vm)
+            .ok_or(IncomingError::Gone)?;
         let remote = RemoteSource::new(urgent, self.page_size(), self.pages(), version)?;
         controller.install_source(Route::Remote, Box::new(remote))?;
         Ok(())
@@ -447,7 +495,10 @@ impl Incoming {
         let vm = self.daemon.vm(&self.setup.vm);
         let m = vm.as_ref().map(|v| v.metrics.snapshot());
         let routed = vm.as_ref().map(|v| v.routes.census());
-        let running = self.qemu.as_mut().map(|q| q.wait_running(Duration::from_secs(30)));
+        let running = self
+            .qemu
+            .as_mut()
+            .map(|q| q.wait_running(Duration::from_secs(30)));
         json!({
             "qemu_pid": self.qemu.as_ref().map(|q| q.pid()),
             "qemu_running": running.map(|r| r.is_ok()),

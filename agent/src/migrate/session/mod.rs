@@ -31,8 +31,8 @@
 
 mod dest_qemu;
 pub mod destination;
-mod incoming;
 pub mod engine;
+mod incoming;
 mod pages;
 pub mod source;
 mod status;

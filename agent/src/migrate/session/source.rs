@@ -27,8 +27,8 @@ use super::throttle::{Throttle, CANCELLED};
 use crate::migrate::auth::{open_client, AuthError};
 use crate::migrate::bulk::{push_pages, BulkError, PushOrder, SentPages, SourcePage};
 use crate::migrate::frame::Command;
-use crate::migrate::message::{read_message, write_message, Channel, Message, Mode, Setup};
 use crate::migrate::message::WireError;
+use crate::migrate::message::{read_message, write_message, Channel, Message, Mode, Setup};
 use crate::migrate::page_server::{serve_page_requests_with, PageServerError};
 use crate::migrate::precopy::{run_rounds, send_round, PrecopyError, PrecopyLimits, StopRule};
 use crate::migrate::qmp::{Qmp, QmpError};
@@ -79,7 +79,10 @@ pub enum SourceError {
     #[error("answering demand requests")]
     PageServer(#[from] PageServerError),
     #[error("the destination sent {got:?} where {expected} was expected")]
-    Unexpected { got: Command, expected: &'static str },
+    Unexpected {
+        got: Command,
+        expected: &'static str,
+    },
     #[error(
         "pre-copy did not converge ({rule:?} after {rounds} rounds); give --postcopy-after to \
          finish such a guest as post-copy"
@@ -177,8 +180,7 @@ fn runs(pages: &[u64]) -> Vec<(u64, u64)> {
 
 impl SourceRun {
     pub fn run(self) {
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.migrate()));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.migrate()));
         match outcome {
             Ok(Ok(())) => {
                 tracing::info!(vm = %self.request.vm, "migration completed");
@@ -242,8 +244,10 @@ impl SourceRun {
                 swapdev,
             }),
         )?;
-        bulk.set_read_timeout(Some(self.config.qemu_start_timeout + Duration::from_secs(10)))
-            .map_err(WireError::Io)?;
+        bulk.set_read_timeout(Some(
+            self.config.qemu_start_timeout + Duration::from_secs(10),
+        ))
+        .map_err(WireError::Io)?;
         let (dest_pid, incoming) = match read_message(&mut bulk, Some(version))? {
             Message::SetupOk { qemu_pid, incoming } => (qemu_pid, incoming),
             Message::Refuse(r) => return Err(SourceError::Refused(r)),
@@ -284,7 +288,8 @@ impl SourceRun {
         let _ = qmp.execute("quit", json!({}));
         let _ = std::fs::remove_file(&ram.mem_path);
         let quit = Instant::now();
-        while self.daemon.vm(&self.request.vm).is_some() && quit.elapsed() < Duration::from_secs(10) {
+        while self.daemon.vm(&self.request.vm).is_some() && quit.elapsed() < Duration::from_secs(10)
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -302,7 +307,11 @@ impl SourceRun {
             .ok_or(SourceError::NoSharedDevice)
     }
 
-    fn throttled(&self, bulk: &TcpStream, cancel: Arc<AtomicBool>) -> Result<Throttle<TcpStream>, SourceError> {
+    fn throttled(
+        &self,
+        bulk: &TcpStream,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Throttle<TcpStream>, SourceError> {
         let counter = self.job.transferred.clone();
         let stream = bulk.try_clone().map_err(WireError::Io)?;
         Ok(Throttle::new(
@@ -328,16 +337,18 @@ impl SourceRun {
         let writes = self.vm.dirty.subscribe(SubscribeOptions {
             placed_counts_as_written: true,
         })?;
-        let mut out = BufWriter::with_capacity(
-            256 * 1024,
-            self.throttled(bulk, self.job.cancel.clone())?,
-        );
+        let mut out =
+            BufWriter::with_capacity(256 * 1024, self.throttled(bulk, self.job.cancel.clone())?);
         let (finish, syncs) = self.precopy(&writes, &mut out, source, held)?;
         if self.mode == Mode::Agile {
             // Hand the swap device over while the guest still runs (it is only read here
             // from now on: evictions wait for the migration), so the destination opens it
             // outside the downtime.
-            let dev = self.vm.swapdev.as_ref().ok_or(SourceError::NoSharedDevice)?;
+            let dev = self
+                .vm
+                .swapdev
+                .as_ref()
+                .ok_or(SourceError::NoSharedDevice)?;
             dev.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .release_ownership()

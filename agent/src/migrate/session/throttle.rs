@@ -69,7 +69,11 @@ mod tests {
             t.write_all(&[0u8; 10_000]).unwrap();
         }
         // 200 kB at 1 MB/s: the last write waits until ~190 ms.
-        assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(180),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(counter.load(Ordering::Relaxed), 200_000);
         cancel.store(true, Ordering::Release);
         let e = t.write_all(&[0u8; 10]).unwrap_err();
