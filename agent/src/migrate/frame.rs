@@ -236,7 +236,7 @@ mod tests {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
         assert_eq!(numbers, (1..=20).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
-        assert_eq!(Command::from_u16(16), None);
+        assert_eq!(Command::from_u16(21), None);
     }
 
     #[test]
