@@ -15,7 +15,12 @@ pub const PORT: u16 = 7600;
 
 /// `ip netns exec NS PROGRAM`.
 pub fn in_ns(ns: &str, program: &Path) -> Command {
-    let mut c = Command::new("ip");
+    // By absolute path: a test may give the command another PATH.
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("ip");
+    let mut c = Command::new(ip);
     c.args(["netns", "exec", ns]).arg(program);
     c
 }
@@ -30,6 +35,19 @@ pub struct HostDaemon {
 
 impl HostDaemon {
     pub fn start(ns: &str, name: &str, dir: &Path, ip: &str, key: &Path, extra: &[String]) -> Self {
+        Self::start_on(ns, name, dir, &format!("{ip}:{PORT}"), key, extra, &[])
+    }
+
+    /// A daemon listening on `listen` with extra arguments and environment.
+    pub fn start_on(
+        ns: &str,
+        name: &str,
+        dir: &Path,
+        listen: &str,
+        key: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Self {
         let socket = dir.join("pager.sock");
         let incoming = PathBuf::from(format!(
             "/dev/shm/pagewise-test-in-{name}-{}-{}",
@@ -42,7 +60,7 @@ impl HostDaemon {
             .arg("--swapdev-dir")
             .arg(dir)
             .arg("--migrate-listen")
-            .arg(format!("{ip}:{PORT}"))
+            .arg(listen)
             .arg("--psk-file")
             .arg(key)
             .arg("--migrate-dir")
@@ -51,6 +69,9 @@ impl HostDaemon {
             .arg(name)
             .args(extra)
             .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let mut proc = Proc::spawn(&format!("serve-{name}"), cmd, dir);
         let err = proc.stderr_path.clone();
         wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
@@ -171,31 +192,42 @@ impl MigrationLab {
         }
     }
 
-    /// `pagewise migrate --json` on the source host; (exit success, report).
+    /// `pagewise migrate --json` on the source host; (exit success, report, output).
     pub fn migrate(
         &self,
         vm: &str,
         mode: &str,
         extra: &[&str],
     ) -> (bool, serde_json::Value, String) {
-        let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
-        cmd.args(["migrate", "--socket"])
-            .arg(&self.src.socket)
-            .args([
-                "--vm",
-                vm,
-                "--to",
-                &format!("{DST_IP}:{PORT}"),
-                "--mode",
-                mode,
-                "--json",
-            ])
-            .args(extra);
-        let out = cmd.output().expect("run pagewise migrate");
+        self.migrate_to(&format!("{DST_IP}:{PORT}"), vm, mode, extra)
+    }
+
+    /// `migrate` to the endpoint `to`.
+    pub fn migrate_to(
+        &self,
+        to: &str,
+        vm: &str,
+        mode: &str,
+        extra: &[&str],
+    ) -> (bool, serde_json::Value, String) {
+        let out = self
+            .migrate_command(to, vm, mode, extra)
+            .output()
+            .expect("run pagewise migrate");
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
         (out.status.success(), report, format!("{stdout}\n{stderr}"))
+    }
+
+    /// The `pagewise migrate --json` command on the source host.
+    pub fn migrate_command(&self, to: &str, vm: &str, mode: &str, extra: &[&str]) -> Command {
+        let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
+        cmd.args(["migrate", "--socket"])
+            .arg(&self.src.socket)
+            .args(["--vm", vm, "--to", to, "--mode", mode, "--json"])
+            .args(extra);
+        cmd
     }
 
     /// Both daemons' logs, for failure messages.

@@ -230,6 +230,13 @@ impl Incoming {
                 route: Route::Remote,
             }],
         })?;
+        // QEMU's own files (its output, serial log, sockets) go too if the migration fails.
+        self.made.push(cfg.dir.join(format!("{vm}.qemu.out")));
+        self.made.extend(
+            dest.dest_paths
+                .iter()
+                .map(|(_, to)| std::path::PathBuf::from(to)),
+        );
         let mut qemu = DestQemu::start(cfg, &vm, &dest, &self.daemon)?;
         let uri = qemu.listen_incoming(&self.local_ip)?;
         self.job.update(|st| {

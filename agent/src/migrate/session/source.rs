@@ -233,6 +233,7 @@ impl SourceRun {
         let version = opened.version;
         let pages = self.vm.layout.pages();
         let ps = self.vm.layout.page_size();
+        self.job.update(|s| s.ram.total = pages * ps as u64);
         write_message(
             &mut bulk,
             &Message::Setup(Setup {
@@ -261,7 +262,6 @@ impl SourceRun {
         };
         self.job.update(|s| {
             s.dest_qemu_pid = Some(dest_pid);
-            s.ram.total = pages * ps as u64;
             s.setup_time = self.job.started.elapsed().as_millis() as u64;
             s.status = Phase::Active;
         });
