@@ -186,10 +186,24 @@ pub fn open_client(
     })
 }
 
+/// Read one handshake frame; a frame that cannot be accepted (bad magic, version, command,
+/// length, payload) is refused with the reason before the error is returned, so a peer
+/// learns why (a closed or silent peer is not written to).
+fn read_refusing(s: &mut (impl Read + Write), agreed: Option<u16>) -> Result<Message, AuthError> {
+    match read_message(s, agreed) {
+        Ok(m) => Ok(m),
+        Err(e @ (WireError::Frame(_) | WireError::Malformed { .. })) => {
+            let _ = write_message(s, &Message::Refuse(pager::error_chain(&e)));
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The accepting side (the destination host). A peer that fails is told why in a Refuse
 /// frame (never anything about the key) and the error says the same for the log.
 pub fn open_server(s: &mut (impl Read + Write), key: &Psk) -> Result<Opened, AuthError> {
-    let theirs = match read_message(s, None)? {
+    let theirs = match read_refusing(s, None)? {
         Message::Hello(h) => h,
         other => {
             let e = AuthError::Unexpected {
@@ -209,7 +223,7 @@ pub fn open_server(s: &mut (impl Read + Write), key: &Psk) -> Result<Opened, Aut
     };
     let ours = hello(theirs.channel, theirs.session);
     write_message(s, &Message::Hello(ours.clone()))?;
-    let proof = expect_proof(read_message(s, Some(version))?)?;
+    let proof = expect_proof(read_refusing(s, Some(version))?)?;
     if key
         .proof(b'C', version, &theirs, &ours)
         .verify_slice(&proof)
@@ -339,6 +353,24 @@ mod tests {
         assert!(matches!(
             server.join().unwrap(),
             Err(AuthError::NoCommonVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_that_is_no_hello_is_refused_with_why() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || open_server(&mut b, &key("0123456789abcdef")));
+        a.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        assert_eq!(
+            read_message(&mut a, None).unwrap(),
+            Message::Refuse(
+                "bad frame header: bad frame magic [47, 45, 54, 20] (not a pagewise migration peer?)"
+                    .into()
+            )
+        );
+        assert!(matches!(
+            server.join().unwrap(),
+            Err(AuthError::Wire(WireError::Frame(_)))
         ));
     }
 

@@ -83,6 +83,18 @@ pub enum Message {
 pub enum WireError {
     #[error("the peer closed the connection")]
     Closed,
+    #[error("the peer closed the connection inside a frame header ({got} of {HEADER_LEN} bytes)")]
+    TruncatedHeader { got: usize },
+    #[error(
+        "the peer closed the connection inside a {command:?} frame ({got} of {length} payload bytes)"
+    )]
+    Truncated {
+        command: Command,
+        length: u32,
+        got: usize,
+    },
+    #[error("the peer sent nothing for longer than the read timeout")]
+    TimedOut,
     #[error("connection I/O")]
     Io(#[from] std::io::Error),
     #[error("bad frame header")]
@@ -343,7 +355,7 @@ impl Message {
                 let found = f.u32()?;
                 let data = f.rest.to_vec();
                 f.rest = &[];
-                if data.is_empty() || !data.len().is_power_of_two() || data.len() < 4096 {
+                if !data.len().is_power_of_two() || !(4096..=MAX_PAGE_SIZE).contains(&data.len()) {
                     return Err(f.bad("page data is not a 4 KiB..=2 MiB power of two"));
                 }
                 let computed = page_checksum(&data);
@@ -409,13 +421,37 @@ pub fn write_page(w: &mut impl Write, page: u64, data: &[u8]) -> Result<(), Wire
     Ok(())
 }
 
+/// Fill `buf` from `r`: how many bytes came before the end of the stream.
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(WireError::TimedOut)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
 /// Read one message. `agreed` is the connection's version once the hellos settled it.
+/// A read timeout on `r` ends it with [`WireError::TimedOut`]; the end of the stream
+/// with [`WireError::Closed`] between frames, a `Truncated*` error inside one.
 pub fn read_message(r: &mut impl Read, agreed: Option<u16>) -> Result<Message, WireError> {
     let mut head = [0u8; HEADER_LEN];
-    match r.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
+    match fill(r, &mut head)? {
+        0 => return Err(WireError::Closed),
+        HEADER_LEN => {}
+        got => return Err(WireError::TruncatedHeader { got }),
     }
     let header = FrameHeader::decode(&head)?;
     if let Some(agreed) = agreed {
@@ -429,7 +465,14 @@ pub fn read_message(r: &mut impl Read, agreed: Option<u16>) -> Result<Message, W
     }
     // The length was checked against the command's cap before this allocation.
     let mut payload = vec![0u8; header.length as usize];
-    r.read_exact(&mut payload)?;
+    let got = fill(r, &mut payload)?;
+    if got < payload.len() {
+        return Err(WireError::Truncated {
+            command: header.command,
+            length: header.length,
+            got,
+        });
+    }
     Message::decode(header.command, &payload)
 }
 

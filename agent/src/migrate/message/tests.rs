@@ -255,3 +255,54 @@ proptest! {
         prop_assert_eq!(Message::decode(Command::Setup, &s.payload()).unwrap(), s);
     }
 }
+
+#[test]
+fn a_stream_cut_inside_a_frame_says_where() {
+    let bytes = Message::PageRequest { page: 1 }.encode();
+    assert_eq!(
+        read_message(&mut &bytes[..7], None)
+            .unwrap_err()
+            .to_string(),
+        "the peer closed the connection inside a frame header (7 of 16 bytes)"
+    );
+    assert_eq!(
+        read_message(&mut &bytes[..20], None)
+            .unwrap_err()
+            .to_string(),
+        "the peer closed the connection inside a PageRequest frame (4 of 8 payload bytes)"
+    );
+    assert!(matches!(
+        read_message(&mut &bytes[..0], None),
+        Err(WireError::Closed)
+    ));
+}
+
+#[test]
+fn a_read_timeout_is_its_own_error() {
+    struct Stalled;
+    impl std::io::Read for Stalled {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+    }
+    assert!(matches!(
+        read_message(&mut Stalled, None),
+        Err(WireError::TimedOut)
+    ));
+}
+
+#[test]
+fn a_page_above_the_largest_page_size_is_refused_by_the_decoder_too() {
+    // The frame cap stops it on a stream; a payload decoded on its own is checked as well.
+    let payload = Message::Page {
+        page: 0,
+        data: vec![0; 2 * MAX_PAGE_SIZE],
+    }
+    .payload();
+    assert_eq!(
+        Message::decode(Command::Page, &payload)
+            .unwrap_err()
+            .to_string(),
+        "malformed Page payload: page data is not a 4 KiB..=2 MiB power of two"
+    );
+}

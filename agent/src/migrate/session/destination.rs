@@ -81,11 +81,22 @@ fn handle_connection(engine: &Arc<Engine>, mut stream: TcpStream) {
     };
     let other = {
         let mut pending = engine.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.retain(|_, h| h.at.elapsed() < PAIRING_WINDOW);
+        pending.retain(|_, h| {
+            let alive = h.at.elapsed() < PAIRING_WINDOW;
+            if !alive {
+                let why = format!(
+                    "the other connection of this session did not arrive within {PAIRING_WINDOW:?}"
+                );
+                let _ = write_message(&mut h.stream, &Message::Refuse(why));
+            }
+            alive
+        });
         match pending.remove(&opened.session) {
             Some(h) if h.channel != opened.channel => h,
             Some(h) => {
-                tracing::warn!(%peer, "refused migration peer {peer}: a second {:?} connection for one session", h.channel);
+                let why = format!("a second {:?} connection for one session", h.channel);
+                let _ = write_message(&mut stream, &Message::Refuse(why.clone()));
+                tracing::warn!(%peer, "refused migration peer {peer}: {why}");
                 pending.insert(opened.session, h);
                 return;
             }
@@ -134,7 +145,9 @@ fn run_session(
             return;
         }
         Err(e) => {
-            tracing::warn!(%peer, "migration from {peer}: {}", pager::error_chain(&e));
+            let why = pager::error_chain(&e);
+            let _ = write_message(&mut bulk, &Message::Refuse(why.clone()));
+            tracing::warn!(%peer, "migration from {peer}: {why}");
             return;
         }
     };
