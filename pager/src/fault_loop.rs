@@ -417,10 +417,11 @@ impl FaultLoop {
         let Some(from) = claim_absent(&self.vm.states, page, from_states) else {
             return Ok(Fetch::NotClaimed);
         };
-        // An evicted page's current copy is in the VM's own swap device, whatever the route
-        // table says (it routes the page's content *before* this host had it: a migration
-        // destination's zero, remote or handed-over pages).
-        let route = if from == PageState::Evicted {
+        // An evicted page's current copy is in the VM's own swap device (where the evictor
+        // stores), whatever the route table says: on a migration destination the table routes
+        // a page's content *before* this host had it (zero, remote, handed-over pages). A VM
+        // with no swap-device source (one store on another route) keeps its table route.
+        let route = if from == PageState::Evicted && self.sources.live(Route::Swapdev).is_some() {
             Route::Swapdev
         } else {
             self.vm.routes.get(page).unwrap_or(table_route)

@@ -3,6 +3,39 @@
 use pager::evict::control::render_eviction;
 use serde_json::Value;
 
+/// One line per migration to or from this host (running ones and the last per VM).
+fn render_migrations(stats: &Value) -> String {
+    let Some(list) = stats.get("migrations").and_then(Value::as_array) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for m in list {
+        let t = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+        let n = |a: &str, b: &str| {
+            m.get(a)
+                .and_then(|v| v.get(b))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        out.push_str(&format!(
+            "migration of {} ({} {}, peer {}): {}  {} ms  sent {} MiB  remaining {} MiB of {} MiB\n",
+            t("vm"),
+            t("role"),
+            t("mode"),
+            t("peer"),
+            t("status"),
+            m.get("total-time").and_then(Value::as_u64).unwrap_or(0),
+            n("ram", "transferred") >> 20,
+            n("ram", "remaining") >> 20,
+            n("ram", "total") >> 20,
+        ));
+        if let Some(e) = m.get("error").and_then(Value::as_str) {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+    }
+    out
+}
+
 /// A human table of the `stats` command's result.
 pub fn render_table(stats: &Value) -> String {
     let mut out = String::new();
@@ -11,8 +44,9 @@ pub fn render_table(stats: &Value) -> String {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    let migrations = render_migrations(stats);
     if vms.is_empty() {
-        return "no VMs attached\n".into();
+        return format!("no VMs attached\n{migrations}");
     }
     for vm in vms {
         let s = |k: &str| {
@@ -58,6 +92,7 @@ pub fn render_table(stats: &Value) -> String {
                 .map_or("-".into(), |v| format!("{v:.1}"))
         ));
     }
+    out.push_str(&migrations);
     out
 }
 
@@ -93,6 +128,15 @@ mod tests {
         assert_eq!(
             render_table(&serde_json::json!({"vms": []})),
             "no VMs attached\n"
+        );
+        let with_migration = serde_json::json!({"vms": [], "migrations": [{
+            "vm": "vm1", "role": "destination", "mode": "agile", "peer": "10.0.0.1:5000",
+            "status": "postcopy-active", "total-time": 1200,
+            "ram": {"transferred": 3 << 20, "remaining": 1 << 20, "total": 256 << 20}}]});
+        let table = render_table(&with_migration);
+        assert!(
+            table.contains("migration of vm1 (destination agile, peer 10.0.0.1:5000): postcopy-active  1200 ms  sent 3 MiB  remaining 1 MiB of 256 MiB"),
+            "{table}"
         );
     }
 }
