@@ -507,3 +507,49 @@ fn answers_nobody_asked_for_are_dropped() {
     g.stop().unwrap();
     assert_eq!(g.vm.metrics.snapshot().unrequested_pages, 1);
 }
+
+#[test]
+fn an_evicted_page_comes_from_the_swap_device_whatever_its_route_says() {
+    // A migration destination: pages routed zero, remote and to the handed-over device
+    // (local) were placed, then evicted to the VM's own swap device.
+    let pages = 12;
+    let route_of = |p: u64| match p {
+        0..4 => Route::Zero,
+        4..8 => Route::Remote,
+        _ => Route::Local,
+    };
+    let own = ScriptedSource::new(7, Route::Swapdev, pages);
+    let remote = ScriptedSource::new(2, Route::Remote, pages);
+    let (own_asked, remote_asked) = (own.asked.clone(), remote.asked.clone());
+    let mut g = Guest::start(
+        pages,
+        route_of,
+        vec![Box::new(own), Box::new(remote)],
+        "none",
+        &[(0..pages, PageState::Evicted)],
+    );
+    for p in 0..pages {
+        assert_eq!(g.page(p), &page_bytes(7, p)[..], "page {p}");
+    }
+    g.stop().unwrap();
+    assert_eq!(*own_asked.lock().unwrap(), (0..pages).collect::<Vec<_>>());
+    assert!(remote_asked.lock().unwrap().is_empty());
+}
+
+#[test]
+fn without_a_swap_device_source_an_evicted_page_keeps_its_route() {
+    // One store on the local route (a lab guest): the evictor's pages come back from it.
+    let pages = 8;
+    let local = ScriptedSource::new(3, Route::Local, pages);
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Local,
+        vec![Box::new(local)],
+        "none",
+        &[(0..pages, PageState::Evicted)],
+    );
+    for p in 0..pages {
+        assert_eq!(g.page(p), &page_bytes(3, p)[..], "page {p}");
+    }
+    g.stop().unwrap();
+}
