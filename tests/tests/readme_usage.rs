@@ -62,6 +62,18 @@ const SKIPPED: &[(&str, &str, Option<&str>, &str)] = &[
         "boots two QEMU guests for ~80 s (tests/tests/bench_guest.rs)",
     ),
     (
+        "README.md",
+        "pagewise serve",
+        Some("--migrate-listen"),
+        "listens on another host's address of the two-host lab (tests/tests/migrate_qemu.rs)",
+    ),
+    (
+        "README.md",
+        "pagewise migrate",
+        None,
+        "moves a running guest between two hosts (tests/tests/migrate_qemu.rs, migrate_failures.rs)",
+    ),
+    (
         "docs/migration.md",
         "pagewise serve",
         Some("--migrate-listen"),
