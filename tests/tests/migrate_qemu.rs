@@ -17,6 +17,17 @@ const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mi
                      memverify.verify_secs=4 memverify.duration_secs=40";
 
 fn migrate_a_verifying_guest(prefix: &str, mode: &str) -> serde_json::Value {
+    migrate_a_verifying_guest_and_back(prefix, mode, None)
+}
+
+/// Migrate in `mode`; with `back`, migrate the guest back to the source host in that mode
+/// right after (its pages then live in the destination's memory file, its own new swap
+/// device and, after agile, the shared device handed over to it).
+fn migrate_a_verifying_guest_and_back(
+    prefix: &str,
+    mode: &str,
+    back: Option<&str>,
+) -> serde_json::Value {
     let agile = mode == "agile";
     let lab = if agile {
         MigrationLab::with_shared_device(prefix, "800mbit", "vm1", RAM_MIB)
@@ -52,7 +63,17 @@ fn migrate_a_verifying_guest(prefix: &str, mode: &str) -> serde_json::Value {
     );
     assert_eq!(report["status"], "completed", "{report}");
     // The guest goes on on the destination and finishes its verification there.
-    let serial = dest_path(&report, &guest.serial);
+    let mut serial = dest_path(&report, &guest.serial);
+    if let Some(back_mode) = back {
+        let (ok, back_report, text) = lab.migrate_back("vm1", back_mode);
+        assert!(
+            ok,
+            "migrating back ({back_mode}) failed:\n{text}\n{}",
+            lab.logs()
+        );
+        eprintln!("back ({back_mode}): {back_report}");
+        serial = dest_path(&back_report, &serial);
+    }
     let start = Instant::now();
     let text = loop {
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -92,8 +113,8 @@ fn postcopy_moves_a_verifying_qemu_guest() {
 }
 
 #[test]
-fn agile_moves_a_verifying_qemu_guest_leaving_cold_pages_in_the_shared_device() {
-    let r = migrate_a_verifying_guest("pwmagile", "agile");
+fn agile_moves_a_verifying_qemu_guest_leaving_cold_pages_in_the_shared_device_and_back() {
+    let r = migrate_a_verifying_guest_and_back("pwmagile", "agile", Some("postcopy"));
     // 96 MiB filled, at most ~40 MiB resident: the rest stayed in the swap device.
     assert!(r["pages_stored"].as_u64().unwrap() > 8192, "{r}");
     assert!(r["ram"]["transferred"].as_u64().unwrap() < 100 << 20, "{r}");

@@ -220,6 +220,28 @@ impl MigrationLab {
         (out.status.success(), report, format!("{stdout}\n{stderr}"))
     }
 
+    /// `pagewise migrate --json` from the destination host back to the source host.
+    pub fn migrate_back(&self, vm: &str, mode: &str) -> (bool, serde_json::Value, String) {
+        let out = in_ns(&self.lab.ns("dst"), &pagewise_bin())
+            .args(["migrate", "--socket"])
+            .arg(&self.dst.socket)
+            .args([
+                "--vm",
+                vm,
+                "--to",
+                &format!("{SRC_IP}:{PORT}"),
+                "--mode",
+                mode,
+                "--json",
+            ])
+            .output()
+            .expect("run pagewise migrate");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.success(), report, format!("{stdout}\n{stderr}"))
+    }
+
     /// The `pagewise migrate --json` command on the source host.
     pub fn migrate_command(&self, to: &str, vm: &str, mode: &str, extra: &[&str]) -> Command {
         let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());

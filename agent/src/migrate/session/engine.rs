@@ -155,7 +155,11 @@ pub struct Engine {
     pub(super) config: EngineConfig,
     pub(super) daemon: Weak<Daemon>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    self_ref: Weak<Engine>,
     pub(super) pending: Mutex<super::destination::PendingHalves>,
+    /// Shared swap devices handed over to this host by agile migrations, per VM (spec, device):
+    /// a later migration of the VM reads its `Route::Local` pages there.
+    handed_over: Mutex<HashMap<String, (String, super::pages::SharedDevice)>>,
 }
 
 pub(super) fn mode_of(name: &str) -> Option<Mode> {
@@ -170,11 +174,13 @@ pub(super) fn mode_of(name: &str) -> Option<Mode> {
 impl Engine {
     /// An engine for `daemon`, installed as its migration service.
     pub fn install(config: EngineConfig, daemon: &Arc<Daemon>) -> Arc<Self> {
-        let engine = Arc::new(Self {
+        let engine = Arc::new_cyclic(|me| Self {
             config,
             daemon: Arc::downgrade(daemon),
             jobs: Mutex::new(HashMap::new()),
+            self_ref: me.clone(),
             pending: Mutex::new(Default::default()),
+            handed_over: Mutex::new(HashMap::new()),
         });
         daemon.set_migration(engine.clone());
         engine
@@ -188,6 +194,36 @@ impl Engine {
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record the shared swap device an agile migration handed over for `vm`.
+    pub(super) fn set_handed_over(
+        &self,
+        vm: &str,
+        spec: String,
+        device: super::pages::SharedDevice,
+    ) {
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.into(), (spec, device));
+    }
+
+    /// The shared swap device handed over to this host for `vm`, if any.
+    pub(super) fn handed_over(&self, vm: &str) -> Option<(String, super::pages::SharedDevice)> {
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vm)
+            .cloned()
+    }
+
+    /// Forget `vm`'s handed-over device (it left this host).
+    pub(super) fn forget_handed_over(&self, vm: &str) {
+        self.handed_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm);
     }
 
     /// Register a job for `vm` unless one is running.
@@ -231,6 +267,8 @@ impl Engine {
             }
         }
         let run = super::source::SourceRun {
+            handed_over: self.handed_over(&request.vm),
+            engine: self.self_ref.upgrade().ok_or(StartError::Gone)?,
             config: self.config.clone(),
             daemon,
             vm,

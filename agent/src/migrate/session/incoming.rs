@@ -470,12 +470,13 @@ impl Incoming {
             swapdev::OpenOptions::read_write(&self.engine.config.host_id, true, false),
         )
         .map_err(|e| shared(Box::new(e)))?;
-        let source = pager::source::SwapdevSource::new(
-            Arc::new(Mutex::new(device)),
-            format!("shared swapdev {spec}"),
-        )
-        .map_err(|e| shared(Box::new(e)))?;
+        let device = Arc::new(Mutex::new(device));
+        let source =
+            pager::source::SwapdevSource::new(device.clone(), format!("shared swapdev {spec}"))
+                .map_err(|e| shared(Box::new(e)))?;
         controller.install_source(Route::Local, Box::new(source))?;
+        self.engine
+            .set_handed_over(&self.setup.vm, spec.clone(), device);
         self.acquired = true;
         Ok(())
     }

@@ -1,29 +1,48 @@
-//! Where the source reads one guest page: the memory file for resident pages, the VM's swap
-//! device for evicted (and imported, never faulted) pages, nothing for pages no store holds
-//! (zero) or the guest freed.
+//! Where the source reads one guest page: the memory file for resident pages; for absent
+//! ones the store its state and route name: an evicted page is in the VM's own swap device,
+//! a never-faulted page in the store its route names (the VM's own swap device, or on a
+//! former agile destination the shared device handed over to it); nothing for pages no
+//! store holds (zero) or the guest freed.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use pager::page_state::PageState;
+use pager::route::Route;
 use pager::vm::Vm;
 use swapdev::{PageData, SwapDevice};
 
 use crate::migrate::bulk::SourcePage;
 
+pub type SharedDevice = Arc<Mutex<SwapDevice>>;
+
 pub(super) struct SourcePages {
     vm: Arc<Vm>,
     memory: File,
-    device: Option<Arc<Mutex<SwapDevice>>>,
+    /// The VM's own swap device (where its evictions go).
+    own: Option<SharedDevice>,
+    /// The device handed over to this host by an earlier agile migration (`Route::Local`).
+    handed_over: Option<SharedDevice>,
+    /// The device the destination will read (agile): pages whose copy is there are
+    /// [`SourcePage::Stored`], never sent.
+    shared: Option<SharedDevice>,
 }
 
 fn io_error(e: swapdev::SwapError) -> std::io::Error {
     std::io::Error::other(e)
 }
 
+fn lock(d: &SharedDevice) -> std::sync::MutexGuard<'_, SwapDevice> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl SourcePages {
-    pub fn new(vm: Arc<Vm>) -> std::io::Result<Self> {
+    pub fn new(
+        vm: Arc<Vm>,
+        handed_over: Option<SharedDevice>,
+        shared: Option<SharedDevice>,
+    ) -> std::io::Result<Self> {
         let fd = vm.memory_file.as_ref().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
@@ -32,9 +51,11 @@ impl SourcePages {
         })?;
         let memory = File::from(fd.try_clone()?);
         Ok(Self {
-            device: vm.swapdev.clone(),
+            own: vm.swapdev.clone(),
             vm,
             memory,
+            handed_over,
+            shared,
         })
     }
 
@@ -46,32 +67,53 @@ impl SourcePages {
         &self.memory
     }
 
-    /// Whether the swap device holds page `p` (its copy is current while `p` is absent).
-    pub fn stored(&self, p: u64) -> bool {
-        self.device
-            .as_ref()
-            .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).contains(p))
+    /// The store holding absent page `p`'s current copy, if any.
+    fn store_of(&self, p: u64, state: PageState) -> Option<&SharedDevice> {
+        if state == PageState::Evicted {
+            return self.own.as_ref();
+        }
+        match self.vm.routes.get(p) {
+            Some(Route::Local) => self.handed_over.as_ref(),
+            Some(Route::Swapdev) => self.own.as_ref(),
+            _ => None,
+        }
     }
 
-    /// Read page `p` into `buf`. With `stored_ok`, an absent page the swap device holds is
-    /// answered [`SourcePage::Stored`] without reading it.
+    /// Whether some store holds absent page `p` (else it reads as zero).
+    pub fn in_a_store(&self, p: u64) -> bool {
+        let state = self.vm.states.get(p);
+        self.store_of(p, state).is_some_and(|d| lock(d).contains(p))
+    }
+
+    /// Whether absent page `p`'s copy is in the device the destination reads (agile).
+    pub fn stored(&self, p: u64) -> bool {
+        let state = self.vm.states.get(p);
+        match (self.store_of(p, state), &self.shared) {
+            (Some(store), Some(shared)) if Arc::ptr_eq(store, shared) => lock(store).contains(p),
+            _ => false,
+        }
+    }
+
+    /// Read page `p` into `buf`. With `stored_ok`, an absent page whose copy is in the
+    /// device the destination reads is answered [`SourcePage::Stored`] without reading it.
     pub fn read(&self, p: u64, buf: &mut [u8], stored_ok: bool) -> std::io::Result<SourcePage> {
         let offset = p * self.page_size() as u64;
-        match self.vm.states.get(p) {
+        let state = self.vm.states.get(p);
+        match state {
             PageState::Present | PageState::InFlight | PageState::Evicting => {
                 self.memory.read_exact_at(buf, offset)?;
             }
             PageState::Removed => return Ok(SourcePage::Freed),
             PageState::Missing | PageState::Evicted | PageState::Zero => {
-                let Some(dev) = &self.device else {
+                let Some(store) = self.store_of(p, state) else {
                     return Ok(SourcePage::Zero);
                 };
-                let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+                if stored_ok && self.stored(p) {
+                    return Ok(SourcePage::Stored);
+                }
+                let mut dev = lock(store);
                 if !dev.contains(p) {
                     return Ok(SourcePage::Zero);
-                }
-                if stored_ok {
-                    return Ok(SourcePage::Stored);
                 }
                 match dev.read_page(p).map_err(io_error)? {
                     PageData::Data(data) => buf.copy_from_slice(data.as_slice()),

@@ -101,6 +101,9 @@ pub enum SourceError {
 }
 
 pub(super) struct SourceRun {
+    pub engine: Arc<super::engine::Engine>,
+    /// The shared device an earlier agile migration handed to this host for the VM.
+    pub handed_over: Option<(String, super::pages::SharedDevice)>,
     pub config: EngineConfig,
     pub daemon: Arc<Daemon>,
     pub vm: Arc<Vm>,
@@ -267,7 +270,18 @@ impl SourceRun {
         });
         self.job.pages.store(pages, Ordering::Relaxed);
         let held = Arc::new(Held::new(pages, self.job.held.clone()));
-        let source = Arc::new(SourcePages::new(self.vm.clone()).map_err(SourceError::Memory)?);
+        let shared = match self.mode {
+            Mode::Agile => Some(self.shared_device()?),
+            _ => None,
+        };
+        let source = Arc::new(
+            SourcePages::new(
+                self.vm.clone(),
+                self.handed_over.as_ref().map(|(_, d)| d.clone()),
+                shared,
+            )
+            .map_err(SourceError::Memory)?,
+        );
         let mut migrate_started = false;
         let before = self.before_switchover(
             &mut qmp,
@@ -287,6 +301,7 @@ impl SourceRun {
         // The source keeps nothing of the VM: its RAM file goes, its QEMU quits.
         let _ = qmp.execute("quit", json!({}));
         let _ = std::fs::remove_file(&ram.mem_path);
+        self.engine.forget_handed_over(&self.request.vm);
         let quit = Instant::now();
         while self.daemon.vm(&self.request.vm).is_some() && quit.elapsed() < Duration::from_secs(10)
         {
@@ -295,8 +310,12 @@ impl SourceRun {
         Ok(())
     }
 
-    /// The shared swap device's spec (agile): the VM must be served from a swap device.
+    /// The shared swap device's spec (agile): the one an earlier agile migration handed to
+    /// this host, else the VM's own (it must be one both hosts reach).
     fn shared_spec(&self) -> Result<String, SourceError> {
+        if let Some((spec, _)) = &self.handed_over {
+            return Ok(spec.clone());
+        }
         if self.vm.swapdev.is_none() {
             return Err(SourceError::NoSharedDevice);
         }
@@ -305,6 +324,14 @@ impl SourceRun {
             .strip_prefix("swapdev ")
             .map(str::to_string)
             .ok_or(SourceError::NoSharedDevice)
+    }
+
+    /// The shared device itself (what agile releases to the destination).
+    fn shared_device(&self) -> Result<super::pages::SharedDevice, SourceError> {
+        match &self.handed_over {
+            Some((_, d)) => Ok(d.clone()),
+            None => self.vm.swapdev.clone().ok_or(SourceError::NoSharedDevice),
+        }
     }
 
     fn throttled(
@@ -540,7 +567,7 @@ impl SourceRun {
         for p in 0..self.vm.layout.pages() {
             match self.vm.states.get(p) {
                 PageState::Removed => freed.push(p),
-                PageState::Missing | PageState::Zero if !source.stored(p) => zero.push(p),
+                PageState::Missing | PageState::Zero if !source.in_a_store(p) => zero.push(p),
                 _ => {}
             }
         }
