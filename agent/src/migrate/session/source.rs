@@ -526,10 +526,12 @@ impl SourceRun {
                 )?;
                 return Ok((Finish::Stale, 1));
             }
+            // A guest that still dirties more than the link moves after 10 rounds will not
+            // converge with more of them: they only cost bandwidth.
             Mode::Precopy => PrecopyLimits {
                 downtime_limit: downtime,
-                max_rounds: 30,
-                max_time: postcopy_after.unwrap_or(Duration::from_secs(120)),
+                max_rounds: 10,
+                max_time: postcopy_after.unwrap_or(Duration::from_secs(60)),
             },
             // One pass over what is not in the swap device; more only while it converges.
             Mode::Agile => PrecopyLimits {
@@ -694,6 +696,18 @@ impl SourceRun {
     ) {
         let _ = write_message(bulk, &Message::Abort(pager::error_chain(why)));
         let _ = bulk.flush();
+        // The destination closes the connection once it removed what it made: wait for
+        // that, so a failed or cancelled migration is over on both hosts when it is reported.
+        let _ = bulk.shutdown(std::net::Shutdown::Write);
+        let _ = bulk.set_read_timeout(Some(Duration::from_secs(2)));
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            match read_message(bulk, None) {
+                Ok(_) => {}
+                Err(WireError::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
         if migrate_started {
             let _ = qmp.execute("migrate_cancel", json!({}));
             let _ = qmp.wait_status(&["cancelled", "failed"], Duration::from_secs(10));
