@@ -165,3 +165,62 @@ pub fn wait_health(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(at: Instant, busy_ms: f64) -> (Instant, GuestLine) {
+        (
+            at,
+            GuestLine::HotPass {
+                pass: 1,
+                busy_ms,
+                wall_ms: 1000.0,
+            },
+        )
+    }
+
+    #[test]
+    fn sweeps_split_at_the_migration() {
+        let base = Instant::now();
+        let t = |s: u64| base + Duration::from_secs(s);
+        let (t0, t_end) = (t(10), t(20));
+        let mut src = SerialLog::new("src".into());
+        src.lines = vec![sweep(t(5), 100.0), sweep(t(9), 120.0), sweep(t(12), 300.0)];
+        let mut dst = SerialLog::new("dst".into());
+        // Started before the end (during), then two after.
+        dst.lines = vec![
+            sweep(t(20), 900.0),
+            sweep(t(23), 130.0),
+            sweep(t(25), 110.0),
+        ];
+        let h = hot_passes(&src, Some(&dst), t0, t_end);
+        assert_eq!(h.samples, [2, 2, 2]);
+        assert_eq!(h.before_ms, Some(110.0));
+        assert_eq!(h.during_worst_ms, Some(900.0));
+        assert_eq!(h.after_ms, Some(120.0));
+        // Stayed on the source: its sweeps after the end are "after".
+        let h = hot_passes(&src, None, t0, t(11));
+        assert_eq!(h.samples, [2, 0, 1]);
+    }
+
+    #[test]
+    fn verdicts() {
+        let mut h = Health {
+            host: "destination",
+            done: true,
+            bad_pages: Some(0),
+            ..Health::default()
+        };
+        assert!(h.ok());
+        h.bad_pages = Some(3);
+        assert_eq!(h.verdict(), "3 BAD pages");
+        h = Health {
+            crashed: true,
+            ..Health::default()
+        };
+        assert_eq!(h.verdict(), "CRASHED");
+        assert!(!h.ok());
+    }
+}

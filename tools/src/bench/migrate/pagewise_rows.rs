@@ -187,7 +187,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     let health = if completed {
         let key = src_serial.display().to_string();
         if let Some(p) = report["dest_paths"][&key].as_str() {
-            if PathBuf::from(p) != dst_serial.path {
+            if Path::new(p) != dst_serial.path {
                 eprintln!("{mode}: destination console is {p}, not where expected");
                 dst_serial = SerialLog::new(PathBuf::from(p));
             }
