@@ -66,6 +66,8 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     let cap = Duration::from_secs(ctx.a.qemu_cap);
     let mut switched = false;
     let mut cancelled = false;
+    // The last figures of a migration still running (a cancelled one reports none).
+    let mut last_active = Value::Null;
     let info = loop {
         let _ = serial.poll();
         let _ = dst_serial_log.poll();
@@ -73,6 +75,9 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         let status = info["status"].as_str().unwrap_or("").to_string();
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             break info;
+        }
+        if info.get("ram").is_some() {
+            last_active = info.clone();
         }
         let elapsed = t0.elapsed();
         if postcopy
@@ -98,6 +103,11 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     let status = info["status"].as_str().unwrap_or("?").to_string();
     let completed = status == "completed";
     let total_ms = u(&info, "/total-time").or(Some(t_end.duration_since(t0).as_millis() as u64));
+    let figures = if info.get("ram").is_some() {
+        &info
+    } else {
+        &last_active
+    };
     let limit = Duration::from_secs(ctx.guest_duration(mode) + 90);
     let health = if completed {
         // The source stays paused after a completed migration: quit it (its RAM goes).
@@ -134,7 +144,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         total_ms,
         qemu_downtime_ms: u(&info, "/downtime"),
         pagewise_downtime_ms: None,
-        ram_transferred: u(&info, "/ram/transferred"),
+        ram_transferred: u(figures, "/ram/transferred"),
         link_bytes,
         demand_faults: postcopy
             .then(|| u(&info, "/ram/postcopy-requests"))
@@ -145,6 +155,10 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         source_released_ms: if completed { total_ms } else { None },
         hot,
         health,
-        raw: info,
+        raw: if completed {
+            info
+        } else {
+            serde_json::json!({ "end": info, "last_active": last_active })
+        },
     })
 }

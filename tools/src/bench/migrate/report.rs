@@ -72,7 +72,7 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
     outln!(out, "{}", recipe.title);
     outln!(
         out,
-        "{:<13} {:>3} {:<22} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+        "{:<13} {:>3} {:<24} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
         "mode",
         "run",
         "status",
@@ -87,10 +87,10 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
         "guest (dst)"
     );
     for r in rows {
-        let status: String = r.status.chars().take(22).collect();
+        let status: String = r.status.chars().take(24).collect();
         outln!(
             out,
-            "{:<13} {:>3} {:<22} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+            "{:<13} {:>3} {:<24} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
             r.mode,
             r.run,
             status,
