@@ -206,6 +206,8 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         let mut alive = || qemu.check_alive(&log).is_ok();
         wait_health(&mut serial, &mut [], "source", &mut alive, guest_limit)
     };
+    // The destination console lives in the daemon's --migrate-dir, removed with it: keep a copy.
+    let _ = std::fs::copy(&dst_serial.path, dir.join("dst.serial"));
     let hot = hot_passes(&serial, completed.then_some(&dst_serial), t0, t_end);
     let status = if completed {
         "completed".to_string()
