@@ -3,5 +3,6 @@
 
 pub mod evict;
 pub mod guest;
+pub mod migrate;
 pub mod pager;
 pub mod swapdev;

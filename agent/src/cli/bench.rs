@@ -1,7 +1,7 @@
 //! `pagewise bench ...`: the clap front of the benchmark drivers in `pagewise_tools::bench`;
 //! each benchmark prints a table against a baseline from the same run.
 
-use pagewise_tools::bench::{evict, guest, pager, swapdev};
+use pagewise_tools::bench::{evict, guest, migrate, pager, swapdev};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -22,6 +22,10 @@ enum Bench {
     /// memverify's hot-set and full pass times in a QEMU guest (TCG): plain QEMU vs under
     /// the pager with nothing evicted vs evicted to the working set, as ratios.
     Guest(guest::GuestBenchArgs),
+    /// Live migration between the two lab hosts over a tc-shaped link: QEMU's own pre-copy
+    /// and post-copy vs pagewise precopy, postcopy and agile, one fresh guest per row,
+    /// verified on the destination.
+    Migrate(migrate::MigrateBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -30,5 +34,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         Bench::Swapdev(a) => swapdev::run(a),
         Bench::Evict(a) => evict::run(a),
         Bench::Guest(a) => guest::run(a),
+        Bench::Migrate(a) => migrate::run(a),
     }
 }

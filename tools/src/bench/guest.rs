@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-mod procs;
-mod report;
-mod serial;
+pub(crate) mod procs;
+pub(crate) mod report;
+pub(crate) mod serial;
 
 use anyhow::{anyhow, bail, Context};
 use pager::server::protocol::{EvictTarget, Request};
@@ -76,7 +76,7 @@ struct Setup {
     run_limit: Duration,
 }
 
-fn find_repo() -> Option<PathBuf> {
+pub(crate) fn find_repo() -> Option<PathBuf> {
     let cwd = std::env::current_dir().ok();
     let exe = std::env::current_exe().ok();
     [cwd, exe]
@@ -87,8 +87,13 @@ fn find_repo() -> Option<PathBuf> {
 }
 
 fn guest_image(args: &GuestBenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = match &args.guest_dir {
-        Some(d) => d.clone(),
+    guest_image_in(args.guest_dir.as_deref())
+}
+
+/// The guest's kernel and initramfs from `dir`, or built with tools/guest/build.sh.
+pub(crate) fn guest_image_in(dir: Option<&Path>) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
         None => {
             let repo = find_repo().ok_or_else(|| {
                 anyhow!(
