@@ -92,6 +92,12 @@ const SKIPPED: &[(&str, &str, Option<&str>, &str)] = &[
         "moves a running guest between two hosts (tests/tests/migrate_qemu.rs, migrate_failures.rs)",
     ),
     (
+        "README.md",
+        "pagewise bench migrate",
+        None,
+        "boots ten QEMU guests in the two-host lab for ~10 min (tools/src/bench/migrate.rs)",
+    ),
+    (
         "docs/backends.md",
         "pagewise bench swapdev --backend nfs://",
         None,
