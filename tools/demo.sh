@@ -140,16 +140,20 @@ fi
 
 say "agile live migration to $lab-dst: pagewise migrate --mode agile"
 "${src[@]}" "$pw" migrate --socket "$work/src/pager.sock" --vm demo --to 10.77.0.2:7600 \
-  --mode agile --json | tee "$work/migrate.json" | python3 -c '
+  --mode agile --json >"$work/migrate.json" || true
+python3 - "$work/migrate.json" <<'PY'
 import json, sys
-r = json.load(sys.stdin)
+r = json.load(open(sys.argv[1]))
 d = r.get("destination") or {}
-print(f"status {r[\"status\"]}: total {r[\"total-time\"]} ms, downtime {r[\"downtime\"]} ms, "
-      f"sent {r[\"ram\"][\"transferred\"] / 1e6:.1f} MB of {r[\"ram\"][\"total\"] / 1e6:.0f} MB RAM")
-print(f"left in the shared swap device: {r[\"pages_stored\"]} pages; pushed after switchover: "
-      f"{r[\"pages_pushed\"]}; demand faults on dst: {d.get(\"demand_faults\")}")
-print(f"the source held none of the VM RAM after {r[\"source_released_ms\"]} ms; dst QEMU pid {r[\"dest_qemu_pid\"]}")
-'
+ram = r["ram"]
+print(f"status {r['status']}: total {r['total-time']} ms, downtime {r['downtime']} ms, "
+      f"sent {ram['transferred'] / 1e6:.1f} MB of {ram['total'] / 1e6:.0f} MB RAM")
+print(f"left in the shared swap device: {r['pages_stored']} pages; pushed after switchover: "
+      f"{r['pages_pushed']}; demand faults on dst: {d.get('demand_faults')}")
+print(f"the source held none of the VM RAM after {r['source_released_ms']} ms; dst QEMU pid {r['dest_qemu_pid']}")
+if r.get("error"):
+    print(f"error: {r['error']}")
+PY
 status=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$work/migrate.json")
 [ "$status" = completed ] || { echo "demo.sh: the migration ended $status" >&2; cat "$work/src/serve.log" "$work/dst/serve.log" >&2; exit 1; }
 serial=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["dest_paths"][sys.argv[2]])' "$work/migrate.json" "$work/serial.log")
@@ -176,6 +180,10 @@ if ev:
 PY
 echo "start to memverify filled: ${boot_ms} ms"
 echo "eviction: $evicted"
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"agile migration: {r[\"total-time\"]} ms, downtime {r[\"downtime\"]} ms, {r[\"ram\"][\"transferred\"] / 1e6:.1f} MB sent")' "$work/migrate.json"
+python3 - "$work/migrate.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"agile migration: {r['total-time']} ms, downtime {r['downtime']} ms, {r['ram']['transferred'] / 1e6:.1f} MB sent")
+PY
 echo "memverify: ${done_line#memverify: }"
 case "$done_line" in *RESULT=PASS*) echo "RESULT: PASS" ;; *) echo "RESULT: FAIL"; exit 1 ;; esac
