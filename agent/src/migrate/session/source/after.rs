@@ -1,0 +1,163 @@
+//! The source after the switchover: answer demand requests, push what the destination
+//! lacks, wait for its report, drop the VM's RAM here; and the roll-back of a migration that
+//! failed before the switchover.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{Held, SourceError, SourceRun, REPORT_TIMEOUT};
+use crate::migrate::bulk::{push_pages, PushOrder, SentPages, SourcePage};
+use crate::migrate::message::{read_message, write_message, Message, WireError};
+use crate::migrate::page_server::serve_page_requests_with;
+use crate::migrate::qmp::Qmp;
+use crate::migrate::session::pages::SourcePages;
+
+impl SourceRun {
+    pub(super) fn after_switchover(
+        &self,
+        urgent: TcpStream,
+        bulk: TcpStream,
+        version: u16,
+        source: Arc<SourcePages>,
+        held: Arc<Held>,
+    ) -> Result<(), SourceError> {
+        let pages = self.vm.layout.pages();
+        let ps = self.vm.layout.page_size();
+        let sent = Arc::new(SentPages::new(pages));
+        let (faults_tx, faults_rx) = crossbeam_channel::unbounded();
+        let server = {
+            let (sent, source, job) = (sent.clone(), source.clone(), self.job.clone());
+            std::thread::Builder::new()
+                .name(format!("migrate-{}-urgent", self.request.vm))
+                .spawn(move || {
+                    serve_page_requests_with(
+                        urgent,
+                        ps,
+                        pages,
+                        version,
+                        Some(&sent),
+                        |p| {
+                            job.requests.fetch_add(1, Ordering::Relaxed);
+                            let _ = faults_tx.send(p);
+                        },
+                        |p, buf| match source.read(p, buf, false)? {
+                            SourcePage::Data => Ok(()),
+                            _ => {
+                                buf.fill(0);
+                                Ok(())
+                            }
+                        },
+                    )
+                })
+                .map_err(|e| SourceError::Memory(std::io::Error::other(e)))?
+        };
+        let never = Arc::new(AtomicBool::new(false));
+        let mut order = {
+            let held = held.clone();
+            PushOrder::new(sent, move |p| held.get(p))
+        };
+        let out = self.throttled(&bulk, never.clone())?;
+        let (data, zero) = push_pages(out, &mut order, ps, &faults_rx, &never, |p, buf| {
+            source.read(p, buf, false)
+        })?;
+        self.job.update(|s| s.pages_pushed = data + zero);
+        let mut reader = bulk;
+        reader
+            .set_read_timeout(Some(REPORT_TIMEOUT))
+            .map_err(WireError::Io)?;
+        let report = match read_message(&mut reader, Some(version))? {
+            Message::Report(text) => serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            Message::Abort(r) => return Err(SourceError::Aborted(r)),
+            other => {
+                return Err(SourceError::Unexpected {
+                    got: other.command(),
+                    expected: "Report",
+                })
+            }
+        };
+        drop(reader);
+        let served = server
+            .join()
+            .map_err(|_| SourceError::Aborted("the urgent channel's thread panicked".into()))?;
+        if let Err(e) = served {
+            tracing::warn!(vm = %self.request.vm, "urgent channel: {}", pager::error_chain(&e));
+        }
+        // Every page is on the destination: drop the source's copy.
+        let memory = source.memory();
+        let len = pages * ps as u64;
+        nix::fcntl::fallocate(
+            memory.as_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            len as i64,
+        )
+        .map_err(|e| SourceError::Memory(e.into()))?;
+        let released = self.job.started.elapsed().as_millis() as u64;
+        self.job.update(|s| {
+            s.source_released_ms = Some(released);
+            if let Some(paths) = report.get("dest_paths").and_then(Value::as_object) {
+                s.dest_paths = paths
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect();
+            }
+            s.destination = Some(report);
+        });
+        Ok(())
+    }
+
+    /// Undo a migration that failed before the switchover: the guest runs on here.
+    pub(super) fn roll_back(
+        &self,
+        qmp: &mut Qmp,
+        bulk: &mut TcpStream,
+        migrate_started: bool,
+        was_running: bool,
+        why: &SourceError,
+    ) {
+        let _ = write_message(bulk, &Message::Abort(pager::error_chain(why)));
+        let _ = bulk.flush();
+        // The destination closes the connection once it removed what it made: wait for
+        // that, so a failed or cancelled migration is over on both hosts when it is reported.
+        let _ = bulk.shutdown(std::net::Shutdown::Write);
+        let _ = bulk.set_read_timeout(Some(Duration::from_secs(2)));
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            match read_message(bulk, None) {
+                Ok(_) => {}
+                Err(WireError::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        if migrate_started {
+            let _ = qmp.execute("migrate_cancel", json!({}));
+            let _ = qmp.wait_status(&["cancelled", "failed"], Duration::from_secs(10));
+        }
+        let running = qmp
+            .execute("query-status", json!({}))
+            .ok()
+            .and_then(|s| s["running"].as_bool());
+        if was_running && running == Some(false) {
+            let _ = qmp.execute("cont", json!({}));
+        }
+        let released = self
+            .vm
+            .swapdev
+            .as_ref()
+            .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).is_released());
+        if released {
+            tracing::warn!(
+                vm = %self.request.vm,
+                "the guest runs on here, reading its released swap device: evictions of it \
+                 are refused until the VM is attached again (nothing is lost)"
+            );
+        }
+    }
+}

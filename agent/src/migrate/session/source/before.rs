@@ -1,0 +1,268 @@
+//! The source before the switchover: pre-copy by mode, the pause at pre-switchover, the last
+//! dirty set, `Switchover` and the destination's `Ready`, then `migrate-continue`.
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pager::dirty::{SubscribeOptions, Subscription};
+use serde_json::{json, Value};
+
+use super::{runs, Finish, Held, SourceError, SourceRun, QEMU_STEP_TIMEOUT, READY_TIMEOUT};
+use crate::migrate::bulk::SourcePage;
+use crate::migrate::message::{read_message, write_message, Message, Mode, WireError};
+use crate::migrate::precopy::{run_rounds, send_round, PrecopyLimits, StopRule};
+use crate::migrate::qmp::Qmp;
+use crate::migrate::session::pages::SourcePages;
+use crate::migrate::session::status::Phase;
+
+impl SourceRun {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn before_switchover(
+        &self,
+        qmp: &mut Qmp,
+        bulk: &TcpStream,
+        incoming: &str,
+        version: u16,
+        source: &Arc<SourcePages>,
+        held: &Arc<Held>,
+        migrate_started: &mut bool,
+    ) -> Result<(), SourceError> {
+        qmp.set_capabilities(&[("x-ignore-shared", true), ("pause-before-switchover", true)])?;
+        let writes = self.vm.dirty.subscribe(SubscribeOptions {
+            placed_counts_as_written: true,
+        })?;
+        let mut out =
+            BufWriter::with_capacity(256 * 1024, self.throttled(bulk, self.job.cancel.clone())?);
+        let (finish, syncs) = self.precopy(&writes, &mut out, source, held)?;
+        if self.mode == Mode::Agile {
+            // Hand the swap device over while the guest still runs (it is only read here
+            // from now on: evictions wait for the migration), so the destination opens it
+            // outside the downtime.
+            let dev = self
+                .vm
+                .swapdev
+                .as_ref()
+                .ok_or(SourceError::NoSharedDevice)?;
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_ownership()
+                .map_err(SourceError::Release)?;
+            write_message(&mut out, &Message::Released)?;
+        }
+        out.flush().map_err(WireError::Io)?;
+        self.wait_acks(bulk, version, syncs + u64::from(self.mode == Mode::Agile))?;
+        if self.job.cancel.load(Ordering::Acquire) {
+            return Err(SourceError::Cancelled);
+        }
+        // QEMU moves the devices; it pauses the guest at pre-switchover.
+        qmp.execute("migrate", json!({ "uri": incoming }))?;
+        *migrate_started = true;
+        qmp.wait_status(&["pre-switchover"], QEMU_STEP_TIMEOUT)?;
+        let paused = Instant::now();
+        self.job.update(|s| s.status = Phase::PreSwitchover);
+        // Placements already under way land (and count as written) before the last harvest.
+        let settle = Instant::now();
+        while source.in_flight() > 0 && settle.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let settled = paused.elapsed();
+        let mut last = writes.harvest();
+        last.sort_unstable();
+        match finish {
+            Finish::Data => {
+                let mut read = self.reader(source, held, self.mode == Mode::Agile);
+                send_round(&self.vm, &last, &mut out, &mut read)?;
+            }
+            Finish::Stale => {
+                let stale: Vec<u64> = last.iter().copied().filter(|&p| held.get(p)).collect();
+                for (first, count) in runs(&stale) {
+                    write_message(&mut out, &Message::StalePages { first, count })?;
+                }
+                for &p in &stale {
+                    held.set(p, false);
+                }
+                self.job.update(|s| s.pages_stale = stale.len() as u64);
+            }
+        }
+        self.job
+            .update(|s| s.ram.dirty_sync_count = s.rounds.len() as u64);
+        let final_sent = paused.elapsed();
+        write_message(&mut out, &Message::Switchover)?;
+        out.flush().map_err(WireError::Io)?;
+        drop(out);
+        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
+        reader
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .map_err(WireError::Io)?;
+        match read_message(&mut reader, Some(version))? {
+            Message::Ready => {}
+            Message::Abort(r) => return Err(SourceError::Aborted(r)),
+            other => {
+                return Err(SourceError::Unexpected {
+                    got: other.command(),
+                    expected: "Ready",
+                })
+            }
+        }
+        let ready = paused.elapsed();
+        // From here on the destination runs the guest: no roll-back.
+        qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
+        let info = qmp.wait_status(&["completed"], QEMU_STEP_TIMEOUT)?;
+        let downtime = paused.elapsed().as_millis() as u64;
+        tracing::info!(
+            vm = %self.request.vm,
+            settled_ms = settled.as_millis() as u64,
+            final_set = last.len(),
+            final_sent_ms = final_sent.as_millis() as u64,
+            ready_ms = ready.as_millis() as u64,
+            downtime_ms = downtime,
+            "switchover"
+        );
+        self.job.update(|s| {
+            s.downtime = Some(downtime);
+            s.qemu_downtime_ms = info.get("downtime").and_then(Value::as_u64);
+            s.status = Phase::PostcopyActive;
+        });
+        Ok(())
+    }
+
+    /// A page reader for sends: records what the destination now holds.
+    pub(super) fn reader<'a>(
+        &'a self,
+        source: &'a SourcePages,
+        held: &'a Held,
+        stored_ok: bool,
+    ) -> impl FnMut(u64, &mut [u8]) -> std::io::Result<SourcePage> + 'a {
+        move |p, buf| {
+            let kind = source.read(p, buf, stored_ok)?;
+            held.set(p, true);
+            let job = &self.job;
+            match kind {
+                SourcePage::Data => job.normal.fetch_add(1, Ordering::Relaxed),
+                SourcePage::Zero => job.duplicate.fetch_add(1, Ordering::Relaxed),
+                SourcePage::Freed => job.freed.fetch_add(1, Ordering::Relaxed),
+                SourcePage::Stored => job.stored.fetch_add(1, Ordering::Relaxed),
+            };
+            Ok(kind)
+        }
+    }
+
+    /// Read `count` acknowledgements (of rounds, of the release): the destination has taken
+    /// in everything sent so far.
+    pub(super) fn wait_acks(
+        &self,
+        bulk: &TcpStream,
+        version: u16,
+        count: u64,
+    ) -> Result<(), SourceError> {
+        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
+        reader
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .map_err(WireError::Io)?;
+        for _ in 0..count {
+            match read_message(&mut reader, Some(version))? {
+                Message::Ack { .. } => {}
+                Message::Abort(r) => return Err(SourceError::Aborted(r)),
+                other => {
+                    return Err(SourceError::Unexpected {
+                        got: other.command(),
+                        expected: "Ack",
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pre-copy part of each mode; says how the last dirty set goes, and how many
+    /// rounds the destination acknowledges.
+    pub(super) fn precopy(
+        &self,
+        writes: &Subscription,
+        out: &mut impl Write,
+        source: &SourcePages,
+        held: &Held,
+    ) -> Result<(Finish, u64), SourceError> {
+        let downtime = Duration::from_millis(self.request.downtime_limit_ms.unwrap_or(300));
+        let postcopy_after = self.request.postcopy_after_ms.map(Duration::from_millis);
+        let limits = match self.mode {
+            Mode::Postcopy => {
+                self.announce_absent(out, source, held)?;
+                write_message(
+                    out,
+                    &Message::RoundEnd {
+                        round: 0,
+                        sent: 0,
+                        dirty: 0,
+                    },
+                )?;
+                return Ok((Finish::Stale, 1));
+            }
+            // A guest that still dirties more than the link moves after 10 rounds will not
+            // converge with more of them: they only cost bandwidth.
+            Mode::Precopy => PrecopyLimits {
+                downtime_limit: downtime,
+                max_rounds: 10,
+                max_time: postcopy_after.unwrap_or(Duration::from_secs(60)),
+            },
+            // One pass over what is not in the swap device; more only while it converges.
+            Mode::Agile => PrecopyLimits {
+                downtime_limit: downtime,
+                max_rounds: 3,
+                max_time: postcopy_after.unwrap_or(Duration::from_secs(30)),
+            },
+        };
+        let read = self.reader(source, held, self.mode == Mode::Agile);
+        let outcome = run_rounds(&self.vm, writes, &mut *out, limits, read)?;
+        let (rule, rounds) = (outcome.stop, outcome.rounds.len());
+        self.job.update(|s| {
+            s.stop_rule = Some(outcome.stop);
+            s.rounds = outcome.rounds;
+        });
+        let finish = match (self.mode, rule) {
+            (Mode::Precopy, StopRule::Converged) => Finish::Data,
+            (Mode::Precopy, _) if postcopy_after.is_some() => Finish::Stale,
+            (Mode::Precopy, rule) => return Err(SourceError::NotConverged { rule, rounds }),
+            _ => Finish::Stale,
+        };
+        Ok((finish, rounds as u64))
+    }
+
+    /// Post-copy's only pre-copy: which pages are zero or freed (never sent), as runs.
+    pub(super) fn announce_absent(
+        &self,
+        out: &mut impl Write,
+        source: &SourcePages,
+        held: &Held,
+    ) -> Result<(), SourceError> {
+        use pager::page_state::PageState;
+        let mut zero = Vec::new();
+        let mut freed = Vec::new();
+        for p in 0..self.vm.layout.pages() {
+            match self.vm.states.get(p) {
+                PageState::Removed => freed.push(p),
+                PageState::Missing | PageState::Zero if !source.in_a_store(p) => zero.push(p),
+                _ => {}
+            }
+        }
+        for (first, count) in runs(&zero) {
+            write_message(out, &Message::ZeroPages { first, count })?;
+        }
+        for (first, count) in runs(&freed) {
+            write_message(out, &Message::FreedPages { first, count })?;
+        }
+        for &p in zero.iter().chain(&freed) {
+            held.set(p, true);
+        }
+        self.job
+            .duplicate
+            .fetch_add(zero.len() as u64, Ordering::Relaxed);
+        self.job
+            .freed
+            .fetch_add(freed.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
