@@ -424,3 +424,61 @@ fn a_second_urgent_connection_for_one_session_is_refused() {
         &format!("refused migration peer {}: {reason}", out.local),
     );
 }
+
+#[test]
+fn a_setup_for_a_vm_prepared_here_is_refused_and_the_vm_stays() {
+    let mut d = Daemon::start();
+    let control = d._dir.path().join("pw.sock.stats");
+    let mut client = pager::server::ControlClient::connect(&control).unwrap();
+    let spec: pager::server::protocol::PrepareSpec = serde_json::from_value(serde_json::json!({
+        "vm": "busy",
+        "layout": {"page_size": 4096, "regions": [{"offset": 0, "size": 1048576}]},
+        "swapdev": "/nonexistent/busy.swap",
+    }))
+    .unwrap();
+    let r = client
+        .call(&pager::server::protocol::Request::Prepare(spec))
+        .unwrap();
+    assert_eq!(r.kind(), "prepared", "{r:?}");
+    let out = hostile::setup(
+        &d.endpoint(QUICK),
+        &hostile::valid_setup("busy", "/nonexistent/qemu"),
+    )
+    .unwrap();
+    assert_eq!(
+        out.refusal(),
+        Some(r#"VM "busy" is already served here"#),
+        "{out}"
+    );
+    d.log_line(
+        None,
+        r#"incoming migration failed: VM "busy" is already served here"#,
+    );
+    // The VM that was here is untouched.
+    let listed = client
+        .call(&pager::server::protocol::Request::List)
+        .unwrap();
+    let text = format!("{listed:?}");
+    assert!(text.contains("busy") && text.contains("Prepared"), "{text}");
+    d.survives();
+}
+
+#[test]
+fn a_swap_device_left_by_an_earlier_vm_of_the_name_is_kept() {
+    let mut d = Daemon::start();
+    let earlier = d.swapdev_dir.join("hostile-noqemu.swap");
+    std::fs::write(&earlier, b"an earlier VM's pages").unwrap();
+    let out = hostile::missing_qemu(&d.endpoint(QUICK)).unwrap();
+    assert!(
+        out.refusal()
+            .is_some_and(|r| r.contains("starting /nonexistent/qemu")),
+        "{out}"
+    );
+    // Set aside while the migration ran, put back when it failed.
+    assert_eq!(
+        files_in(&d.swapdev_dir),
+        vec!["hostile-noqemu.swap".to_string()]
+    );
+    assert_eq!(std::fs::read(&earlier).unwrap(), b"an earlier VM's pages");
+    d.survives();
+}

@@ -113,6 +113,10 @@ pub(super) struct Incoming {
     ready: bool,
     /// Agile: the shared swap device is acquired and installed.
     acquired: bool,
+    /// The VM was prepared in the daemon by this migration.
+    prepared: bool,
+    /// An earlier swap device of the VM's name, renamed aside (and its original path).
+    set_aside: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Incoming {
@@ -175,7 +179,7 @@ impl Incoming {
         if !pager::attach::server::valid_vm_name(&vm) {
             return Err(IncomingError::BadName(vm));
         }
-        if self.daemon.vm(&vm).is_some() {
+        if self.daemon.vm(&vm).is_some() || self.daemon.prepared_list().iter().any(|p| p.vm == vm) {
             return Err(IncomingError::Exists(vm));
         }
         let bytes = s
@@ -213,6 +217,7 @@ impl Incoming {
         self.memory = Some(memory);
         let device = cfg.swapdev_dir.join(format!("{vm}.swap"));
         self.create_swapdev(&device)?;
+        self.prepared = true;
         self.daemon.prepare(pager::server::protocol::PrepareSpec {
             vm: vm.clone(),
             layout: pager::server::protocol::LayoutSpec {
@@ -252,7 +257,22 @@ impl Incoming {
             path: path.display().to_string(),
             source,
         };
-        let _ = std::fs::remove_file(path);
+        // A device of that name left here (the VM ran here before, or another VM of that name
+        // stopped) is kept aside, never overwritten.
+        if path.exists() {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = path.with_extension(format!("swap.before-{stamp}"));
+            std::fs::rename(path, &aside).map_err(|source| IncomingError::File {
+                what: "the swap device left by an earlier VM of this name",
+                path: path.display().to_string(),
+                source,
+            })?;
+            tracing::warn!(vm = %self.setup.vm, kept = %aside.display(), "an earlier swap device of this VM name was kept aside");
+            self.set_aside = Some((aside, path.to_path_buf()));
+        }
         let spec = path.display().to_string();
         let opts = swapdev::backend::spec::SpecOptions {
             create: true,
@@ -314,6 +334,8 @@ impl Incoming {
             made: Vec::new(),
             ready: false,
             acquired: false,
+            prepared: false,
+            set_aside: None,
         }
     }
 
@@ -529,11 +551,17 @@ impl Incoming {
         if let Some(mut q) = self.qemu.take() {
             q.kill();
         }
-        let vm = &self.setup.vm;
-        self.daemon.detach(vm);
-        self.daemon.unprepare(vm);
+        // Only what this migration made: a VM of the same name served here is not ours.
+        if self.prepared {
+            let vm = &self.setup.vm;
+            self.daemon.detach(vm);
+            self.daemon.unprepare(vm);
+        }
         for f in self.made.drain(..) {
             let _ = std::fs::remove_file(f);
+        }
+        if let Some((aside, original)) = self.set_aside.take() {
+            let _ = std::fs::rename(aside, original);
         }
     }
 }
