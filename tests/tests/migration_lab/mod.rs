@@ -210,46 +210,24 @@ impl MigrationLab {
         mode: &str,
         extra: &[&str],
     ) -> (bool, serde_json::Value, String) {
-        let out = self
-            .migrate_command(to, vm, mode, extra)
-            .output()
-            .expect("run pagewise migrate");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-        (out.status.success(), report, format!("{stdout}\n{stderr}"))
+        run_migrate(self.migrate_command(to, vm, mode, extra))
     }
 
     /// `pagewise migrate --json` from the destination host back to the source host.
     pub fn migrate_back(&self, vm: &str, mode: &str) -> (bool, serde_json::Value, String) {
-        let out = in_ns(&self.lab.ns("dst"), &pagewise_bin())
-            .args(["migrate", "--socket"])
-            .arg(&self.dst.socket)
-            .args([
-                "--vm",
-                vm,
-                "--to",
-                &format!("{SRC_IP}:{PORT}"),
-                "--mode",
-                mode,
-                "--json",
-            ])
-            .output()
-            .expect("run pagewise migrate");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-        (out.status.success(), report, format!("{stdout}\n{stderr}"))
+        run_migrate(migrate_command(
+            &self.lab.ns("dst"),
+            &self.dst.socket,
+            &format!("{SRC_IP}:{PORT}"),
+            vm,
+            mode,
+            &[],
+        ))
     }
 
     /// The `pagewise migrate --json` command on the source host.
     pub fn migrate_command(&self, to: &str, vm: &str, mode: &str, extra: &[&str]) -> Command {
-        let mut cmd = in_ns(&self.lab.ns("src"), &pagewise_bin());
-        cmd.args(["migrate", "--socket"])
-            .arg(&self.src.socket)
-            .args(["--vm", vm, "--to", to, "--mode", mode, "--json"])
-            .args(extra);
-        cmd
+        migrate_command(&self.lab.ns("src"), &self.src.socket, to, vm, mode, extra)
     }
 
     /// Both daemons' logs, for failure messages.
@@ -321,4 +299,30 @@ fn shared_device(lab: &TwoHost, dir: &Path, vm: &str, ram_mib: u64) -> (Proc, St
         std::thread::sleep(Duration::from_millis(200));
     }
     (proc, spec)
+}
+
+/// `pagewise migrate --json` in namespace `ns` against the daemon at `socket`.
+fn migrate_command(
+    ns: &str,
+    socket: &Path,
+    to: &str,
+    vm: &str,
+    mode: &str,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = in_ns(ns, &pagewise_bin());
+    cmd.args(["migrate", "--socket"])
+        .arg(socket)
+        .args(["--vm", vm, "--to", to, "--mode", mode, "--json"])
+        .args(extra);
+    cmd
+}
+
+/// Run a `migrate --json` command: (exit success, its report, its output).
+fn run_migrate(mut cmd: Command) -> (bool, serde_json::Value, String) {
+    let out = cmd.output().expect("run pagewise migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), report, format!("{stdout}\n{stderr}"))
 }
