@@ -7,30 +7,12 @@ mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migration_lab::{dest_path, HostDaemon, MigrationLab, DST_IP};
 use qemu_lab::{assert_memverify_passed, wait_for_text};
 
 const RAM_MIB: u64 = 256;
-
-/// Wait for memverify's DONE line in `serial`.
-fn wait_done(serial: &std::path::Path, limit: Duration, logs: impl Fn() -> String) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(serial).unwrap_or_default();
-        if text.contains("memverify: DONE") {
-            return text;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "no DONE in {}:\n{text}\n{}",
-            serial.display(),
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 #[test]
 fn a_refused_or_failing_destination_leaves_the_source_guest_running() {
@@ -110,7 +92,7 @@ fn a_refused_or_failing_destination_leaves_the_source_guest_running() {
 
     // The guest never stopped: it finishes on the source with every page intact.
     assert!(guest.qemu.running(), "the source QEMU is gone");
-    let text = wait_done(&guest.serial, Duration::from_secs(180), || lab.logs());
+    let text = migration_lab::wait_done(&guest.serial, Duration::from_secs(180), || lab.logs());
     assert_memverify_passed(&text);
 }
 
@@ -140,9 +122,7 @@ fn a_cancelled_or_non_converging_precopy_keeps_the_guest_and_postcopy_after_fini
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let cancel = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.lab.ns("src")])
-        .arg(qemu_lab::pagewise_bin())
+    let cancel = migration_lab::in_ns(&lab.lab.ns("src"), &qemu_lab::pagewise_bin())
         .args(["migrate", "--socket"])
         .arg(&lab.src.socket)
         .args(["--vm", "vm1", "--cancel"])
@@ -187,6 +167,6 @@ fn a_cancelled_or_non_converging_precopy_keeps_the_guest_and_postcopy_after_fini
     assert_eq!(report["stop_rule"], "time_cap", "{report}");
     assert!(report["pages_stale"].as_u64().unwrap() > 0, "{report}");
     let serial = dest_path(&report, &guest.serial);
-    let text = wait_done(&serial, Duration::from_secs(240), || lab.logs());
+    let text = migration_lab::wait_done(&serial, Duration::from_secs(240), || lab.logs());
     assert_memverify_passed(&text);
 }

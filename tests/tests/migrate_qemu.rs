@@ -7,7 +7,7 @@ mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migration_lab::{dest_path, MigrationLab};
 use qemu_lab::assert_memverify_passed;
@@ -74,19 +74,7 @@ fn migrate_a_verifying_guest_and_back(
         eprintln!("back ({back_mode}): {back_report}");
         serial = dest_path(&back_report, &serial);
     }
-    let start = Instant::now();
-    let text = loop {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        if text.contains("memverify: DONE") {
-            break text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "the destination guest did not finish:\n{text}\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let text = migration_lab::wait_done(&serial, Duration::from_secs(240), || lab.logs());
     assert_memverify_passed(&text);
     // The source QEMU quit and its RAM file is gone.
     let status = guest.qemu.wait(Duration::from_secs(20));

@@ -260,7 +260,8 @@ pub struct Written {
     pub rounds: u32,
 }
 
-fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Drop `len` bytes at `offset` from a memory file (they read zero; a mapping faults again).
+pub(crate) fn punch(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use nix::fcntl::{fallocate, FallocateFlags};
     fallocate(
         file.as_fd(),

@@ -326,3 +326,21 @@ fn run_migrate(mut cmd: Command) -> (bool, serde_json::Value, String) {
     let report = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
     (out.status.success(), report, format!("{stdout}\n{stderr}"))
 }
+
+/// Wait (up to `limit`) for memverify's DONE line in the console log `serial`; its text.
+pub fn wait_done(serial: &Path, limit: Duration, logs: impl Fn() -> String) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains("memverify: DONE") {
+            return text;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no memverify DONE in {}:\n{text}\n{}",
+            serial.display(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

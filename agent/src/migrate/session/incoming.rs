@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -356,16 +355,14 @@ impl Incoming {
     /// Drop `range` from the memory file: its pages read absent (they fault again).
     fn punch(&self, range: &std::ops::Range<u64>) -> Result<(), IncomingError> {
         let ps = self.page_size() as u64;
-        nix::fcntl::fallocate(
-            self.memory().as_fd(),
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            (range.start * ps) as i64,
-            ((range.end - range.start) * ps) as i64,
+        crate::migrate::precopy::punch(
+            self.memory(),
+            range.start * ps,
+            (range.end - range.start) * ps,
         )
-        .map_err(|e| IncomingError::Write {
+        .map_err(|source| IncomingError::Write {
             page: range.start,
-            source: e.into(),
+            source,
         })
     }
 

@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,16 +88,8 @@ impl SourceRun {
             tracing::warn!(vm = %self.request.vm, "urgent channel: {}", pager::error_chain(&e));
         }
         // Every page is on the destination: drop the source's copy.
-        let memory = source.memory();
-        let len = pages * ps as u64;
-        nix::fcntl::fallocate(
-            memory.as_fd(),
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            0,
-            len as i64,
-        )
-        .map_err(|e| SourceError::Memory(e.into()))?;
+        crate::migrate::precopy::punch(source.memory(), 0, pages * ps as u64)
+            .map_err(SourceError::Memory)?;
         let released = self.job.started.elapsed().as_millis() as u64;
         self.job.update(|s| {
             s.source_released_ms = Some(released);
