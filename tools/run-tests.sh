@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
 # The test command: installs prerequisites, then runs every test (unit, property and
 # integration on real qemu-nbd, QEMU, KVM and namespaces) and the lints.
+#   --long   also the long suites (tests marked `#[ignore = "long: ..."]`: 20 migrations
+#            in a row per mode, ~15 min more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+long=0
+for arg in "$@"; do
+  case "$arg" in
+    --long) long=1 ;;
+    *) echo "unknown option $arg (known: --long)" >&2; exit 2 ;;
+  esac
+done
 bash tools/lab/install-prereqs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo build --workspace --release --all-targets
 cargo test --workspace --release -- --test-threads=2
+if [ "$long" = 1 ]; then
+  cargo test --release -p pagewise-tests --test migrate_repeat -- --ignored --test-threads=1
+fi

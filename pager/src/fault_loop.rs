@@ -286,7 +286,9 @@ impl FaultLoop {
             if ready.uffd {
                 saw_faults = self.drain_events()? > 0;
             }
-            if self.sources.in_flight() > 0 {
+            // A source's fd can be readable with nothing in flight (a late signal, or its
+            // host gone): it is read anyway, else poll(2) would return at once forever.
+            if self.sources.in_flight() > 0 || ready.sources {
                 self.drain_completions()?;
             }
             if ready.hangup {
@@ -343,12 +345,14 @@ impl FaultLoop {
             return Err(FaultLoopError::UffdUnusable);
         }
         let (uffd, stop, orders) = (ready(0), ready(1), ready(2));
+        let sources_ready = (FIRST_SOURCE..FIRST_SOURCE + sources).any(ready);
         let connection_ready = self.connection.is_some() && ready(FIRST_SOURCE + sources);
         drop(fds);
         Ok(Ready {
             uffd,
             stop,
             orders,
+            sources: sources_ready,
             hangup: connection_ready && self.connection_closed(),
         })
     }
@@ -550,6 +554,8 @@ struct Ready {
     uffd: bool,
     stop: bool,
     orders: bool,
+    /// Some source's completion fd is readable.
+    sources: bool,
     hangup: bool,
 }
 
@@ -568,5 +574,9 @@ enum Fetch {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_device_copy;
+#[cfg(test)]
+mod tests_idle;
 #[cfg(test)]
 mod tests_routed;

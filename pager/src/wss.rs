@@ -213,6 +213,27 @@ impl WorkingSetTracker {
         Some(self.tick(since))
     }
 
+    /// Pages seen accessed (written, or made resident) within the last `within` before
+    /// `now`, in ascending order. Reads of resident pages are invisible, so these are the
+    /// pages the guest is writing (or bringing in) now: the ones a migration is better off
+    /// moving once, after its switchover, than before it and again.
+    pub fn accessed_within(&self, within: Duration, now: Instant) -> Vec<u64> {
+        let since = self.tick(
+            now.checked_sub(within)
+                .unwrap_or(self.started)
+                .max(self.started),
+        );
+        self.last_access
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| {
+                let t = t.load(Ordering::Relaxed);
+                t != 0 && t >= since
+            })
+            .map(|(p, _)| p as u64)
+            .collect()
+    }
+
     /// Record that the evictor has just made `pages` absent. A page that became resident
     /// since the last sample counts as accessed (and as a refault if we had evicted it), so
     /// an evict-refault-evict cycle inside one interval is not missed.

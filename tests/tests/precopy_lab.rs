@@ -101,8 +101,9 @@ fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
                 downtime_limit: Duration::from_millis(5),
                 max_rounds: 5,
                 max_time: Duration::from_secs(30),
+                rewrite_share: None,
             };
-            let outcome = run_rounds(&guest.vm, &writes, &mut s, limits, read).unwrap();
+            let outcome = run_rounds(&guest.vm, &writes, &mut s, limits, &[], read).unwrap();
             // The pause: the guest stops writing, the final pass sends what is left.
             stop_writing.store(true, Ordering::Release);
             stopped_rx.recv_timeout(Duration::from_secs(5)).unwrap();

@@ -32,6 +32,10 @@ pub struct PrecopyLimits {
     pub downtime_limit: Duration,
     pub max_rounds: u32,
     pub max_time: Duration,
+    /// When set (agile: what is left goes by post-copy, each page once), another round runs
+    /// only while the pages written during a round are at most this share of the data pages
+    /// it sent; past it, a round would send most of them twice.
+    pub rewrite_share: Option<f64>,
 }
 
 /// Which rule ended the rounds.
@@ -44,6 +48,9 @@ pub enum StopRule {
     RoundCap,
     /// The time cap was reached first.
     TimeCap,
+    /// The guest rewrote more of the round than [`PrecopyLimits::rewrite_share`]: post-copy
+    /// moves the rest with fewer bytes than another round.
+    PostcopyCheaper,
 }
 
 /// One round.
@@ -56,6 +63,8 @@ pub struct Round {
     pub secs: f64,
     /// Pages written during the round (next round's work).
     pub dirty_after: u64,
+    /// Pages not sent in the round: written again before their turn (in `dirty_after`).
+    pub skipped: u64,
 }
 
 /// The rounds and what is left for the pause.
@@ -108,18 +117,36 @@ fn protect(vm: &Vm, pages: &[u64]) -> Result<(), PrecopyError> {
         })
 }
 
-/// Send `pages` (protected first), each read with `read`. Returns (data, zero, bytes).
+/// What one [`send_round`] sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub data: u64,
+    pub zero: u64,
+    pub bytes: u64,
+    /// Pages left for the next round because the guest wrote them again before their turn.
+    pub skipped: u64,
+}
+
+/// Send `pages` (protected first), each read with `read`. With `skip_rewritten` (the guest
+/// runs), a page the guest wrote again after the protect and before its turn is skipped: it
+/// is dirty in that subscription, so the next round or the final set sends it once instead
+/// of twice (Clark et al.'s "skip" pages).
 pub fn send_round(
     vm: &Vm,
     pages: &[u64],
     out: &mut impl Write,
     read: &mut impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
-) -> Result<(u64, u64, u64), PrecopyError> {
+    skip_rewritten: Option<&Subscription>,
+) -> Result<Sent, PrecopyError> {
     protect(vm, pages)?;
     let ps = vm.layout.page_size();
     let mut buf = vec![0u8; ps];
-    let (mut data, mut zero, mut bytes) = (0, 0, 0);
+    let (mut data, mut zero, mut bytes, mut skipped) = (0, 0, 0, 0);
     for &page in pages {
+        if skip_rewritten.is_some_and(|w| w.is_dirty(page)) {
+            skipped += 1;
+            continue;
+        }
         match read(page, &mut buf).map_err(|source| PrecopyError::Read { page, source })? {
             SourcePage::Data => {
                 write_page(out, page, &buf)?;
@@ -159,30 +186,47 @@ pub fn send_round(
             }
         }
     }
-    Ok((data, zero, bytes))
+    Ok(Sent {
+        data,
+        zero,
+        bytes,
+        skipped,
+    })
 }
 
-/// Rounds until a stop rule holds. The first round sends every page; each later one the
-/// pages `writes` recorded since.
+/// Rounds until a stop rule holds. The first round sends every page except `held_back`
+/// (ascending; pages the guest is writing now), each later one the pages `writes` recorded
+/// since, the held-back ones among them.
 pub fn run_rounds(
     vm: &Vm,
     writes: &Subscription,
     stream: impl Write,
     limits: PrecopyLimits,
+    held_back: &[u64],
     mut read: impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
 ) -> Result<PrecopyOutcome, PrecopyError> {
     let started = Instant::now();
     let mut out = BufWriter::with_capacity(256 * 1024, stream);
     let mut rounds = Vec::new();
-    let mut pages: Vec<u64> = (0..vm.layout.pages()).collect();
+    let mut pages: Vec<u64> = (0..vm.layout.pages())
+        .filter(|p| held_back.binary_search(p).is_err())
+        .collect();
     // Writes before the first round's protect are in every page's first send anyway.
     let _ = writes.harvest();
+    for &p in held_back {
+        writes.mark(p);
+    }
     let mut bandwidth = 0.0;
     let mut total_bytes = 0u64;
     loop {
         let round = rounds.len() as u32;
         let t = Instant::now();
-        let (data, zero, bytes) = send_round(vm, &pages, &mut out, &mut read)?;
+        let Sent {
+            data,
+            zero,
+            bytes,
+            skipped,
+        } = send_round(vm, &pages, &mut out, &mut read, Some(writes))?;
         write_message(
             &mut out,
             &Message::RoundEnd {
@@ -208,12 +252,18 @@ pub fn run_rounds(
             bytes,
             secs,
             dirty_after: pages.len() as u64,
+            skipped,
         });
         let left = pages.len() as u64 * vm.layout.page_size() as u64;
         let stop = if bandwidth > 0.0
             && (left as f64 / bandwidth) <= limits.downtime_limit.as_secs_f64()
         {
             Some(StopRule::Converged)
+        } else if limits
+            .rewrite_share
+            .is_some_and(|share| pages.len() as f64 > share * data as f64)
+        {
+            Some(StopRule::PostcopyCheaper)
         } else if rounds.len() as u32 >= limits.max_rounds {
             Some(StopRule::RoundCap)
         } else if started.elapsed() >= limits.max_time {
@@ -246,10 +296,10 @@ pub fn final_pass(
 ) -> Result<u64, PrecopyError> {
     let mut out = BufWriter::new(stream);
     let pages = writes.harvest();
-    let (data, zero, _) = send_round(vm, &pages, &mut out, &mut read)?;
+    let sent = send_round(vm, &pages, &mut out, &mut read, None)?;
     write_message(&mut out, &Message::Switchover)?;
     out.flush().map_err(WireError::Io)?;
-    Ok(data + zero)
+    Ok(sent.data + sent.zero)
 }
 
 /// What the destination received.

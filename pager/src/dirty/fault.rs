@@ -46,6 +46,9 @@ pub fn resolve_write_fault(
         }
         Err(PageState::Evicting) => Ok(WriteFaultAction::HeldForEviction),
         Err(other) => {
+            // Writable again without a recorded write: its device copy is no longer known
+            // to be current.
+            writes.forget_device_copy(page, 1);
             uffd.write_protect(page_addr, page_size, false, false)?;
             Ok(WriteFaultAction::Released(other))
         }

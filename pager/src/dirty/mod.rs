@@ -65,6 +65,9 @@ struct Inner {
     /// Active subscribers with `placed_counts_as_written`: the placement path does nothing
     /// while this is 0.
     placed_subscribers: AtomicUsize,
+    /// Pages whose copy in the VM's own swap device is what guest memory holds: placed from
+    /// the device write-protected and not written since (allocated on first use).
+    device_copy: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl Inner {
@@ -106,6 +109,7 @@ impl WriteTracker {
                 pages,
                 slots: std::array::from_fn(|_| slot()),
                 placed_subscribers: AtomicUsize::new(0),
+                device_copy: OnceLock::new(),
             }),
         }
     }
@@ -174,7 +178,53 @@ impl WriteTracker {
                 bits[i / 64].fetch_or(bit, Ordering::AcqRel);
             }
         }
+        if let Some(copies) = inner.device_copy.get() {
+            copies[i / 64].fetch_and(!bit, Ordering::AcqRel);
+        }
         true
+    }
+
+    /// `count` pages from `first` are about to be placed write-protected with the bytes of
+    /// their copy in the VM's own swap device: until one is written (a WP fault, which
+    /// [`mark_written`](Self::mark_written) records) its device copy stays current. Call it
+    /// before the placement, so a write right after it cannot be missed. Clamped to the VM.
+    pub fn note_device_copy(&self, first: u64, count: u64) {
+        let inner = &*self.inner;
+        let copies = inner
+            .device_copy
+            .get_or_init(|| (0..inner.words()).map(|_| AtomicU64::new(0)).collect());
+        let pages = inner.pages as u64;
+        let (start, end) = (first.min(pages), first.saturating_add(count).min(pages));
+        set_range(copies, start as usize, end as usize);
+    }
+
+    /// The bytes of `count` pages from `first` are no longer (or not known to be) their
+    /// device copy: placed from elsewhere, zero-filled, or made writable without a write
+    /// being recorded. Clamped to the VM.
+    pub fn forget_device_copy(&self, first: u64, count: u64) {
+        let inner = &*self.inner;
+        let Some(copies) = inner.device_copy.get() else {
+            return;
+        };
+        let pages = inner.pages as u64;
+        let (start, end) = (first.min(pages), first.saturating_add(count).min(pages));
+        clear_range(copies, start as usize, end as usize);
+    }
+
+    /// Whether resident page `page` still holds exactly its copy in the VM's own swap
+    /// device (false outside the VM). A migration need not send such a page to a host that
+    /// reads the same device.
+    pub fn device_copy_current(&self, page: u64) -> bool {
+        let inner = &*self.inner;
+        match (
+            usize::try_from(page).ok().filter(|&p| p < inner.pages),
+            inner.device_copy.get(),
+        ) {
+            (Some(i), Some(copies)) => {
+                copies[i / 64].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
+            }
+            _ => false,
+        }
     }
 
     /// `count` pages from `first` were just placed by a MISSING fault: mark them in the
@@ -208,18 +258,31 @@ impl WriteTracker {
     }
 }
 
+/// The mask of bits `lo..hi` (`hi <= 64`) of one word.
+fn word_mask(lo: usize, hi: usize) -> u64 {
+    if hi - lo == 64 {
+        u64::MAX
+    } else {
+        ((1u64 << (hi - lo)) - 1) << lo
+    }
+}
+
+fn clear_range(bits: &[AtomicU64], start: usize, end: usize) {
+    let mut p = start;
+    while p < end {
+        let w = p / 64;
+        let hi = (end - w * 64).min(64);
+        bits[w].fetch_and(!word_mask(p % 64, hi), Ordering::AcqRel);
+        p = w * 64 + hi;
+    }
+}
+
 fn set_range(bits: &[AtomicU64], start: usize, end: usize) {
     let mut p = start;
     while p < end {
         let w = p / 64;
-        let lo = p % 64;
         let hi = (end - w * 64).min(64);
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        bits[w].fetch_or(mask, Ordering::AcqRel);
+        bits[w].fetch_or(word_mask(p % 64, hi), Ordering::AcqRel);
         p = w * 64 + hi;
     }
 }

@@ -195,3 +195,24 @@ fn mark_costs() {
          mark_written, 1 subscriber {written_1:.1}; 2 subscribers {written_2:.1}"
     );
 }
+
+#[test]
+fn device_copies_are_noted_ranged_forgotten_and_ended_by_a_write() {
+    let t = WriteTracker::new(200);
+    assert!(!t.device_copy_current(5), "nothing noted yet");
+    t.note_device_copy(60, 70);
+    assert!((60..130).all(|p| t.device_copy_current(p)));
+    assert!(!t.device_copy_current(59) && !t.device_copy_current(130));
+    t.forget_device_copy(64, 64);
+    assert!((60..64).all(|p| t.device_copy_current(p)));
+    assert!((64..128).all(|p| !t.device_copy_current(p)));
+    assert!(t.device_copy_current(128) && t.device_copy_current(129));
+    // A write ends it, whether or not a consumer subscribed.
+    t.mark_written(61);
+    assert!(!t.device_copy_current(61) && t.device_copy_current(60));
+    // Ranges are clamped to the VM; pages outside it are never current.
+    t.note_device_copy(190, u64::MAX);
+    assert!(t.device_copy_current(199));
+    assert!(!t.device_copy_current(200) && !t.device_copy_current(u64::MAX));
+    t.forget_device_copy(u64::MAX - 1, 10);
+}

@@ -24,6 +24,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use uffd::Uffd;
 
 use super::{EvictError, PageStore};
+use crate::dirty::WriteTracker;
 use crate::layout::{GuestLayout, Run};
 use crate::page_state::{PageState, PageStateTable};
 use crate::wss::WorkingSetTracker;
@@ -37,6 +38,9 @@ pub struct EvictionTarget<'a> {
     pub states: &'a PageStateTable,
     pub store: &'a dyn PageStore,
     pub tracker: Option<&'a WorkingSetTracker>,
+    /// The VM's write log: a writer held by an abandoned run proceeds without a WP fault of
+    /// its own, so the run's pages are marked written for every consumer.
+    pub writes: Option<&'a WriteTracker>,
 }
 
 /// What happened to one batch.
@@ -77,6 +81,9 @@ impl EvictionTarget<'_> {
                 .transition(p, PageState::Evicting, PageState::Present)
                 .is_ok()
             {
+                if let Some(writes) = self.writes {
+                    writes.mark_written(p);
+                }
                 n += 1;
             }
         }

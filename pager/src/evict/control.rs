@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -154,6 +154,13 @@ impl EvictRegistry {
         lock(&self.vms)
             .get(name)
             .map(|e| (e.svc.clone(), e.job.clone()))
+    }
+
+    /// Pages of VM `name` its working-set tracker saw accessed within the last `within`
+    /// (see [`crate::wss::WorkingSetTracker::accessed_within`]); `None` when the VM is not tracked.
+    pub fn accessed_within(&self, name: &str, within: Duration) -> Option<Vec<u64>> {
+        let (svc, _) = self.existing(name)?;
+        Some(svc.tracker().accessed_within(within, Instant::now()))
     }
 
     /// Eviction figures of `vm` when it is tracked (for `stats`).

@@ -216,6 +216,7 @@ impl VmEviction {
             states: &vm.states,
             store: self.shared.store.as_ref(),
             tracker: Some(&self.shared.tracker),
+            writes: Some(&vm.dirty),
         };
         let report = run_eviction(
             &target,

@@ -154,6 +154,7 @@ impl FaultLoop {
             .continue_(addr, self.vm.page_size(), PlaceMode::default())
         {
             Ok(_) | Err(uffd::CopyError::Exists { .. }) => {
+                self.vm.dirty.forget_device_copy(page, 1);
                 self.vm.states.set(page, PageState::Present);
                 self.record_latency(read_at);
                 Ok(())

@@ -352,6 +352,7 @@ impl FaultLoop {
                 continue;
             }
             report.placed += 1;
+            self.vm.dirty.forget_device_copy(p.page, 1);
             batch.push(PageCompletion {
                 page: p.page,
                 tag: FetchReason::Push.tag(),

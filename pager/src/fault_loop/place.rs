@@ -68,6 +68,9 @@ impl FaultLoop {
             }
         }
         self.vm.dirty.mark_placed(first, count);
+        if zero {
+            self.vm.dirty.forget_device_copy(first, count);
+        }
         let counter = if zero {
             &self.vm.metrics.pages_zeroed
         } else {
@@ -136,8 +139,10 @@ impl FaultLoop {
                     // straight from it; separate page buffers are gathered into one COPY.
                     let from = i;
                     let mut n = 1;
+                    let device_copy = self.vm.dirty.device_copy_current(page);
                     while i < done.len()
                         && self.extends_run(page, n, &done[i])
+                        && self.vm.dirty.device_copy_current(done[i].page) == device_copy
                         && matches!(&done[i].result, Ok(next) if continues(&data, n as usize, next, ps))
                     {
                         n += 1;
@@ -206,11 +211,15 @@ impl FaultLoop {
                 Fill::Zero => self.vm.uffd.zeropage(addr, len, false),
                 Fill::Bytes(bytes) => {
                     let from = (done * ps) as usize;
-                    self.vm.uffd.copy_from(
-                        addr,
-                        &bytes[from..from + len as usize],
-                        PlaceMode::default(),
-                    )
+                    // A device copy is placed write-protected: the guest's first write
+                    // faults and ends its being current (`WriteTracker::mark_written`).
+                    let mode = PlaceMode {
+                        wp: self.vm.dirty.device_copy_current(first + done),
+                        ..PlaceMode::default()
+                    };
+                    self.vm
+                        .uffd
+                        .copy_from(addr, &bytes[from..from + len as usize], mode)
                 }
             };
             let zero = matches!(fill, Fill::Zero);
@@ -223,6 +232,7 @@ impl FaultLoop {
                     let k = placed / ps;
                     self.finish(first + done, k, zero);
                     let existing = first + done + k;
+                    self.vm.dirty.forget_device_copy(existing, 1);
                     self.wake_page(existing)?;
                     self.finish(existing, 1, zero);
                     done += k + 1;
@@ -237,6 +247,7 @@ impl FaultLoop {
                 }
                 Err(CopyError::Unmapped { .. }) => {
                     tracing::debug!(vm = %self.vm.name, page = first + done, "placing into an unmapped range; dropped");
+                    self.vm.dirty.forget_device_copy(first + done, count - done);
                     for p in first + done..first + count {
                         self.vm.states.set(p, PageState::Removed);
                         self.waiters.remove(&p);

@@ -7,7 +7,7 @@ use super::{FaultLoop, FaultLoopError};
 use crate::metrics::VmMetrics;
 use crate::page_state::PageState;
 use crate::route::Route;
-use crate::source::{PageCompletion, SourceError};
+use crate::source::{PageCompletion, PageContent, SourceError};
 
 impl FaultLoop {
     /// A source failed as a whole. A gone host parks the pages it routes (the VM keeps
@@ -29,6 +29,23 @@ impl FaultLoop {
         }
     }
 
+    /// Record where a fetched page's bytes come from before it is placed: bytes read from
+    /// the VM's own swap device are placed write-protected (when the VM registered for WP)
+    /// and stay that device's current copy until the guest writes the page.
+    fn note_origin(&self, page: u64, route: Route, content: &PageContent) {
+        // Only a page still in flight gets these bytes (one that took a pushed copy
+        // meanwhile drops them at placement).
+        let from_device = route == Route::Swapdev
+            && self.vm.wp_registered
+            && !matches!(content, PageContent::Zero)
+            && self.vm.states.get(page) == PageState::InFlight;
+        if from_device {
+            self.vm.dirty.note_device_copy(page, 1);
+        } else {
+            self.vm.dirty.forget_device_copy(page, 1);
+        }
+    }
+
     /// Collect finished reads from every source, check each against the claims, place them.
     pub(super) fn drain_completions(&mut self) -> Result<(), FaultLoopError> {
         let mut done = std::mem::take(&mut self.completions);
@@ -40,7 +57,7 @@ impl FaultLoop {
             let Some(installed) = self.sources.get_mut(route) else {
                 continue;
             };
-            if installed.gone || installed.source.in_flight() == 0 {
+            if installed.gone {
                 continue;
             }
             polled.clear();
@@ -53,11 +70,14 @@ impl FaultLoop {
             for c in polled.drain(..) {
                 match self.sources.settle(c.page, route) {
                     Some(claim) => match c.result {
-                        Ok(content) => done.push(PageCompletion {
-                            page: c.page,
-                            tag: claim.tag,
-                            result: Ok(content),
-                        }),
+                        Ok(content) => {
+                            self.note_origin(c.page, route, &content);
+                            done.push(PageCompletion {
+                                page: c.page,
+                                tag: claim.tag,
+                                result: Ok(content),
+                            })
+                        }
                         // Settled: the page stays in flight for the copy on its way.
                         Err(SourceError::Elsewhere { .. }) => {}
                         Err(e) => failed.push((c.page, claim, e)),

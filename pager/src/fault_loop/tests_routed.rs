@@ -20,10 +20,10 @@ use crate::route::Route;
 use crate::source::{PageCompletion, PageContent, PageSource, SourceError};
 use crate::vm::{GuestLayout, PeerInfo, Vm};
 
-const PAGE: usize = 4096;
+pub(super) const PAGE: usize = 4096;
 
 /// Content of page `i` as source `salt` holds it.
-fn page_bytes(salt: u8, i: u64) -> Vec<u8> {
+pub(super) fn page_bytes(salt: u8, i: u64) -> Vec<u8> {
     (0..PAGE)
         .map(|j| (i as usize * 31 + j).wrapping_add(salt as usize * 101) as u8 | 1)
         .collect()
@@ -49,7 +49,7 @@ enum Script {
 }
 
 /// An in-memory source: page `i` is `page_bytes(salt, i)`, answered at once through an eventfd.
-struct ScriptedSource {
+pub(super) struct ScriptedSource {
     salt: u8,
     route: Route,
     pages: u64,
@@ -61,7 +61,7 @@ struct ScriptedSource {
 }
 
 impl ScriptedSource {
-    fn new(salt: u8, route: Route, pages: u64) -> Self {
+    pub(super) fn new(salt: u8, route: Route, pages: u64) -> Self {
         Self {
             salt,
             route,
@@ -143,9 +143,9 @@ impl PageSource for ScriptedSource {
     }
 }
 
-struct Guest {
+pub(super) struct Guest {
     map: MmapMut,
-    vm: Arc<Vm>,
+    pub(super) vm: Arc<Vm>,
     stop: Arc<EventFd>,
     control: LoopController,
     thread: Option<std::thread::JoinHandle<Result<LoopExit, FaultLoopError>>>,
@@ -153,23 +153,43 @@ struct Guest {
 
 impl Guest {
     /// `pages` pages; `route_of` routes them; `sources` serve them.
-    fn start(
+    pub(super) fn start(
         pages: u64,
         route_of: impl Fn(u64) -> Route,
         sources: Vec<Box<dyn PageSource>>,
         policy: &str,
         states: &[(std::ops::Range<u64>, PageState)],
     ) -> Self {
+        Self::start_with(pages, route_of, sources, policy, states, false)
+    }
+
+    /// [`start`](Self::start), with the memory registered for write-protect faults too
+    /// when `wp` is set.
+    pub(super) fn start_with(
+        pages: u64,
+        route_of: impl Fn(u64) -> Route,
+        sources: Vec<Box<dyn PageSource>>,
+        policy: &str,
+        states: &[(std::ops::Range<u64>, PageState)],
+        wp: bool,
+    ) -> Self {
         let uffd = Uffd::new(UffdFlags {
             nonblocking: true,
             ..Default::default()
         })
         .unwrap();
-        uffd.api(Features::EVENT_REMOVE).unwrap();
+        let (features, mode) = if wp {
+            (
+                Features::EVENT_REMOVE | Features::WP_UNPOPULATED,
+                RegisterMode::MISSING | RegisterMode::WP,
+            )
+        } else {
+            (Features::EVENT_REMOVE, RegisterMode::MISSING)
+        };
+        uffd.api(features).unwrap();
         let map = MmapMut::map_anon(pages as usize * PAGE).unwrap();
         let addr = map.as_ptr() as u64;
-        uffd.register(addr, pages * PAGE as u64, RegisterMode::MISSING)
-            .unwrap();
+        uffd.register(addr, pages * PAGE as u64, mode).unwrap();
         let layout = GuestLayout::from_mappings(&[GuestRegionUffdMapping {
             base_host_virt_addr: addr,
             size: pages as usize * PAGE,
@@ -178,7 +198,9 @@ impl Guest {
             page_size_kib: 0,
         }])
         .unwrap();
-        let vm = Arc::new(Vm::new("r".into(), uffd, layout, None, PeerInfo::default()));
+        let mut vm = Vm::new("r".into(), uffd, layout, None, PeerInfo::default());
+        vm.wp_registered = wp;
+        let vm = Arc::new(vm);
         for p in 0..pages {
             vm.routes.set_range(p..p + 1, route_of(p)).unwrap();
         }
@@ -206,12 +228,12 @@ impl Guest {
         }
     }
 
-    fn page(&self, i: u64) -> &[u8] {
+    pub(super) fn page(&self, i: u64) -> &[u8] {
         &self.map[i as usize * PAGE..(i as usize + 1) * PAGE]
     }
 
     /// Touch page `i` from another thread; the receiver gets its first byte once served.
-    fn touch_async(&self, i: u64) -> std::sync::mpsc::Receiver<u8> {
+    pub(super) fn touch_async(&self, i: u64) -> std::sync::mpsc::Receiver<u8> {
         let addr = self.map.as_ptr() as usize + i as usize * PAGE;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -224,7 +246,7 @@ impl Guest {
         rx
     }
 
-    fn stop(&mut self) -> Result<LoopExit, FaultLoopError> {
+    pub(super) fn stop(&mut self) -> Result<LoopExit, FaultLoopError> {
         self.stop.write(1).unwrap();
         self.thread.take().unwrap().join().unwrap()
     }
@@ -234,7 +256,7 @@ impl Guest {
     }
 }
 
-fn eventually(what: &str, f: impl Fn() -> bool) {
+pub(super) fn eventually(what: &str, f: impl Fn() -> bool) {
     let since = Instant::now();
     while !f() {
         assert!(

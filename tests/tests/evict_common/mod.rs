@@ -193,6 +193,7 @@ impl Guest {
             states: &self.states,
             store: &self.store,
             tracker: Some(&self.tracker),
+            writes: Some(&self.writes),
         }
     }
 

@@ -114,6 +114,7 @@ impl LoopGuest {
             states: &self.vm.states,
             store,
             tracker: Some(tracker),
+            writes: Some(&self.vm.dirty),
         }
     }
 

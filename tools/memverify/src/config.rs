@@ -23,6 +23,9 @@ pub struct Config {
     pub free_mib: u64,
     /// Seconds after the main fill at which the free phase's memory is freed.
     pub free_after_secs: u64,
+    /// Milliseconds between heartbeat lines (`memverify: hb N`, from a thread of their own,
+    /// so a host sees every pause of the guest as a gap; 0: none).
+    pub heartbeat_ms: u64,
 }
 
 impl Default for Config {
@@ -36,6 +39,7 @@ impl Default for Config {
             seed: 1,
             free_mib: 0,
             free_after_secs: 5,
+            heartbeat_ms: 0,
         }
     }
 }
@@ -53,7 +57,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::UnknownKey(k) => write!(
                 f,
-                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs)"
+                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs, heartbeat_ms)"
             ),
             ConfigError::BadValue { key, value } => write!(
                 f,
@@ -86,6 +90,7 @@ impl Config {
                 "seed" => cfg.seed = number,
                 "free_mib" => cfg.free_mib = number,
                 "free_after_secs" => cfg.free_after_secs = number,
+                "heartbeat_ms" => cfg.heartbeat_ms = number,
                 other => return Err(ConfigError::UnknownKey(other.to_string())),
             }
         }

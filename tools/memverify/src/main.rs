@@ -5,6 +5,7 @@
 
 mod config;
 mod free_phase;
+mod heartbeat;
 mod hot_pass;
 mod pattern;
 mod workload;
@@ -20,6 +21,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cfg.heartbeat_ms > 0 {
+        heartbeat::spawn(std::time::Duration::from_millis(cfg.heartbeat_ms));
+    }
     let summary = workload::Workload::new(cfg, std::io::stdout().lock()).run();
     if summary.bad_pages == 0 {
         ExitCode::SUCCESS

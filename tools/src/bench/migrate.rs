@@ -177,7 +177,8 @@ impl Ctx {
         let a = &self.a;
         let append = format!(
             "console=ttyS0 quiet panic=-1 memverify.mib={} memverify.hot_mib={} \
-             memverify.hot_rate_mibs={} memverify.verify_secs={} memverify.duration_secs={}",
+             memverify.hot_rate_mibs={} memverify.verify_secs={} memverify.duration_secs={} \
+             memverify.heartbeat_ms=20",
             a.mib,
             a.hot_mib,
             a.hot_rate_mibs,

@@ -1,7 +1,8 @@
-//! Where the source reads one guest page: the memory file for resident pages; for absent
-//! ones the store its state and route name: an evicted page is in the VM's own swap device,
-//! a never-faulted page in the store its route names (the VM's own swap device, or on a
-//! former agile destination the shared device handed over to it); nothing for pages no
+//! Where the source reads one guest page: the memory file for resident pages (in agile, a
+//! resident page that still holds its copy in the shared swap device is `Stored`); for
+//! absent ones the store its state and route name: an evicted page is in the VM's own swap
+//! device, a never-faulted page in the store its route names (the VM's own swap device, or
+//! on a former agile destination the shared device handed over to it); nothing for pages no
 //! store holds (zero) or the guest freed.
 
 use std::fs::File;
@@ -94,12 +95,28 @@ impl SourcePages {
         }
     }
 
+    /// Whether resident page `p` holds exactly its copy in the VM's own swap device (placed
+    /// from it write-protected, not written since) and that device is the one the
+    /// destination reads. A write after this answer faults first and is recorded by the
+    /// migration's write tracking, so the page goes again.
+    pub fn device_copy_shared(&self, p: u64) -> bool {
+        match (&self.own, &self.shared) {
+            (Some(own), Some(shared)) if Arc::ptr_eq(own, shared) => {
+                self.vm.dirty.device_copy_current(p) && lock(own).contains(p)
+            }
+            _ => false,
+        }
+    }
+
     /// Read page `p` into `buf`. With `stored_ok`, an absent page whose copy is in the
     /// device the destination reads is answered [`SourcePage::Stored`] without reading it.
     pub fn read(&self, p: u64, buf: &mut [u8], stored_ok: bool) -> std::io::Result<SourcePage> {
         let offset = p * self.page_size() as u64;
         let state = self.vm.states.get(p);
         match state {
+            PageState::Present if stored_ok && self.device_copy_shared(p) => {
+                return Ok(SourcePage::Stored);
+            }
             PageState::Present | PageState::InFlight | PageState::Evicting => {
                 self.memory.read_exact_at(buf, offset)?;
             }

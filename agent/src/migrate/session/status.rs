@@ -64,6 +64,18 @@ pub struct RamStats {
     pub postcopy_requests: u64,
 }
 
+/// Where a VM's pages were when its migration began (source side).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Census {
+    /// In guest memory.
+    pub resident: u64,
+    /// Of those, holding exactly their copy in the VM's own swap device (read back from it
+    /// and not written since).
+    pub device_copies: u64,
+    /// Only in the swap device.
+    pub evicted: u64,
+}
+
 /// Status while running, report when over.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MigrationStatus {
@@ -96,6 +108,11 @@ pub struct MigrationStatus {
     pub pages_stale: u64,
     /// Pages pushed after the switchover.
     pub pages_pushed: u64,
+    /// Resident pages the guest was writing when agile began: left out of its first round
+    /// (they cross once, after the switchover).
+    pub pages_held_back: u64,
+    /// The VM's pages when the migration began, by where their copy was.
+    pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.
     pub source_released_ms: Option<u64>,
     pub dest_qemu_pid: Option<u64>,

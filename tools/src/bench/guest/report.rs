@@ -32,7 +32,7 @@ impl PhaseTimes {
             match l {
                 GuestLine::Pass { ms, .. } => t.full_ms.push(*ms),
                 GuestLine::HotPass { busy_ms, .. } => t.hot_ms.push(*busy_ms),
-                GuestLine::Done { .. } => {}
+                GuestLine::Done { .. } | GuestLine::Heartbeat { .. } => {}
             }
         }
         t

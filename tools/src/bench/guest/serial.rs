@@ -22,6 +22,8 @@ pub enum GuestLine {
     },
     /// `memverify: DONE ... bad_pages=B ... RESULT=R`
     Done { bad_pages: u64, pass: bool },
+    /// `memverify: hb N` (memverify.heartbeat_ms)
+    Heartbeat { n: u64 },
 }
 
 fn field(line: &str, key: &str) -> Option<f64> {
@@ -33,6 +35,9 @@ fn field(line: &str, key: &str) -> Option<f64> {
 fn parse_line(line: &str) -> Option<GuestLine> {
     let rest = line.trim_end_matches('\r').split("memverify: ").nth(1)?;
     let number = |s: &str| s.split_whitespace().next()?.parse::<u64>().ok();
+    if let Some(r) = rest.strip_prefix("hb ") {
+        return Some(GuestLine::Heartbeat { n: number(r)? });
+    }
     if let Some(r) = rest.strip_prefix("hot pass ") {
         return Some(GuestLine::HotPass {
             pass: number(r)?,

@@ -69,6 +69,48 @@ pub fn hot_passes(
     }
 }
 
+/// How often the consoles are read while a migration runs: the heartbeat gap is measured
+/// from the host times lines are first seen, so this is its resolution.
+pub const POLL_EVERY: Duration = Duration::from_millis(5);
+
+/// Read every console each [`POLL_EVERY`] for `total`.
+pub fn poll_for(serials: &mut [&mut SerialLog], total: Duration) {
+    let until = Instant::now() + total;
+    loop {
+        for s in serials.iter_mut() {
+            let _ = s.poll();
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep(POLL_EVERY.min(until - now));
+    }
+}
+
+/// The longest gap between two heartbeats the guest printed (memverify `hb` lines, source
+/// console then destination console) that ends after the migration's start `t0` and begins
+/// before its end `t_end`: the pause the guest lived through, as a host sees it.
+pub fn heartbeat_gap_ms(
+    src: &SerialLog,
+    dst: Option<&SerialLog>,
+    t0: Instant,
+    t_end: Instant,
+) -> Option<u64> {
+    let mut beats: Vec<Instant> = std::iter::once(src)
+        .chain(dst)
+        .flat_map(|log| log.lines.iter())
+        .filter(|(_, l)| matches!(l, GuestLine::Heartbeat { .. }))
+        .map(|(seen, _)| *seen)
+        .collect();
+    beats.sort_unstable();
+    beats
+        .windows(2)
+        .filter(|w| w[1] >= t0 && w[0] <= t_end)
+        .map(|w| w[1].duration_since(w[0]).as_millis() as u64)
+        .max()
+}
+
 /// The guest's health at the end of a row.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Health {
@@ -203,6 +245,25 @@ mod tests {
         // Stayed on the source: its sweeps after the end are "after".
         let h = hot_passes(&src, None, t0, t(11));
         assert_eq!(h.samples, [2, 0, 1]);
+    }
+
+    #[test]
+    fn the_heartbeat_gap_is_the_longest_pause_across_both_consoles_during_the_migration() {
+        let base = Instant::now();
+        let ms = |m: u64| base + Duration::from_millis(m);
+        let beat = |m: u64| (ms(m), GuestLine::Heartbeat { n: m });
+        let mut src = SerialLog::new("src".into());
+        // A 500 ms stall before the migration does not count; the pause at 1040-1110 does.
+        src.lines = vec![beat(0), beat(500), beat(1000), beat(1020), beat(1040)];
+        let mut dst = SerialLog::new("dst".into());
+        dst.lines = vec![beat(1110), beat(1130), beat(1150)];
+        assert_eq!(
+            heartbeat_gap_ms(&src, Some(&dst), ms(1010), ms(1200)),
+            Some(70)
+        );
+        // No heartbeats at all: no figure.
+        let quiet = SerialLog::new("quiet".into());
+        assert_eq!(heartbeat_gap_ms(&quiet, None, ms(0), ms(10)), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::lab::{
     in_ns, shared_device, Daemon, DaemonSpec, PidGuard, DST_IP, PAGEWISE_PORT, SRC_IP,
 };
-use super::observe::{hot_passes, wait_health};
+use super::observe::{heartbeat_gap_ms, hot_passes, poll_for, wait_health, POLL_EVERY};
 use super::report::Row;
 use super::{Ctx, VM_NAME};
 use crate::bench::guest::procs::{run_checked, tail, ChildGuard, ShmFile};
@@ -38,9 +38,7 @@ fn run_polling(
         .with_context(|| format!("starting {cmd:?}"))?;
     let deadline = Instant::now() + limit;
     let status = loop {
-        for s in serials.iter_mut() {
-            let _ = s.poll();
-        }
+        poll_for(serials, POLL_EVERY);
         if let Some(st) = child.try_wait()? {
             break st;
         }
@@ -49,7 +47,6 @@ fn run_polling(
             let _ = child.wait();
             bail!("{cmd:?} did not end within {limit:?}: {}", tail(&err_path));
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
     Ok((
         status.success(),
@@ -209,6 +206,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     // The destination console lives in the daemon's --migrate-dir, removed with it: keep a copy.
     let _ = std::fs::copy(&dst_serial.path, dir.join("dst.serial"));
     let hot = hot_passes(&serial, completed.then_some(&dst_serial), t0, t_end);
+    let guest_gap_ms = heartbeat_gap_ms(&serial, completed.then_some(&dst_serial), t0, t_end);
     let status = if completed {
         "completed".to_string()
     } else if let Some(rule) = report["stop_rule"].as_str().filter(|r| *r != "converged") {
@@ -230,6 +228,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         total_ms: u(&report, "/total-time"),
         qemu_downtime_ms: u(&report, "/qemu_downtime_ms"),
         pagewise_downtime_ms: u(&report, "/downtime"),
+        guest_gap_ms,
         ram_transferred: u(&report, "/ram/transferred"),
         link_bytes,
         demand_faults: u(&report, "/destination/demand_faults"),

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::lab::{in_ns, DST_IP, QEMU_PORT};
-use super::observe::{hot_passes, wait_health};
+use super::observe::{heartbeat_gap_ms, hot_passes, poll_for, wait_health};
 use super::qmp::Qmp;
 use super::report::Row;
 use super::Ctx;
@@ -69,8 +69,6 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     // The last figures of a migration still running (a cancelled one reports none).
     let mut last_active = Value::Null;
     let info = loop {
-        let _ = serial.poll();
-        let _ = dst_serial_log.poll();
         let info = sq.execute("query-migrate", Value::Null)?;
         let status = info["status"].as_str().unwrap_or("").to_string();
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
@@ -96,7 +94,10 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         if elapsed > cap + Duration::from_secs(if postcopy { 120 } else { 30 }) {
             anyhow::bail!("QEMU's migration neither ended nor cancelled: {info}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        poll_for(
+            &mut [&mut serial, &mut dst_serial_log],
+            Duration::from_millis(100),
+        );
     };
     let t_end = Instant::now();
     let link_bytes = ctx.lab.link_bytes().saturating_sub(link0);
@@ -128,6 +129,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         wait_health(&mut serial, &mut [], "source", &mut alive, limit)
     };
     let hot = hot_passes(&serial, completed.then_some(&dst_serial_log), t0, t_end);
+    let guest_gap_ms = heartbeat_gap_ms(&serial, completed.then_some(&dst_serial_log), t0, t_end);
     let row_status = match (completed, cancelled) {
         (true, _) => "completed".to_string(),
         (false, true) => format!("did not converge ({} s)", ctx.a.qemu_cap),
@@ -144,6 +146,7 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         total_ms,
         qemu_downtime_ms: u(&info, "/downtime"),
         pagewise_downtime_ms: None,
+        guest_gap_ms,
         ram_transferred: u(figures, "/ram/transferred"),
         link_bytes,
         demand_faults: postcopy

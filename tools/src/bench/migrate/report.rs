@@ -29,6 +29,8 @@ pub struct Row {
     pub qemu_downtime_ms: Option<u64>,
     /// pagewise's measured downtime (source paused -> destination running).
     pub pagewise_downtime_ms: Option<u64>,
+    /// The longest gap in the guest's heartbeat during the migration, as the host saw it.
+    pub guest_gap_ms: Option<u64>,
     /// ram.transferred as the migration reported it.
     pub ram_transferred: Option<u64>,
     /// Bytes through the shaped link during the migration (both directions, all traffic).
@@ -72,7 +74,7 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
     outln!(out, "{}", recipe.title);
     outln!(
         out,
-        "{:<13} {:>3} {:<24} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+        "{:<13} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
         "mode",
         "run",
         "status",
@@ -90,15 +92,16 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
         let status: String = r.status.chars().take(24).collect();
         outln!(
             out,
-            "{:<13} {:>3} {:<24} {:>7} {:>13} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+            "{:<13} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
             r.mode,
             r.run,
             status,
             secs(r.total_ms),
             format!(
-                "{}/{}",
+                "{}/{}/{}",
                 opt(r.qemu_downtime_ms),
-                opt(r.pagewise_downtime_ms)
+                opt(r.pagewise_downtime_ms),
+                opt(r.guest_gap_ms)
             ),
             mb(r.ram_transferred),
             mb(Some(r.link_bytes)),
@@ -116,7 +119,8 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
     }
     outln!(
         out,
-        "downtime: QEMU's figure / pagewise's measured pause; RAM MB: ram.transferred; link MB: \
+        "downtime: QEMU's figure / pagewise's measured pause / the longest gap in the guest's \
+         heartbeat (20 ms beats, consoles read every 5 ms); RAM MB: ram.transferred; link MB: \
          all bytes through the shaped link during the migration; faults: demand faults at the \
          destination (QEMU: postcopy-requests, no latency figure); src 0 s: until the source \
          held none of the VM's RAM (QEMU: its total time, the source quits then); hot ms: \

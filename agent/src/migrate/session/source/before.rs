@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pager::dirty::{SubscribeOptions, Subscription};
+use pager::page_state::PageState;
 use serde_json::{json, Value};
 
 use super::{runs, Finish, Held, SourceError, SourceRun, QEMU_STEP_TIMEOUT, READY_TIMEOUT};
@@ -16,7 +17,10 @@ use crate::migrate::message::{read_message, write_message, Message, Mode, WireEr
 use crate::migrate::precopy::{run_rounds, send_round, PrecopyLimits, StopRule};
 use crate::migrate::qmp::Qmp;
 use crate::migrate::session::pages::SourcePages;
-use crate::migrate::session::status::Phase;
+use crate::migrate::session::status::{Census, Phase};
+
+/// How recent a write (or fault-in) must be for agile to leave the page to post-copy.
+const HOT_WINDOW: Duration = Duration::from_secs(10);
 
 impl SourceRun {
     #[allow(clippy::too_many_arguments)]
@@ -34,6 +38,9 @@ impl SourceRun {
         let writes = self.vm.dirty.subscribe(SubscribeOptions {
             placed_counts_as_written: true,
         })?;
+        let census = self.census();
+        tracing::info!(vm = %self.request.vm, ?census, "pages when the migration began");
+        self.job.update(|s| s.census = Some(census));
         let mut out =
             BufWriter::with_capacity(256 * 1024, self.throttled(bulk, self.job.cancel.clone())?);
         let (finish, syncs) = self.precopy(&writes, &mut out, source, held)?;
@@ -74,7 +81,7 @@ impl SourceRun {
         match finish {
             Finish::Data => {
                 let mut read = self.reader(source, held, self.mode == Mode::Agile);
-                send_round(&self.vm, &last, &mut out, &mut read)?;
+                send_round(&self.vm, &last, &mut out, &mut read, None)?;
             }
             Finish::Stale => {
                 let stale: Vec<u64> = last.iter().copied().filter(|&p| held.get(p)).collect();
@@ -127,6 +134,42 @@ impl SourceRun {
             s.status = Phase::PostcopyActive;
         });
         Ok(())
+    }
+
+    /// Agile's first round leaves out the resident pages the guest is writing now (its
+    /// working-set tracker saw them within [`HOT_WINDOW`]; none when the VM is not
+    /// tracked): sent before the switchover they would be written again and cross twice,
+    /// after it they cross once. Pages whose swap-device copy is current are not among
+    /// them: those never cross.
+    fn writing_now(&self, source: &SourcePages) -> Vec<u64> {
+        let Some(pages) = self
+            .daemon
+            .evictor()
+            .and_then(|e| e.accessed_within(&self.request.vm, HOT_WINDOW))
+        else {
+            return Vec::new();
+        };
+        pages
+            .into_iter()
+            .filter(|&p| {
+                self.vm.states.get(p) == PageState::Present && !source.device_copy_shared(p)
+            })
+            .collect()
+    }
+
+    fn census(&self) -> Census {
+        let mut c = Census::default();
+        for p in 0..self.vm.layout.pages() {
+            match self.vm.states.get(p) {
+                PageState::Present => {
+                    c.resident += 1;
+                    c.device_copies += u64::from(self.vm.dirty.device_copy_current(p));
+                }
+                PageState::Evicted => c.evicted += 1,
+                _ => {}
+            }
+        }
+        c
     }
 
     /// A page reader for sends: records what the destination now holds.
@@ -207,16 +250,25 @@ impl SourceRun {
                 downtime_limit: downtime,
                 max_rounds: 10,
                 max_time: postcopy_after.unwrap_or(Duration::from_secs(60)),
+                rewrite_share: None,
             },
-            // One pass over what is not in the swap device; more only while it converges.
+            // One pass over what is not in the swap device; more only while it converges:
+            // a round the guest rewrites more than a quarter of costs more than post-copy.
             Mode::Agile => PrecopyLimits {
                 downtime_limit: downtime,
                 max_rounds: 3,
                 max_time: postcopy_after.unwrap_or(Duration::from_secs(30)),
+                rewrite_share: Some(0.25),
             },
         };
+        let held_back = match self.mode {
+            Mode::Agile => self.writing_now(source),
+            _ => Vec::new(),
+        };
+        self.job
+            .update(|s| s.pages_held_back = held_back.len() as u64);
         let read = self.reader(source, held, self.mode == Mode::Agile);
-        let outcome = run_rounds(&self.vm, writes, &mut *out, limits, read)?;
+        let outcome = run_rounds(&self.vm, writes, &mut *out, limits, &held_back, read)?;
         let (rule, rounds) = (outcome.stop, outcome.rounds.len());
         self.job.update(|s| {
             s.stop_rule = Some(outcome.stop);
@@ -238,7 +290,6 @@ impl SourceRun {
         source: &SourcePages,
         held: &Held,
     ) -> Result<(), SourceError> {
-        use pager::page_state::PageState;
         let mut zero = Vec::new();
         let mut freed = Vec::new();
         for p in 0..self.vm.layout.pages() {
