@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent::migrate::auth::{open_client, open_server, Psk};
+use agent::migrate::link::Link;
 use agent::migrate::message::Channel;
 use agent::migrate::page_server::serve_page_requests;
 use agent::migrate::remote::RemoteSource;
@@ -55,7 +56,7 @@ fn source_host(listener: TcpListener, pages: u64) -> std::sync::mpsc::Receiver<T
             let memory = memory.clone();
             std::thread::spawn(move || {
                 let _ = serve_page_requests(
-                    stream,
+                    Link::plain(stream),
                     &*memory,
                     PAGE,
                     pages,
@@ -72,7 +73,7 @@ fn source_host(listener: TcpListener, pages: u64) -> std::sync::mpsc::Receiver<T
 fn connect_remote(addr: std::net::SocketAddr, pages: u64) -> RemoteSource {
     let mut s = TcpStream::connect(addr).unwrap();
     let opened = open_client(&mut s, &key(), Channel::Urgent, [7; 16]).unwrap();
-    RemoteSource::new(s, PAGE, pages, opened.version).unwrap()
+    RemoteSource::new(Link::plain(s), PAGE, pages, opened.version).unwrap()
 }
 
 struct Destination {

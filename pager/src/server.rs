@@ -5,6 +5,7 @@
 //! One VM's failure (bad handshake, source error, VMM exit, a panic in its fault loop) tears
 //! down only that VM.
 
+pub mod access;
 pub mod client;
 pub mod control;
 pub mod error;
@@ -74,6 +75,8 @@ pub struct DaemonConfig {
     /// A control connection with no request for this long is closed (never one whose
     /// request is being handled).
     pub control_idle_timeout: Duration,
+    /// Who may connect to the attach and control sockets.
+    pub access: access::SocketAccess,
 }
 
 impl Default for DaemonConfig {
@@ -83,6 +86,7 @@ impl Default for DaemonConfig {
             prefetch: "none".into(),
             handshake_timeout: Duration::from_secs(5),
             control_idle_timeout: protocol::IDLE_TIMEOUT,
+            access: access::SocketAccess::default(),
         }
     }
 }
@@ -104,8 +108,17 @@ pub struct Daemon {
     migration: OnceLock<Arc<dyn migration::MigrationService>>,
 }
 
-/// Bind a Unix socket at `path`, replacing a stale socket file (never a regular file).
+/// Bind a Unix socket at `path` with the default access (mode 0600), replacing a stale
+/// socket file (never a regular file).
 pub fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    bind_unix_with(path, &access::SocketAccess::default())
+}
+
+/// [`bind_unix`] with `access`'s mode and group.
+pub fn bind_unix_with(
+    path: &Path,
+    access: &access::SocketAccess,
+) -> Result<UnixListener, DaemonError> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
@@ -120,9 +133,12 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
             });
         }
     }
-    UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+    access.listen(path).map_err(|e| DaemonError::Bind {
         path: path.into(),
-        source,
+        source: match e {
+            access::AccessError::Create { source, .. } => source,
+            other => std::io::Error::other(other),
+        },
     })
 }
 
@@ -244,6 +260,10 @@ impl Daemon {
 
     /// Handle one attach connection to completion of the handshake.
     pub fn attach(self: &Arc<Self>, stream: UnixStream, naming: &Naming) {
+        if let Err(e) = self.config.access.admit(&stream) {
+            tracing::warn!("refused attach connection: {}", render_chain(&e));
+            return;
+        }
         if let Err(e) = stream.set_nonblocking(false) {
             tracing::warn!(%e, "attach socket set_nonblocking(false) failed");
         }

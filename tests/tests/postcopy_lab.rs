@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use agent::migrate::auth::{open_client, open_server, Psk};
 use agent::migrate::bulk::{push_pages, receive_pages, PushOrder, SentPages, SourcePage};
+use agent::migrate::link::Link;
 use agent::migrate::message::Channel;
 use agent::migrate::page_server::serve_page_requests;
 use agent::migrate::remote::RemoteSource;
@@ -66,7 +67,7 @@ fn postcopy_moves_every_page_with_demand_faults_and_active_push() {
         let (map, vm) = (guest.map, Arc::new(guest.vm));
         let base = map.as_ptr() as u64;
         vm.routes.set_range(0..PAGES, Route::Remote).unwrap();
-        let remote = RemoteSource::new(urgent, PAGE, PAGES, u.version).unwrap();
+        let remote = RemoteSource::new(Link::plain(urgent), PAGE, PAGES, u.version).unwrap();
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
         let fl = FaultLoop::with_sources(
             vm.clone(),
@@ -121,9 +122,17 @@ fn postcopy_moves_every_page_with_demand_faults_and_active_push() {
         let answering = {
             let sent = sent.clone();
             std::thread::spawn(move || {
-                serve_page_requests(urgent, &*mem, PAGE, PAGES, u.version, Some(&sent), |p| {
-                    let _ = faults_tx.send(p);
-                })
+                serve_page_requests(
+                    Link::plain(urgent),
+                    &*mem,
+                    PAGE,
+                    PAGES,
+                    u.version,
+                    Some(&sent),
+                    |p| {
+                        let _ = faults_tx.send(p);
+                    },
+                )
             })
         };
         let mut order = PushOrder::new(sent, |_| false);

@@ -158,6 +158,8 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
     ("SOCKET", "vm1.sock"),
     ("PORT", "{port}"),
     ("P", "bubble"),
+    ("GROUP", "root"),
+    ("UID", "0"),
 ];
 
 fn skip_of(u: &UsageLine, argv: &[String]) -> Option<&'static str> {

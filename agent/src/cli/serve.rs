@@ -22,7 +22,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use pager::attach::server::{valid_vm_name, Naming};
 use pager::conventions::default_stats_socket;
 use pager::fault_loop::FaultLoopConfig;
-use pager::server::{bind_unix, control, Daemon, DaemonConfig, SwapdevProvider};
+use pager::server::access::SocketAccess;
+use pager::server::{bind_unix_with, control, Daemon, DaemonConfig, SwapdevProvider};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -70,6 +71,15 @@ pub struct ServeArgs {
     /// cost the guest more (see docs/evict.md).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
     wss_interval_ms: u64,
+    /// Create the attach and control sockets mode 0660 owned by this group (a name or a
+    /// gid), and serve peers whose group (SO_PEERCRED) it is [default: mode 0600, served
+    /// only to this daemon's uid and --allow-uid].
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Serve this uid (a number or a user name) on the attach and control sockets too
+    /// (repeatable); every other peer is refused and logged.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<String>,
     /// Receive migrating VMs on this TCP address (HOST:PORT); needs --psk-file and
     /// --swapdev-dir (each incoming VM gets DIR/NAME.swap).
     #[arg(long, value_name = "ADDR:PORT", requires = "psk_file")]
@@ -78,6 +88,18 @@ pub struct ServeArgs {
     /// file of at least 16 bytes; `pagewise migrate` from this daemon uses it too).
     #[arg(long, value_name = "KEY")]
     psk_file: Option<PathBuf>,
+    /// This host's TLS certificate (PEM) for the migration link, both ways: the endpoint
+    /// then demands TLS and a client certificate signed by --tls-ca, and migrations from
+    /// this daemon use TLS and check the destination's certificate names its address.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca", "psk_file"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs both hosts' certificates; peers whose certificate it did not
+    /// sign are refused.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// Where incoming VMs' files go (guest RAM, QMP socket, serial log): tmpfs or hugetlbfs.
     #[arg(long, default_value = "/dev/shm/pagewise-incoming")]
     migrate_dir: PathBuf,
@@ -97,6 +119,13 @@ fn start_migration(
     };
     let psk = agent::migrate::auth::Psk::from_file(psk_file)
         .with_context(|| format!("--psk-file {}", psk_file.display()))?;
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            agent::migrate::tls::TlsConfig::from_files(cert, key, ca)
+                .context("--tls-cert/--tls-key/--tls-ca")?,
+        ),
+        _ => None,
+    };
     let swapdev_dir = match (&args.swapdev_dir, &args.migrate_listen) {
         (Some(d), _) => d.clone(),
         (None, Some(_)) => bail!(
@@ -111,6 +140,7 @@ fn start_migration(
     let engine = agent::migrate::session::Engine::install(
         agent::migrate::session::EngineConfig {
             psk,
+            tls,
             dir: std::fs::canonicalize(&args.migrate_dir)
                 .with_context(|| args.migrate_dir.display().to_string())?,
             preload,
@@ -127,7 +157,12 @@ fn start_migration(
     };
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--migrate-listen {addr}: binding"))?;
-    eprintln!("pagewise serve: migration endpoint on {addr}");
+    let tls = if args.tls_cert.is_some() {
+        " (TLS)"
+    } else {
+        ""
+    };
+    eprintln!("pagewise serve: migration endpoint on {addr}{tls}");
     Ok(Some(engine.listen(listener)))
 }
 
@@ -172,6 +207,37 @@ fn host_id(arg: &Option<String>) -> Result<String> {
     }
 }
 
+/// The socket rules of `--socket-group` and `--allow-uid`.
+fn socket_access(args: &ServeArgs) -> Result<SocketAccess> {
+    use nix::unistd::{Group, User};
+    let group = match &args.socket_group {
+        None => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
+                .with_context(|| format!("--socket-group {g}: looking the group up"))?
+                .with_context(|| format!("--socket-group {g}: no such group"))?
+                .gid
+                .as_raw(),
+        }),
+    };
+    let mut allowed_uids = Vec::new();
+    for u in &args.allow_uids {
+        allowed_uids.push(match u.parse::<u32>() {
+            Ok(uid) => uid,
+            Err(_) => User::from_name(u)
+                .with_context(|| format!("--allow-uid {u}: looking the user up"))?
+                .with_context(|| format!("--allow-uid {u}: no such user"))?
+                .uid
+                .as_raw(),
+        });
+    }
+    Ok(SocketAccess {
+        group,
+        allowed_uids,
+    })
+}
+
 /// Refuse to start with a named swap device that cannot be opened: a typo must show now, not
 /// when a VM attaches. Read-only: nothing is written and ownership is not taken.
 fn check_device(spec: &str, option: &str) -> Result<()> {
@@ -208,6 +274,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if let Some(spec) = &args.swapdev {
         check_device(spec, "--swapdev")?;
     }
+    let access = socket_access(&args)?;
     let mut listeners = Vec::new();
     for v in &args.vms {
         let (name, socket, spec) = parse_vm(v)?;
@@ -215,18 +282,26 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         if provider.per_vm.insert(name.clone(), spec).is_some() {
             bail!("--vm {name} given twice");
         }
-        listeners.push((bind_unix(&socket)?, Naming::Fixed(name), socket));
+        listeners.push((
+            bind_unix_with(&socket, &access)?,
+            Naming::Fixed(name),
+            socket,
+        ));
     }
     let main_naming = match &args.swapdev {
         Some(_) => Naming::Default(args.vm_name.clone()),
         None => Naming::FromRequest,
     };
-    listeners.push((bind_unix(&args.socket)?, main_naming, args.socket.clone()));
+    listeners.push((
+        bind_unix_with(&args.socket, &access)?,
+        main_naming,
+        args.socket.clone(),
+    ));
     let stats_path = args
         .stats_socket
         .clone()
         .unwrap_or_else(|| default_stats_socket(&args.socket));
-    let control_listener = bind_unix(&stats_path)?;
+    let control_listener = bind_unix_with(&stats_path, &access)?;
 
     // Block SIGINT/SIGTERM before any thread starts, so every thread inherits the mask and
     // the signals arrive only through the signalfd below.
@@ -245,6 +320,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             },
             prefetch: args.prefetch.clone(),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+            access,
             ..Default::default()
         },
         Arc::new(provider.clone()),

@@ -6,10 +6,10 @@
 //! destination only asks for pages it routes to us, so such a request means a broken peer.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 
 use super::bulk::SentPages;
+use super::link::Link;
 use super::message::{read_message, write_message, write_page, Message, WireError};
 
 /// Why serving page requests ended.
@@ -43,7 +43,7 @@ pub struct Served {
 /// page the pusher already claimed is answered `PageInBulk` (it arrives on the bulk channel)
 /// and a page answered here is claimed, so the pusher skips it.
 pub fn serve_page_requests(
-    stream: TcpStream,
+    stream: Link,
     memory: &impl FileExt,
     page_size: usize,
     pages: u64,
@@ -65,7 +65,7 @@ pub fn serve_page_requests(
 /// [`serve_page_requests`] reading each page with `read` (a source whose pages live in more
 /// than one place: its memory file and its swap device).
 pub fn serve_page_requests_with(
-    stream: TcpStream,
+    stream: Link,
     page_size: usize,
     pages: u64,
     version: u16,

@@ -11,7 +11,6 @@
 //! serving the rest; a new `RemoteSource` over a new connection replaces this one.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
@@ -21,6 +20,7 @@ use pager::route::Route;
 use pager::source::{PageCompletion, PageContent, PageSource, SourceError};
 use swapdev::AlignedBuf;
 
+use super::link::Link;
 use super::message::{read_message, Message, WireError};
 
 /// Requests buffered before a write is forced.
@@ -33,7 +33,7 @@ enum Answer {
 }
 
 pub struct RemoteSource {
-    writer: BufWriter<TcpStream>,
+    writer: BufWriter<Link>,
     answers: Receiver<Answer>,
     wake: Arc<EventFd>,
     gone: Option<String>,
@@ -58,7 +58,7 @@ pub enum RemoteError {
 impl RemoteSource {
     /// Serve `pages` pages of `page_size` bytes from the authenticated urgent `stream`.
     pub fn new(
-        stream: TcpStream,
+        stream: Link,
         page_size: usize,
         pages: u64,
         version: u16,
@@ -112,7 +112,7 @@ impl Drop for RemoteSource {
 }
 
 fn read_answers(
-    mut stream: TcpStream,
+    mut stream: Link,
     page_size: usize,
     pages: u64,
     version: u16,

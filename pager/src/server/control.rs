@@ -6,7 +6,7 @@
 //! oversized line is answered with [`Response::Error`] naming the problem, and the
 //! connection stays usable.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -357,9 +357,23 @@ fn wait_for_request(daemon: &Daemon, stream: &UnixStream) -> bool {
 }
 
 /// Serve one control connection until the client closes it (or it idles out).
-pub fn serve_connection(daemon: &Daemon, stream: UnixStream) {
+pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    if let Err(e) = daemon.config().access.admit(&stream) {
+        let why = render_chain(&e);
+        tracing::warn!("refused control connection: {why}");
+        let refusal = Response::Error {
+            message: format!("refused: {why}"),
+        };
+        let _ = stream.write_all(refusal.encode().as_bytes());
+        // Stay until the client closes (briefly), so its request is written, not reset,
+        // and it reads why; what it sends is thrown away.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = std::io::copy(&mut (&stream).take(64 * 1024), &mut std::io::sink());
+        return;
+    }
     let Ok(mut writer) = stream.try_clone() else {
         tracing::warn!("could not duplicate a control connection");
         return;

@@ -2,6 +2,8 @@
 //! `pagewise migrate` between them: what the migration tests (and their failure cases) share.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -113,16 +115,22 @@ pub struct SourceGuest {
 
 impl MigrationLab {
     pub fn up(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None)
+        Self::build(prefix, rate, None, false)
+    }
+
+    /// The lab with TLS on the migration link: each daemon a certificate for its address
+    /// from one CA made here (`serve --tls-cert/--tls-key/--tls-ca`).
+    pub fn with_tls(prefix: &str, rate: &str) -> Self {
+        Self::build(prefix, rate, None, true)
     }
 
     /// The lab with VM `vm`'s swap device (`ram_mib` of capacity) on an NBD export of the
     /// store host, which both hosts reach (agile migration).
     pub fn with_shared_device(prefix: &str, rate: &str, vm: &str, ram_mib: u64) -> Self {
-        Self::build(prefix, rate, Some((vm, ram_mib)))
+        Self::build(prefix, rate, Some((vm, ram_mib)), false)
     }
 
-    fn build(prefix: &str, rate: &str, shared: Option<(&str, u64)>) -> Self {
+    fn build(prefix: &str, rate: &str, shared: Option<(&str, u64)>, tls: bool) -> Self {
         let lab = TwoHost::up(prefix, rate);
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("psk");
@@ -143,8 +151,14 @@ impl MigrationLab {
                 format!("{vm}={}:{spec}", vm_socket.display()),
             ];
         }
+        let mut dst_extra = Vec::new();
+        if tls {
+            let pki = pki::Pki::new("migration lab CA");
+            extra.extend(pki.host(dir.path(), "src", &[SRC_IP]).args());
+            dst_extra.extend(pki.host(dir.path(), "dst", &[DST_IP]).args());
+        }
         let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key, &extra);
-        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key, &[]);
+        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key, &dst_extra);
         MigrationLab {
             nbd,
             vm_socket,

@@ -19,6 +19,7 @@ use super::engine::{Engine, Job};
 use super::incoming::{Incoming, IncomingError};
 use super::status::{Phase, Role};
 use crate::migrate::auth::open_server;
+use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Channel, Message};
 
 /// A connection waits this long for its other half.
@@ -27,7 +28,7 @@ const PAIRING_WINDOW: Duration = Duration::from_secs(30);
 /// One authenticated connection waiting for the other of its session.
 pub(super) struct Half {
     channel: Channel,
-    stream: TcpStream,
+    stream: Link,
     version: u16,
     at: Instant,
 }
@@ -64,14 +65,25 @@ pub(super) fn accept_loop(engine: &Arc<Engine>, listener: TcpListener) {
     }
 }
 
-/// Authenticate one connection; the second of a session runs the migration.
-fn handle_connection(engine: &Arc<Engine>, mut stream: TcpStream) {
-    let peer = stream
+/// Authenticate one connection (TLS first, when this endpoint has it); the second of a
+/// session runs the migration.
+fn handle_connection(engine: &Arc<Engine>, tcp: TcpStream) {
+    let peer = tcp
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = tcp.set_nonblocking(false);
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut stream = match &engine.config.tls {
+        None => Link::plain(tcp),
+        Some(tls) => match Link::accept_tls(tcp, tls) {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!(%peer, "refused migration peer {peer}: {}", pager::error_chain(&e));
+                return;
+            }
+        },
+    };
     let opened = match open_server(&mut stream, &engine.config.psk) {
         Ok(o) => o,
         Err(e) => {
@@ -125,13 +137,7 @@ fn handle_connection(engine: &Arc<Engine>, mut stream: TcpStream) {
     run_session(engine, urgent, bulk, opened.version, peer);
 }
 
-fn run_session(
-    engine: &Arc<Engine>,
-    urgent: TcpStream,
-    mut bulk: TcpStream,
-    version: u16,
-    peer: String,
-) {
+fn run_session(engine: &Arc<Engine>, urgent: Link, mut bulk: Link, version: u16, peer: String) {
     let _ = bulk.set_read_timeout(Some(Duration::from_secs(30)));
     let setup = match read_message(&mut bulk, Some(version)) {
         Ok(Message::Setup(s)) => s,

@@ -19,11 +19,15 @@ use serde_json::Value;
 use super::status::{MigrationStatus, Phase, Role};
 use crate::migrate::auth::Psk;
 use crate::migrate::message::Mode;
+use crate::migrate::tls::TlsConfig;
 
 /// How the engine runs migrations on this host.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub psk: Psk,
+    /// TLS for every migration connection, both ways (`--tls-cert/--tls-key/--tls-ca`):
+    /// the endpoint then refuses peers without it.
+    pub tls: Option<TlsConfig>,
     /// Where incoming VMs' files go (guest RAM, QMP socket, logs): tmpfs or hugetlbfs.
     pub dir: PathBuf,
     /// The attach library destination QEMUs run under.

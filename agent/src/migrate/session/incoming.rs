@@ -4,7 +4,6 @@
 //! placed, and a report for the source.
 
 use std::fs::File;
-use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +18,7 @@ use super::engine::{Engine, Job};
 use super::status::Phase;
 use crate::migrate::bulk::{receive_pages, BulkError, Received};
 use crate::migrate::frame::Command;
+use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Message, Mode, Setup, WireError};
 use crate::migrate::remote::{RemoteError, RemoteSource};
 
@@ -128,8 +128,8 @@ impl Incoming {
 
     pub fn run(
         &mut self,
-        urgent: TcpStream,
-        bulk: &mut TcpStream,
+        urgent: Link,
+        bulk: &mut Link,
         version: u16,
     ) -> Result<(), IncomingError> {
         let incoming_uri = self.prepare()?;
@@ -386,7 +386,7 @@ impl Incoming {
     }
 
     /// Pre-copy frames until `Switchover`.
-    fn receive_precopy(&mut self, bulk: &mut TcpStream, version: u16) -> Result<(), IncomingError> {
+    fn receive_precopy(&mut self, bulk: &mut Link, version: u16) -> Result<(), IncomingError> {
         let vm = self.daemon.vm(&self.setup.vm).ok_or(IncomingError::Gone)?;
         let (pages, ps) = (self.pages(), self.page_size());
         let mut rounds = 0u64;
@@ -501,7 +501,7 @@ impl Incoming {
     }
 
     /// The source is paused: the pages still on it are served through the urgent channel.
-    fn switch_over(&mut self, urgent: TcpStream, version: u16) -> Result<(), IncomingError> {
+    fn switch_over(&mut self, urgent: Link, version: u16) -> Result<(), IncomingError> {
         if self.setup.mode == Mode::Agile && !self.acquired {
             return Err(IncomingError::OutOfOrder {
                 got: Command::Switchover,

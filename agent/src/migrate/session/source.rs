@@ -24,11 +24,13 @@ use super::throttle::{Throttle, CANCELLED};
 use crate::migrate::auth::{open_client, AuthError};
 use crate::migrate::bulk::BulkError;
 use crate::migrate::frame::Command;
+use crate::migrate::link::Link;
 use crate::migrate::message::WireError;
 use crate::migrate::message::{read_message, write_message, Channel, Message, Mode, Setup};
 use crate::migrate::page_server::PageServerError;
 use crate::migrate::precopy::{PrecopyError, StopRule};
 use crate::migrate::qmp::{Qmp, QmpError};
+use crate::migrate::tls::{server_name, TlsError};
 
 mod after;
 mod before;
@@ -65,6 +67,12 @@ pub enum SourceError {
         addr: SocketAddr,
         #[source]
         source: AuthError,
+    },
+    #[error("TLS with the destination {to}")]
+    Tls {
+        to: String,
+        #[source]
+        source: Box<TlsError>,
     },
     #[error("the destination refused the migration: {0}")]
     Refused(String),
@@ -153,9 +161,28 @@ impl Held {
     }
 }
 
-fn connect(addr: SocketAddr) -> Result<TcpStream, SourceError> {
-    TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|source| SourceError::Connect { addr, source })
+/// Longest wait for the destination's side of the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Dial the destination `to` (resolved: `addr`), over TLS when this daemon has a TLS
+/// configuration: the destination's certificate must name `to`'s host.
+fn connect(config: &EngineConfig, to: &str, addr: SocketAddr) -> Result<Link, SourceError> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|source| SourceError::Connect { addr, source })?;
+    let Some(tls) = &config.tls else {
+        return Ok(Link::plain(tcp));
+    };
+    let failed = |source| SourceError::Tls {
+        to: to.into(),
+        source: Box::new(source),
+    };
+    let io = |source| SourceError::Connect { addr, source };
+    let name = server_name(to).map_err(failed)?;
+    tcp.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))
+        .map_err(io)?;
+    let link = Link::connect_tls(tcp, tls, name).map_err(failed)?;
+    link.set_read_timeout(None).map_err(io)?;
+    Ok(link)
 }
 
 /// The QEMU command line of process `pid`.
@@ -227,10 +254,10 @@ impl SourceRun {
         };
         let session: [u8; 16] = rand::random();
         let addr = self.to;
-        let mut urgent = connect(addr)?;
+        let mut urgent = connect(&self.config, &self.request.to, addr)?;
         let opened = open_client(&mut urgent, &self.config.psk, Channel::Urgent, session)
             .map_err(|source| SourceError::Auth { addr, source })?;
-        let mut bulk = connect(addr)?;
+        let mut bulk = connect(&self.config, &self.request.to, addr)?;
         open_client(&mut bulk, &self.config.psk, Channel::Bulk, session)
             .map_err(|source| SourceError::Auth { addr, source })?;
         let version = opened.version;
@@ -336,9 +363,9 @@ impl SourceRun {
 
     fn throttled(
         &self,
-        bulk: &TcpStream,
+        bulk: &Link,
         cancel: Arc<AtomicBool>,
-    ) -> Result<Throttle<TcpStream>, SourceError> {
+    ) -> Result<Throttle<Link>, SourceError> {
         let counter = self.job.transferred.clone();
         let stream = bulk.try_clone().map_err(WireError::Io)?;
         Ok(Throttle::new(

@@ -3,7 +3,6 @@
 //! failed before the switchover.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::{Held, SourceError, SourceRun, REPORT_TIMEOUT};
 use crate::migrate::bulk::{push_pages, PushOrder, SentPages, SourcePage};
+use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Message, WireError};
 use crate::migrate::page_server::serve_page_requests_with;
 use crate::migrate::qmp::Qmp;
@@ -20,8 +20,8 @@ use crate::migrate::session::pages::SourcePages;
 impl SourceRun {
     pub(super) fn after_switchover(
         &self,
-        urgent: TcpStream,
-        bulk: TcpStream,
+        urgent: Link,
+        bulk: Link,
         version: u16,
         source: Arc<SourcePages>,
         held: Arc<Held>,
@@ -108,7 +108,7 @@ impl SourceRun {
     pub(super) fn roll_back(
         &self,
         qmp: &mut Qmp,
-        bulk: &mut TcpStream,
+        bulk: &mut Link,
         migrate_started: bool,
         was_running: bool,
         why: &SourceError,

@@ -2,7 +2,6 @@
 //! dirty set, `Switchover` and the destination's `Ready`, then `migrate-continue`.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::{runs, Finish, Held, SourceError, SourceRun, QEMU_STEP_TIMEOUT, READY_TIMEOUT};
 use crate::migrate::bulk::SourcePage;
+use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Message, Mode, WireError};
 use crate::migrate::precopy::{run_rounds, send_round, PrecopyLimits, StopRule};
 use crate::migrate::qmp::Qmp;
@@ -27,7 +27,7 @@ impl SourceRun {
     pub(super) fn before_switchover(
         &self,
         qmp: &mut Qmp,
-        bulk: &TcpStream,
+        bulk: &Link,
         incoming: &str,
         version: u16,
         source: &Arc<SourcePages>,
@@ -197,7 +197,7 @@ impl SourceRun {
     /// in everything sent so far.
     pub(super) fn wait_acks(
         &self,
-        bulk: &TcpStream,
+        bulk: &Link,
         version: u16,
         count: u64,
     ) -> Result<(), SourceError> {
