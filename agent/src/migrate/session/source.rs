@@ -354,7 +354,7 @@ impl SourceRun {
     }
 
     /// The shared device itself (what agile releases to the destination).
-    fn shared_device(&self) -> Result<super::pages::SharedDevice, SourceError> {
+    pub(super) fn shared_device(&self) -> Result<super::pages::SharedDevice, SourceError> {
         match &self.handed_over {
             Some((_, d)) => Ok(d.clone()),
             None => self.vm.swapdev.clone().ok_or(SourceError::NoSharedDevice),

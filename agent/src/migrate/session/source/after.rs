@@ -139,10 +139,8 @@ impl SourceRun {
             let _ = qmp.execute("cont", json!({}));
         }
         let released = self
-            .vm
-            .swapdev
-            .as_ref()
-            .is_some_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).is_released());
+            .shared_device()
+            .is_ok_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).is_released());
         if released {
             tracing::warn!(
                 vm = %self.request.vm,

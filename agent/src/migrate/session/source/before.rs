@@ -48,11 +48,9 @@ impl SourceRun {
             // Hand the swap device over while the guest still runs (it is only read here
             // from now on: evictions wait for the migration), so the destination opens it
             // outside the downtime.
-            let dev = self
-                .vm
-                .swapdev
-                .as_ref()
-                .ok_or(SourceError::NoSharedDevice)?;
+            // The shared device: the VM's own, or on a former agile destination the one
+            // handed over to this host (the VM's own is then local to this host).
+            let dev = self.shared_device()?;
             dev.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .release_ownership()
