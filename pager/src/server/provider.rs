@@ -3,6 +3,9 @@
 //! * a per-VM spec (`--vm NAME=SOCKET:SPEC`) wins;
 //! * else the single `--swapdev SPEC` serves any VM;
 //! * else `--swapdev-dir DIR` serves VM `NAME` from `DIR/NAME.swap` (which must exist).
+//!
+//! A spec may name a raw snapshot instead of a swap device (`raw:PATH`, or a file without
+//! the swap-device magic): it is served read-only ([`super::raw_snapshot`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::{OpenOptions, SwapDevice};
 
+use super::raw_snapshot::{self, SpecKind};
 use super::{OpenedSource, ProviderError, SourceProvider};
 use crate::source::SwapdevSource;
 use crate::vm::GuestLayout;
@@ -58,16 +62,24 @@ impl SwapdevProvider {
 
 impl SourceProvider for SwapdevProvider {
     fn source_key(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError> {
-        self.chosen(vm, spec).map(|s| format!("swapdev {s}"))
+        let spec = self.chosen(vm, spec)?;
+        Ok(match raw_snapshot::classify(&spec)? {
+            SpecKind::SwapDevice(s) => format!("swapdev {s}"),
+            // Read-only: one snapshot may serve several VMs (clones) at once.
+            SpecKind::Raw(target) => format!("raw {target} for {vm}"),
+        })
     }
 
     fn open(
         &self,
         vm: &str,
         spec: Option<&str>,
-        _layout: &GuestLayout,
+        layout: &GuestLayout,
     ) -> Result<OpenedSource, ProviderError> {
-        let spec = self.chosen(vm, spec)?;
+        let spec = match raw_snapshot::classify(&self.chosen(vm, spec)?)? {
+            SpecKind::SwapDevice(s) => s,
+            SpecKind::Raw(target) => return raw_snapshot::open(&target, layout),
+        };
         let backend = open_backend(&spec, &SpecOptions::default()).map_err(|source| {
             ProviderError::Backend {
                 spec: spec.clone(),

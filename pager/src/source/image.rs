@@ -56,6 +56,7 @@ impl ImageFileSource {
         let description = format!("image {}", path.display());
         let opts = FileOptions {
             create: false,
+            read_only: true,
             direct: DirectMode::Never,
             queue_depth: QUEUE_DEPTH,
         };
@@ -74,6 +75,7 @@ impl ImageFileSource {
         let description = format!("image {spec}");
         let opts = SpecOptions {
             create: false,
+            read_only: true,
             direct: DirectMode::Never,
             queue_depth: QUEUE_DEPTH,
             ..SpecOptions::default()
@@ -119,6 +121,11 @@ impl ImageFileSource {
     }
 
     /// Reap what the backend finished (waiting for at least `min`) into `ready`.
+    /// Bytes in the image (its file's or export's size).
+    pub fn image_len(&self) -> u64 {
+        self.image_len
+    }
+
     fn reap(&mut self, min: usize) -> Result<(), SourceError> {
         let mut done = std::mem::take(&mut self.completions);
         done.clear();

@@ -116,7 +116,13 @@ fn memhog(
     handshake: &HandshakeKind,
 ) -> anyhow::Result<(Report, Option<serde_json::Value>)> {
     let mem = GuestMemory::new(pages, backing)?;
-    let attached = attach::attach(&mem, socket, handshake, false)?;
+    // Firecracker-style: two regions, as a Firecracker VM with two memory slots describes.
+    let regions = if *handshake == HandshakeKind::Firecracker {
+        2
+    } else {
+        1
+    };
+    let attached = attach::attach_regions(&mem, socket, handshake, false, regions)?;
     let table = PageTable::new(pages, spec());
     let report = memrun::run(&mem, &table, cfg)?;
     let vm_stats = match stats {
