@@ -52,8 +52,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = pager::prefetch::DEFAULT_POLICY)]
     prefetch: String,
     /// Most page reads in flight per VM (256 measured 1.4x faster than 64 on sequential
-    /// scans with prefetch; see docs/perf.md).
-    #[arg(long, default_value_t = 256)]
+    /// scans with prefetch, and 1024 another 1.15-1.25x over 256 from a disk with 2 MiB
+    /// merged reads; see docs/perf.md).
+    #[arg(long, default_value_t = 1024)]
     max_inflight: usize,
     /// Most pages prefetched per demand fault.
     #[arg(long, default_value_t = 64)]

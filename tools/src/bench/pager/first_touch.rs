@@ -11,7 +11,8 @@
 //!   Zipf first touch;
 //! * handler: the simplest correct handler (the in-process [`MiniPager`] reading the raw
 //!   image: one pread + one UFFDIO_COPY per fault), `pagewise serve` with no prefetch flag
-//!   (its defaults), and `pagewise serve --prefetch P` for each policy asked for.
+//!   (its defaults) from the swap device and from the raw image itself (a Firecracker
+//!   snapshot served as it is), and `pagewise serve --prefetch P` for each policy asked for.
 //!
 //! Every access verifies the page's content; a wrong page fails the run.
 
@@ -64,6 +65,8 @@ fn memories() -> [Memory; 2] {
 enum Handler {
     Simple,
     Defaults,
+    /// The defaults serving the raw image itself (a Firecracker snapshot as it is).
+    RawDefaults,
     Policy(String),
 }
 
@@ -72,6 +75,7 @@ impl Handler {
         match self {
             Handler::Simple => "simple (pread+copy)".into(),
             Handler::Defaults => format!("defaults ({})", pager::prefetch::DEFAULT_POLICY),
+            Handler::RawDefaults => "defaults, raw snapshot".into(),
             Handler::Policy(p) => p.clone(),
         }
     }
@@ -115,7 +119,7 @@ pub fn run(
     policies: &[String],
     zipf_accesses: f64,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut handlers = vec![Handler::Simple, Handler::Defaults];
+    let mut handlers = vec![Handler::Simple, Handler::Defaults, Handler::RawDefaults];
     handlers.extend(policies.iter().cloned().map(Handler::Policy));
     let mut rows = Vec::new();
     for memory in memories() {
@@ -159,17 +163,7 @@ fn one(
     let (report, vm) = match handler {
         Handler::Simple => {
             let socket = work.dir.path().join(format!("{tag}.sock"));
-            let image = std::fs::File::open(&place.image)
-                .with_context(|| format!("opening {}", place.image.display()))?;
-            if place.uncached {
-                nix::fcntl::posix_fadvise(
-                    &image,
-                    0,
-                    0,
-                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-                )
-                .context("dropping the image from the page cache")?;
-            }
+            let image = uncached_image(place)?;
             let mini = MiniPager::spawn(&socket, MiniSource::Image(image))?;
             let (report, _) = memhog(
                 &socket,
@@ -182,12 +176,19 @@ fn one(
             mini.join()?;
             (report, serde_json::Value::Null)
         }
-        Handler::Defaults | Handler::Policy(_) => {
+        Handler::Defaults | Handler::RawDefaults | Handler::Policy(_) => {
             let policy = match handler {
                 Handler::Policy(p) => p.as_str(),
                 _ => "",
             };
-            let (d, stats) = work.serve_device(&place.device, policy, tag)?;
+            let device = if *handler == Handler::RawDefaults {
+                // Read buffered from the file: start from the disk like the simple handler.
+                drop(uncached_image(place)?);
+                &place.image
+            } else {
+                &place.device
+            };
+            let (d, stats) = work.serve_device(device, policy, tag)?;
             let (report, vm) = memhog(
                 &d.socket,
                 Some(&stats),
@@ -215,6 +216,22 @@ fn one(
         speedup_vs_simple: 1.0,
         mismatches: report.mismatches,
     })
+}
+
+/// Open the place's raw image, dropped from the page cache first when the place says so.
+fn uncached_image(place: &Place) -> anyhow::Result<std::fs::File> {
+    let image = std::fs::File::open(&place.image)
+        .with_context(|| format!("opening {}", place.image.display()))?;
+    if place.uncached {
+        nix::fcntl::posix_fadvise(
+            &image,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .context("dropping the image from the page cache")?;
+    }
+    Ok(image)
 }
 
 /// Print the matrix, one block per (memory, device).
