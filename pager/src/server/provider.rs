@@ -58,12 +58,24 @@ impl SwapdevProvider {
             None => self.spec_for(vm),
         }
     }
+
+    /// What serves `vm`: a spec given per VM, as the single device or as an override may
+    /// name a raw snapshot; `DIR/NAME.swap` is always a swap device (a damaged one must
+    /// fail to open, never be served as raw bytes).
+    fn chosen_kind(&self, vm: &str, spec: Option<&str>) -> Result<SpecKind, ProviderError> {
+        let named = spec.is_some() || self.per_vm.contains_key(vm) || self.single.is_some();
+        let spec = self.chosen(vm, spec)?;
+        if named {
+            raw_snapshot::classify(&spec)
+        } else {
+            Ok(SpecKind::SwapDevice(spec))
+        }
+    }
 }
 
 impl SourceProvider for SwapdevProvider {
     fn source_key(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError> {
-        let spec = self.chosen(vm, spec)?;
-        Ok(match raw_snapshot::classify(&spec)? {
+        Ok(match self.chosen_kind(vm, spec)? {
             SpecKind::SwapDevice(s) => format!("swapdev {s}"),
             // Read-only: one snapshot may serve several VMs (clones) at once.
             SpecKind::Raw(target) => format!("raw {target} for {vm}"),
@@ -76,7 +88,7 @@ impl SourceProvider for SwapdevProvider {
         spec: Option<&str>,
         layout: &GuestLayout,
     ) -> Result<OpenedSource, ProviderError> {
-        let spec = match raw_snapshot::classify(&self.chosen(vm, spec)?)? {
+        let spec = match self.chosen_kind(vm, spec)? {
             SpecKind::SwapDevice(s) => s,
             SpecKind::Raw(target) => return raw_snapshot::open(&target, layout),
         };
@@ -121,7 +133,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.source_key("fixed", None).unwrap(), "swapdev /dev/x");
+        // Not a swap device, but from the directory rule: never taken as a raw snapshot.
         assert!(p.source_key("a", None).unwrap().ends_with("/a.swap"));
+        assert!(p.source_key("a", None).unwrap().starts_with("swapdev "));
         let e = p.source_key("b", None).unwrap_err();
         assert!(matches!(e, ProviderError::DeviceMissing { .. }), "{e}");
         assert_eq!(

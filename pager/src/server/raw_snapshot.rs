@@ -3,11 +3,10 @@
 //!
 //! A spec names a raw snapshot with the `raw:` prefix (`raw:/snap/vm.mem`,
 //! `raw:nbd://host/export`); [`classify`] also recognises a plain local path whose file
-//! does not start with the swap-device magic. The file must be exactly as large as the
+//! has the swap-device magic in neither header copy (bytes 0 and 4096). Files found by the
+//! `--swapdev-dir` rule are always swap devices. The file must be exactly as large as the
 //! guest memory the VMM describes (the end of its last region): a file of another size is
 //! the snapshot of another VM, and serving it would hand the guest wrong pages.
-
-use std::io::Read;
 
 use swapdev::backend::spec::{parse_spec, BackendSpec};
 use swapdev::format::header::DEVICE_MAGIC;
@@ -48,23 +47,41 @@ pub fn classify(spec: &str) -> Result<SpecKind, ProviderError> {
     let Ok(BackendSpec::File(path)) = parse_spec(spec) else {
         return Ok(SpecKind::SwapDevice(spec.to_string()));
     };
-    let mut magic = [0u8; DEVICE_MAGIC.len()];
     let is_device = match std::fs::File::open(&path) {
         // Not there or unreadable: the swap-device path reports it with its own error.
         Err(_) => true,
-        Ok(mut f) => match f.read_exact(&mut magic) {
-            Ok(()) => magic == DEVICE_MAGIC,
-            // Shorter than a magic: not a swap device, and no guest memory is that small,
-            // so the size check refuses it with a clear error.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
-            Err(source) => return Err(ProviderError::RawProbe { path, source }),
-        },
+        Ok(f) => {
+            // Either header copy (A at 0, B at 4096): a torn copy A must not make a swap
+            // device look raw.
+            let mut device = false;
+            for at in HEADER_COPIES {
+                match magic_at(&f, at) {
+                    Ok(found) => device |= found,
+                    Err(source) => return Err(ProviderError::RawProbe { path, source }),
+                }
+            }
+            device
+        }
     };
     Ok(if is_device {
         SpecKind::SwapDevice(spec.to_string())
     } else {
         SpecKind::Raw(spec.to_string())
     })
+}
+
+/// Where the swap device's two header copies begin.
+const HEADER_COPIES: [u64; 2] = [0, 4096];
+
+/// Whether the device magic is at byte `at` of `f` (a file shorter than that: no).
+fn magic_at(f: &std::fs::File, at: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; DEVICE_MAGIC.len()];
+    match f.read_exact_at(&mut magic, at) {
+        Ok(()) => Ok(magic == DEVICE_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Open the raw snapshot `target` (a path or a backend spec, without `raw:`) for a VM of
@@ -143,12 +160,19 @@ mod tests {
         let mut header = DEVICE_MAGIC.to_vec();
         header.resize(8192, 0);
         std::fs::write(&dev, header).unwrap();
+        // Copy A torn, copy B intact: still a swap device.
+        let torn = dir.path().join("torn.swap");
+        let mut header = vec![0u8; 4096];
+        header.extend_from_slice(&DEVICE_MAGIC);
+        header.resize(3 * 4096, 0);
+        std::fs::write(&torn, header).unwrap();
         let tiny = dir.path().join("tiny");
         std::fs::write(&tiny, b"abc").unwrap();
         let s = |p: &Path| p.display().to_string();
         assert_eq!(classify(&s(&raw)).unwrap(), SpecKind::Raw(s(&raw)));
         assert_eq!(classify(&s(&dev)).unwrap(), SpecKind::SwapDevice(s(&dev)));
         assert_eq!(classify(&s(&tiny)).unwrap(), SpecKind::Raw(s(&tiny)));
+        assert_eq!(classify(&s(&torn)).unwrap(), SpecKind::SwapDevice(s(&torn)));
         // The prefix wins even over the magic.
         let forced = format!("raw:{}", s(&dev));
         assert_eq!(classify(&forced).unwrap(), SpecKind::Raw(s(&dev)));
