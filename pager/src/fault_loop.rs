@@ -294,7 +294,13 @@ impl FaultLoop {
             if ready.hangup {
                 return Ok(LoopExit::PeerHangup);
             }
-            if !saw_faults && !self.paused {
+            // While a migration source serves pages (Route::Remote), it pushes the rest
+            // itself (in bubbling order): pulling them too would only double the traffic.
+            let pushed_by_peer = self.sources.routes().any(|r| r == Route::Remote);
+            // After faults, push only if nothing is in flight: no completion would wake the
+            // loop to start it otherwise (the faults' reads were submitted first).
+            let idle = !saw_faults || self.sources.in_flight() == 0;
+            if idle && !self.paused && !pushed_by_peer {
                 self.idle_prefetch()?;
             }
             self.metrics().inflight.store(

@@ -8,11 +8,13 @@
 //! and calls [`PrefetchPolicy::on_idle`] whenever the fetcher has spare capacity.
 //!
 //! Module map:
+//! * [`adaptive`] — the default: stride when faults stride, bubbling otherwise, idle push.
 //! * [`bubble`] — Hines' bubbling (VEE'09): bubbles grow outward from recent fault pivots.
 //! * [`stride`] — sequential / strided stream detection with a doubling window.
 //! * [`combined`] — stride first, bubbling with what is left of the budget.
 //! * [`sim`] — a pure trace simulator reporting demand faults and pages fetched.
 
+pub mod adaptive;
 pub mod bubble;
 pub mod combined;
 pub mod sim;
@@ -20,6 +22,7 @@ pub mod stride;
 
 use crate::page_state::{PageState, PageStateTable};
 
+pub use adaptive::Adaptive;
 pub use bubble::Bubble;
 pub use combined::BubbleStride;
 pub use stride::Stride;
@@ -36,11 +39,14 @@ pub trait PrefetchPolicy: Send {
 }
 
 /// The names [`by_name`] accepts.
-pub const POLICY_NAMES: [&str; 4] = ["none", "bubble", "stride", "bubble+stride"];
+pub const POLICY_NAMES: [&str; 5] = ["adaptive", "none", "bubble", "stride", "bubble+stride"];
+
+/// The policy `pagewise serve` uses when none is named.
+pub const DEFAULT_POLICY: &str = "adaptive";
 
 /// A policy name that [`by_name`] does not know.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown prefetch policy {name:?}: expected one of none, bubble, stride, bubble+stride")]
+#[error("unknown prefetch policy {name:?}: expected one of adaptive, none, bubble, stride, bubble+stride")]
 pub struct UnknownPolicy {
     pub name: String,
 }
@@ -48,6 +54,7 @@ pub struct UnknownPolicy {
 /// Build the policy called `name` for a VM of `pages` guest pages.
 pub fn by_name(name: &str, pages: u64) -> Result<Box<dyn PrefetchPolicy>, UnknownPolicy> {
     match name {
+        "adaptive" => Ok(Box::new(Adaptive::new(pages))),
         "none" => Ok(Box::new(NoPrefetch)),
         "bubble" => Ok(Box::new(Bubble::new(pages))),
         "stride" => Ok(Box::new(Stride::new(pages))),

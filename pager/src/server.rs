@@ -13,6 +13,7 @@ pub mod migration;
 pub mod prepare;
 pub mod protocol;
 pub mod provider;
+pub mod raw_snapshot;
 mod registry;
 pub mod tracking;
 

@@ -165,7 +165,8 @@ pub struct ServedVm<'a> {
 
 /// Arguments of `pagewise serve` serving `vms` (one attach socket each, VM named by the
 /// socket), with its main attach socket at `main_socket` (pagewise handshakes naming one of
-/// `vms`), its stats/control socket at `stats_socket` and prefetch policy `prefetch`.
+/// `vms`), its stats/control socket at `stats_socket` and prefetch policy `prefetch` (empty:
+/// no `--prefetch`, the daemon's default).
 pub fn serve_args(
     main_socket: &Path,
     vms: &[ServedVm<'_>],
@@ -186,12 +187,10 @@ pub fn serve_args(
             vm.device.display()
         ));
     }
-    args.extend([
-        "--stats-socket".into(),
-        stats_socket.display().to_string(),
-        "--prefetch".into(),
-        prefetch.into(),
-    ]);
+    args.extend(["--stats-socket".into(), stats_socket.display().to_string()]);
+    if !prefetch.is_empty() {
+        args.extend(["--prefetch".into(), prefetch.into()]);
+    }
     args
 }
 

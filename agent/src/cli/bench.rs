@@ -11,8 +11,9 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand, Debug)]
 enum Bench {
-    /// Fault latency vs a null handler; scans under each prefetch policy vs one page per
-    /// fault and vs pwrite prefill.
+    /// Fault latency vs a null handler; first-touch restore (seq, random, zipf; anonymous
+    /// and shared memory; device on disk and tmpfs) under the simplest pread+copy handler,
+    /// the defaults and each policy, next to pwrite prefill and the device's own read rates.
     Pager(pager::PagerBenchArgs),
     /// Eviction throughput vs raw I/O, refault cost, and write-tracking (sync WP) overhead.
     Evict(evict::EvictBenchArgs),

@@ -575,3 +575,37 @@ fn without_a_swap_device_source_an_evicted_page_keeps_its_route() {
     }
     g.stop().unwrap();
 }
+
+#[test]
+fn idle_push_pulls_nothing_while_a_migration_source_is_installed() {
+    let pages = 256;
+    // Local only: one fault, then the idle push brings in every page.
+    let local = ScriptedSource::new(1, Route::Local, pages);
+    let asked = local.asked.clone();
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Local,
+        vec![Box::new(local)],
+        "adaptive",
+        &[],
+    );
+    assert_eq!(g.page(0), &page_bytes(1, 0)[..]);
+    eventually("every page pushed", || {
+        asked.lock().unwrap().len() == pages as usize
+    });
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+    // Half the pages remote: the peer pushes those; only the fault and its prefetch run.
+    let route_of = |p: u64| if p < 128 { Route::Local } else { Route::Remote };
+    let local = ScriptedSource::new(1, Route::Local, pages);
+    let remote = ScriptedSource::new(2, Route::Remote, pages);
+    let (local_asked, remote_asked) = (local.asked.clone(), remote.asked.clone());
+    let sources: Vec<Box<dyn PageSource>> = vec![Box::new(local), Box::new(remote)];
+    let mut g = Guest::start(pages, route_of, sources, "adaptive", &[]);
+    assert_eq!(g.page(0), &page_bytes(1, 0)[..]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+    assert!(remote_asked.lock().unwrap().is_empty());
+    let fetched = local_asked.lock().unwrap().len();
+    let budget = FaultLoopConfig::default().prefetch_per_fault;
+    assert!(fetched <= 1 + budget, "{fetched} local pages fetched");
+}

@@ -51,6 +51,23 @@ pub enum ProviderError {
         #[source]
         source: SourceError,
     },
+    #[error("{spec:?} names no raw snapshot after the `raw:` prefix")]
+    RawEmpty { spec: String },
+    #[error("cannot read {}", path.display())]
+    RawProbe {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "raw snapshot {spec} holds {len} bytes but the VM's guest memory is {expected} bytes \
+         (end of its last region): it is not this VM's snapshot"
+    )]
+    RawSize {
+        spec: String,
+        len: u64,
+        expected: u64,
+    },
     /// A provider that cannot honour a per-VM spec override (`prepare` with `swapdev`).
     #[error("this daemon's page sources cannot be chosen per VM (asked for {spec:?})")]
     OverrideUnsupported { spec: String },

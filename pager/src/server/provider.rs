@@ -3,6 +3,9 @@
 //! * a per-VM spec (`--vm NAME=SOCKET:SPEC`) wins;
 //! * else the single `--swapdev SPEC` serves any VM;
 //! * else `--swapdev-dir DIR` serves VM `NAME` from `DIR/NAME.swap` (which must exist).
+//!
+//! A spec may name a raw snapshot instead of a swap device (`raw:PATH`, or a file without
+//! the swap-device magic): it is served read-only ([`super::raw_snapshot`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use swapdev::backend::spec::{open_backend, SpecOptions};
 use swapdev::{OpenOptions, SwapDevice};
 
+use super::raw_snapshot::{self, SpecKind};
 use super::{OpenedSource, ProviderError, SourceProvider};
 use crate::source::SwapdevSource;
 use crate::vm::GuestLayout;
@@ -54,20 +58,40 @@ impl SwapdevProvider {
             None => self.spec_for(vm),
         }
     }
+
+    /// What serves `vm`: a spec given per VM, as the single device or as an override may
+    /// name a raw snapshot; `DIR/NAME.swap` is always a swap device (a damaged one must
+    /// fail to open, never be served as raw bytes).
+    fn chosen_kind(&self, vm: &str, spec: Option<&str>) -> Result<SpecKind, ProviderError> {
+        let named = spec.is_some() || self.per_vm.contains_key(vm) || self.single.is_some();
+        let spec = self.chosen(vm, spec)?;
+        if named {
+            raw_snapshot::classify(&spec)
+        } else {
+            Ok(SpecKind::SwapDevice(spec))
+        }
+    }
 }
 
 impl SourceProvider for SwapdevProvider {
     fn source_key(&self, vm: &str, spec: Option<&str>) -> Result<String, ProviderError> {
-        self.chosen(vm, spec).map(|s| format!("swapdev {s}"))
+        Ok(match self.chosen_kind(vm, spec)? {
+            SpecKind::SwapDevice(s) => format!("swapdev {s}"),
+            // Read-only: one snapshot may serve several VMs (clones) at once.
+            SpecKind::Raw(target) => format!("raw {target} for {vm}"),
+        })
     }
 
     fn open(
         &self,
         vm: &str,
         spec: Option<&str>,
-        _layout: &GuestLayout,
+        layout: &GuestLayout,
     ) -> Result<OpenedSource, ProviderError> {
-        let spec = self.chosen(vm, spec)?;
+        let spec = match self.chosen_kind(vm, spec)? {
+            SpecKind::SwapDevice(s) => s,
+            SpecKind::Raw(target) => return raw_snapshot::open(&target, layout),
+        };
         let backend = open_backend(&spec, &SpecOptions::default()).map_err(|source| {
             ProviderError::Backend {
                 spec: spec.clone(),
@@ -109,7 +133,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.source_key("fixed", None).unwrap(), "swapdev /dev/x");
+        // Not a swap device, but from the directory rule: never taken as a raw snapshot.
         assert!(p.source_key("a", None).unwrap().ends_with("/a.swap"));
+        assert!(p.source_key("a", None).unwrap().starts_with("swapdev "));
         let e = p.source_key("b", None).unwrap_err();
         assert!(matches!(e, ProviderError::DeviceMissing { .. }), "{e}");
         assert_eq!(

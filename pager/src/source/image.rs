@@ -5,6 +5,12 @@
 //! ([`swapdev::backend::threaded::Threaded`]) so it has a completion fd. Bytes past the end
 //! of the image read as zero (pages wholly past it complete without I/O); all-zero pages are
 //! reported as [`PageContent::Zero`]; a short read is [`SourceError::Io`].
+//!
+//! Requests are queued and given to the backend at the next `flush`/`poll`, sorted by tag
+//! (the fault loop's demand reads first) then page; consecutive pages with the same tag go
+//! out as **one read** of up to [`MAX_RUN_PAGES`] pages, whose buffer the fault loop places
+//! from directly ([`PageContent::Shared`]). The file is opened read-only: the source never
+//! writes it.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,9 +27,14 @@ use super::{PageCompletion, PageContent, PageSource, SourceError};
 /// io_uring queue depth of an image file: the most reads in flight in the kernel at once.
 const QUEUE_DEPTH: u32 = 256;
 
-/// A read in flight: which page, the caller's tag, how many bytes of it the image holds.
+/// Most pages merged into one read (1 MiB of 4 KiB pages).
+pub const MAX_RUN_PAGES: usize = 256;
+
+/// A read in flight: its first page, how many pages, the caller's tag, how many bytes of
+/// them the image holds.
 struct PendingRead {
-    page: u64,
+    first: u64,
+    count: u64,
     tag: u64,
     len: usize,
 }
@@ -38,6 +49,10 @@ pub struct ImageFileSource {
     page_size: usize,
     capacity_pages: u64,
     pending: HashMap<u64, PendingRead>,
+    /// Pages of the reads in `pending`.
+    pending_pages: usize,
+    /// Requests (page, tag) not yet given to the backend.
+    queued: Vec<(u64, u64)>,
     /// Completions reaped or made without I/O, not handed out yet.
     ready: VecDeque<PageCompletion>,
     completions: Vec<IoCompletion>,
@@ -56,6 +71,7 @@ impl ImageFileSource {
         let description = format!("image {}", path.display());
         let opts = FileOptions {
             create: false,
+            read_only: true,
             direct: DirectMode::Never,
             queue_depth: QUEUE_DEPTH,
         };
@@ -74,6 +90,7 @@ impl ImageFileSource {
         let description = format!("image {spec}");
         let opts = SpecOptions {
             create: false,
+            read_only: true,
             direct: DirectMode::Never,
             queue_depth: QUEUE_DEPTH,
             ..SpecOptions::default()
@@ -112,6 +129,8 @@ impl ImageFileSource {
             page_size,
             capacity_pages,
             pending: HashMap::new(),
+            pending_pages: 0,
+            queued: Vec::new(),
             ready: VecDeque::new(),
             completions: Vec::new(),
             next_id: 0,
@@ -119,14 +138,19 @@ impl ImageFileSource {
     }
 
     /// Reap what the backend finished (waiting for at least `min`) into `ready`.
+    /// Bytes in the image (its file's or export's size).
+    pub fn image_len(&self) -> u64 {
+        self.image_len
+    }
+
     fn reap(&mut self, min: usize) -> Result<(), SourceError> {
         let mut done = std::mem::take(&mut self.completions);
         done.clear();
         let r = self.backend.complete(&mut done, min);
         for c in done.drain(..) {
             if let Some(read) = self.pending.remove(&c.tag) {
-                let completion = self.finish(read, c);
-                self.ready.push_back(completion);
+                self.pending_pages -= read.count as usize;
+                self.finish(read, c);
             }
         }
         self.completions = done;
@@ -134,42 +158,138 @@ impl ImageFileSource {
             .map_err(|e| SourceError::unavailable(self.description.clone(), e))
     }
 
-    fn finish(&self, read: PendingRead, c: IoCompletion) -> PageCompletion {
-        let result = match c.result {
+    /// Turn a finished read into one completion per page.
+    fn finish(&mut self, read: PendingRead, c: IoCompletion) {
+        let ps = self.page_size;
+        let whole = read.count as usize * ps;
+        match c.result {
             Ok(Some(buf)) if buf.len() == read.len => {
-                let buf = if read.len < self.page_size {
-                    // The page straddles the end of the image: the rest reads as zero.
-                    let mut page = AlignedBuf::new(self.page_size);
-                    page[..read.len].copy_from_slice(&buf);
-                    page
+                let buf = if read.len < whole {
+                    // The last page straddles the end of the image: the rest reads as zero.
+                    let mut padded = AlignedBuf::new(whole);
+                    padded[..read.len].copy_from_slice(&buf);
+                    padded
                 } else {
                     buf
                 };
-                if swapdev::is_zero_page(&buf) {
-                    Ok(PageContent::Zero)
-                } else {
-                    Ok(PageContent::Data(buf))
+                if read.count == 1 {
+                    let content = if swapdev::is_zero_page(&buf) {
+                        PageContent::Zero
+                    } else {
+                        PageContent::Data(buf)
+                    };
+                    self.ready.push_back(PageCompletion {
+                        page: read.first,
+                        tag: read.tag,
+                        result: Ok(content),
+                    });
+                    return;
+                }
+                let buf = std::sync::Arc::new(buf);
+                for i in 0..read.count {
+                    let at = i as usize * ps;
+                    let content = if swapdev::is_zero_page(&buf[at..at + ps]) {
+                        PageContent::Zero
+                    } else {
+                        PageContent::Shared {
+                            buf: buf.clone(),
+                            at,
+                        }
+                    };
+                    self.ready.push_back(PageCompletion {
+                        page: read.first + i,
+                        tag: read.tag,
+                        result: Ok(content),
+                    });
                 }
             }
-            Ok(other) => Err(SourceError::Io {
-                page: read.page,
-                source: format!(
-                    "read of {} bytes returned {:?} bytes",
-                    read.len,
-                    other.map(|b| b.len())
-                )
-                .into(),
-            }),
-            Err(e) => Err(SourceError::Io {
-                page: read.page,
-                source: Box::new(e),
-            }),
-        };
-        PageCompletion {
-            page: read.page,
-            tag: read.tag,
-            result,
+            other => {
+                let what = match &other {
+                    Ok(b) => format!(
+                        "read of {} bytes returned {:?} bytes",
+                        read.len,
+                        b.as_ref().map(|b| b.len())
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                for page in read.first..read.first + read.count {
+                    self.ready.push_back(PageCompletion {
+                        page,
+                        tag: read.tag,
+                        result: Err(SourceError::Io {
+                            page,
+                            source: what.clone().into(),
+                        }),
+                    });
+                }
+            }
         }
+    }
+
+    /// Give the queued requests to the backend: demand tags first, consecutive pages with
+    /// the same tag merged into one read.
+    fn submit_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut queued = std::mem::take(&mut self.queued);
+        queued.sort_unstable_by_key(|&(page, tag)| (tag, page));
+        let ps = self.page_size as u64;
+        let mut i = 0;
+        while i < queued.len() {
+            let (first, tag) = queued[i];
+            let offset = first * ps;
+            if offset >= self.image_len {
+                // Wholly past the end of the image.
+                self.ready.push_back(PageCompletion {
+                    page: first,
+                    tag,
+                    result: Ok(PageContent::Zero),
+                });
+                i += 1;
+                continue;
+            }
+            let mut count = 1;
+            while i + count < queued.len()
+                && count < MAX_RUN_PAGES
+                && queued[i + count] == (first + count as u64, tag)
+                && (first + count as u64) * ps < self.image_len
+            {
+                count += 1;
+            }
+            let len = (self.image_len - offset).min(count as u64 * ps) as usize;
+            self.next_id += 1;
+            let id = self.next_id;
+            let req = IoRequest {
+                tag: id,
+                offset,
+                op: IoOp::Read {
+                    buf: AlignedBuf::new(len),
+                },
+            };
+            let read = PendingRead {
+                first,
+                count: count as u64,
+                tag,
+                len,
+            };
+            match self.backend.submit(req) {
+                Ok(()) => {
+                    self.pending.insert(id, read);
+                    self.pending_pages += count;
+                }
+                Err(e) => {
+                    let c = IoCompletion {
+                        tag: id,
+                        result: Err(e),
+                    };
+                    self.finish(read, c);
+                }
+            }
+            i += count;
+        }
+        queued.clear();
+        self.queued = queued;
     }
 
     fn signal(&self) {
@@ -198,47 +318,14 @@ impl PageSource for ImageFileSource {
                 capacity: self.capacity_pages,
             });
         }
-        let offset = page * self.page_size as u64;
-        let len = self
-            .image_len
-            .saturating_sub(offset)
-            .min(self.page_size as u64) as usize;
-        if len == 0 {
-            // Wholly past the end of the image.
-            self.ready.push_back(PageCompletion {
-                page,
-                tag,
-                result: Ok(PageContent::Zero),
-            });
-            return Ok(());
-        }
-        self.next_id += 1;
-        let id = self.next_id;
-        let req = IoRequest {
-            tag: id,
-            offset,
-            op: IoOp::Read {
-                buf: AlignedBuf::new(len),
-            },
-        };
-        if let Err(e) = self.backend.submit(req) {
-            self.ready.push_back(PageCompletion {
-                page,
-                tag,
-                result: Err(SourceError::Io {
-                    page,
-                    source: Box::new(e),
-                }),
-            });
-            return Ok(());
-        }
-        self.pending.insert(id, PendingRead { page, tag, len });
+        self.queued.push((page, tag));
         Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<PageCompletion>, min: usize) -> Result<usize, SourceError> {
         // Reset the fd before reaping, so a completion arriving after the reap re-arms it.
         self.reset();
+        self.submit_queued();
         self.reap(0)?;
         let mut got = 0;
         loop {
@@ -254,6 +341,7 @@ impl PageSource for ImageFileSource {
     /// Push out what is queued and reap what finished inline (page-cache hits); if anything
     /// is ready, set the completion fd so the caller does not sleep on it.
     fn flush(&mut self) -> Result<(), SourceError> {
+        self.submit_queued();
         if !self.pending.is_empty() {
             self.reap(0)?;
         }
@@ -264,7 +352,7 @@ impl PageSource for ImageFileSource {
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len() + self.ready.len()
+        self.pending_pages + self.ready.len() + self.queued.len()
     }
 
     fn completion_fd(&self) -> BorrowedFd<'_> {
@@ -377,6 +465,54 @@ mod tests {
                 other => panic!("page {}: {other:?}", c.page),
             }
         }
+    }
+
+    #[test]
+    fn consecutive_pages_with_one_tag_are_read_in_runs_and_demand_goes_first() {
+        let pages = MAX_RUN_PAGES as u64 + 44;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut image = vec![0u8; pages as usize * 4096 - 100];
+        for (i, page) in image.chunks_mut(4096).enumerate() {
+            if i != 7 {
+                page.fill((i % 251) as u8 + 1);
+            }
+        }
+        f.write_all(&image).unwrap();
+        let mut src = ImageFileSource::open(f.path(), 4096, pages + 2).unwrap();
+        // Submitted out of order, one demand page among prefetches.
+        for page in (0..pages + 2).rev() {
+            let tag = if page == 280 { 0 } else { 1 };
+            src.submit(page, tag).unwrap();
+        }
+        assert_eq!(src.in_flight(), pages as usize + 2);
+        src.flush().unwrap();
+        let mut out = Vec::new();
+        while out.len() < pages as usize + 2 {
+            src.poll(&mut out, 1).unwrap();
+        }
+        assert_eq!(src.in_flight(), 0);
+        out.sort_by_key(|c| c.page);
+        for c in &out {
+            let page = c.page;
+            let content = c.result.as_ref().unwrap();
+            let want = (page % 251) as u8 + 1;
+            match (page, content) {
+                (7, PageContent::Zero) => {}
+                (p, PageContent::Zero) if p >= pages => {}
+                (p, PageContent::Shared { .. }) if p < MAX_RUN_PAGES as u64 => {
+                    assert!(content.bytes(4096).unwrap().iter().all(|&x| x == want));
+                }
+                (p, PageContent::Data(_) | PageContent::Shared { .. }) if p < pages => {
+                    let bytes = content.bytes(4096).unwrap();
+                    let held = if p == pages - 1 { 4096 - 100 } else { 4096 };
+                    assert!(bytes[..held].iter().all(|&x| x == want), "page {p}");
+                    assert!(bytes[held..].iter().all(|&x| x == 0), "page {p}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The demand page (tag 0) was a read of its own.
+        assert!(matches!(out[280].result, Ok(PageContent::Data(_))));
     }
 
     #[test]

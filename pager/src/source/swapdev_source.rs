@@ -30,8 +30,9 @@ use crate::page_state::{PageState, PageStateTable};
 use super::{PageCompletion, PageContent, PageSource, SourceError};
 use io_thread::IoThread;
 
-/// Most pages merged into one device read.
-pub const MAX_RUN_PAGES: u64 = 64;
+/// Most pages merged into one device read (2 MiB of 4 KiB pages: a 512 MiB sequential
+/// first touch from disk measured ~1.2x faster than with 64-page reads).
+pub const MAX_RUN_PAGES: u64 = 512;
 
 /// Pages of one VM's swap device.
 pub struct SwapdevSource {

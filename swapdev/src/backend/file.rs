@@ -64,6 +64,9 @@ pub enum DirectMode {
 pub struct OpenOptions {
     /// Create the file (mode 0600) if it does not exist.
     pub create: bool,
+    /// Open the file read-only: every write, flush or trim fails (the kernel refuses
+    /// them on the descriptor). `create` is ignored.
+    pub read_only: bool,
     pub direct: DirectMode,
     /// io_uring submission queue size (1..=4096).
     pub queue_depth: u32,
@@ -73,6 +76,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             create: false,
+            read_only: false,
             direct: DirectMode::Auto,
             queue_depth: DEFAULT_QUEUE_DEPTH,
         }

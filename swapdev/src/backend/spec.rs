@@ -28,6 +28,9 @@ pub const NBD_DEFAULT_PORT: u16 = 10809;
 pub struct SpecOptions {
     /// Files: create if missing.
     pub create: bool,
+    /// Files: open read-only (writes fail on the descriptor). NBD exports are opened as
+    /// usual; a read-only user simply never writes.
+    pub read_only: bool,
     /// Files: O_DIRECT policy.
     pub direct: DirectMode,
     /// Files: io_uring queue depth.
@@ -40,6 +43,7 @@ impl Default for SpecOptions {
     fn default() -> Self {
         Self {
             create: false,
+            read_only: false,
             direct: DirectMode::Auto,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             nbd: NbdOptions::default(),
@@ -250,6 +254,7 @@ pub fn open_backend(spec: &str, opts: &SpecOptions) -> Result<Box<dyn Backend>, 
         BackendSpec::File(path) => {
             let file_opts = OpenOptions {
                 create: opts.create,
+                read_only: opts.read_only,
                 direct: opts.direct,
                 queue_depth: opts.queue_depth,
             };

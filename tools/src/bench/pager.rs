@@ -2,9 +2,12 @@
 //!
 //! 1. Fault latency (p50/p99, seen by the faulting thread) of `pagewise serve` vs a null
 //!    handler (an in-process handler answering every fault with one static page).
-//! 2. A verifiable image (1 GiB by default) imported into a swap device on disk, scanned by
-//!    memhog sequentially and with Zipf accesses under each prefetch policy; compared with
-//!    one page per fault (`none`) and with pwrite-ing the whole image into a memfd.
+//! 2. First touch ([`first_touch`]): a verifiable image (1 GiB by default) imported into a
+//!    swap device on disk and on tmpfs, restored by memhog sequentially, uniformly at random
+//!    and with Zipf accesses into Firecracker-style anonymous memory and QEMU-style shared
+//!    memory, under the simplest correct handler (one pread + one UFFDIO_COPY per fault),
+//!    `pagewise serve`'s defaults and each prefetch policy; next to pwrite-ing the whole
+//!    image into a memfd and the device file's own sequential and random read rates.
 //! 3. Demand faults as a share of pages touched (Hines et al. report 17% for bubbling).
 //!
 //! The daemon is the real `pagewise serve` (a child process, restarted per policy); memhog
@@ -16,6 +19,7 @@
 //! ([`device_floor`]) and printed next to the disk rows.
 
 mod device_floor;
+mod first_touch;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -39,10 +43,11 @@ pub struct PagerBenchArgs {
     /// Image size (bytes; K, M, G suffixes).
     #[arg(long, default_value = "1G")]
     size: String,
-    /// Where the image and swap device go (a disk, not tmpfs).
+    /// Where the image and swap device go (a disk, not tmpfs); a second copy goes to
+    /// /dev/shm.
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
-    /// Prefetch policies to compare (the first is the baseline).
+    /// Prefetch policies to compare with the defaults and the simple handler.
     #[arg(
         long,
         value_delimiter = ',',
@@ -87,38 +92,17 @@ struct LatencyRow {
 }
 
 #[derive(Debug, Serialize)]
-struct ScanRow {
-    policy: String,
-    pattern: String,
-    seconds: f64,
-    mib_per_s: f64,
-    pages_touched: u64,
-    /// First touches that found the page absent (the guest waited).
-    demand_faults: u64,
-    fault_share: f64,
-    /// Demand faults whose page the daemon had to read from the device (its
-    /// `faults_to_source`), and their share of pages touched.
-    device_faults: u64,
-    device_fault_share: f64,
-    pages_prefetched: u64,
-    speedup_vs_baseline: f64,
-    share_of_pwrite: f64,
-    /// MiB/s as a share of the device file's own sequential read rate on its disk.
-    share_of_device_seq: f64,
-    mismatches: u64,
-}
-
-#[derive(Debug, Serialize)]
 struct BenchResult {
     image_pages: u64,
     pwrite_mib_per_s: f64,
     /// memhog's sequential verify rate over memory prefilled from the image (no faults):
     /// the ceiling of any scan row.
     memhog_prefilled_mib_per_s: f64,
-    /// The swap device file read directly on its disk (no pager).
+    /// The swap device file read directly on its disk (no pager), and on tmpfs.
     device_floor: device_floor::DeviceFloor,
+    device_floor_tmpfs: device_floor::DeviceFloor,
     latency: Vec<LatencyRow>,
-    scans: Vec<ScanRow>,
+    first_touch: Vec<first_touch::Row>,
 }
 
 /// One in-process memhog run against the handler at `socket`. With `stats`, the daemon's
@@ -128,9 +112,17 @@ fn memhog(
     stats: Option<&Path>,
     pages: u64,
     cfg: &RunConfig,
+    backing: Backing,
+    handshake: &HandshakeKind,
 ) -> anyhow::Result<(Report, Option<serde_json::Value>)> {
-    let mem = GuestMemory::new(pages, Backing::Anon)?;
-    let attached = attach::attach(&mem, socket, &HandshakeKind::Firecracker, false)?;
+    let mem = GuestMemory::new(pages, backing)?;
+    // Firecracker-style: two regions, as a Firecracker VM with two memory slots describes.
+    let regions = if *handshake == HandshakeKind::Firecracker {
+        2
+    } else {
+        1
+    };
+    let attached = attach::attach_regions(&mem, socket, handshake, false, regions)?;
     let table = PageTable::new(pages, spec());
     let report = memrun::run(&mem, &table, cfg)?;
     let vm_stats = match stats {
@@ -199,11 +191,8 @@ struct Work {
 }
 
 impl Work {
-    /// A fresh `pagewise serve` for VM `bench`; returns it with its stats socket.
-    fn serve(&self, policy: &str, tag: &str) -> anyhow::Result<(Daemon, PathBuf)> {
-        self.serve_device(&self.device, policy, tag)
-    }
-
+    /// A fresh `pagewise serve` for VM `bench` from `device`; returns it with its stats
+    /// socket. An empty `policy` gives no `--prefetch` (the daemon's default).
     fn serve_device(
         &self,
         device: &Path,
@@ -237,7 +226,7 @@ fn spec() -> ImageSpec {
     }
 }
 
-fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
+fn latency(work: &Work, shm_device: &Path, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
     let pages = pages.min(work.pages);
     let cfg = RunConfig {
         pattern: Pattern::Random,
@@ -248,7 +237,8 @@ fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
     let null_sock = work.dir.path().join("null.sock");
     let page = Box::new([0x5Au8; PAGE_SIZE]);
     let null = MiniPager::spawn(&null_sock, MiniSource::Static(page))?;
-    let (r, _) = memhog(&null_sock, None, pages, &cfg)?;
+    let anon = HandshakeKind::Firecracker;
+    let (r, _) = memhog(&null_sock, None, pages, &cfg, Backing::Anon, &anon)?;
     null.join()?;
     rows.push(LatencyRow {
         handler: "null handler (in-process, static page)".into(),
@@ -261,32 +251,21 @@ fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
         verify: true,
         ..cfg
     };
-    // The same image on tmpfs: the pager's own cost without the disk read.
-    let shm = tempfile::Builder::new()
-        .prefix("pagewise-bench-")
-        .tempdir_in("/dev/shm")
-        .context("creating a work directory in /dev/shm")?;
-    let shm_image = shm.path().join("image.raw");
-    let shm_device = shm.path().join("bench.swapdev");
-    image::write_image(&shm_image, pages, spec())?;
-    daemon::run_checked(
-        Command::new(&work.pagewise).args(daemon::import_args(&shm_image, &shm_device)),
-    )?;
     let devices = [
         (
-            &work.device,
+            work.device.as_path(),
             "latency",
             "pagewise serve --prefetch none, disk",
         ),
         (
-            &shm_device,
+            shm_device,
             "latency-shm",
             "pagewise serve --prefetch none, tmpfs",
         ),
     ];
     for (device, tag, label) in devices {
         let (d, stats) = work.serve_device(device, "none", tag)?;
-        let (r, vm) = memhog(&d.socket, Some(&stats), pages, &cfg)?;
+        let (r, vm) = memhog(&d.socket, Some(&stats), pages, &cfg, Backing::Anon, &anon)?;
         rows.push(LatencyRow {
             handler: label.into(),
             faults: r.fault_latency.count,
@@ -294,64 +273,6 @@ fn latency(work: &Work, pages: u64) -> anyhow::Result<Vec<LatencyRow>> {
             p99_us: r.fault_latency.p99_us,
             pager_side_p50_us: vm.and_then(|v| v["fault_latency_p50_us"].as_f64()),
         });
-    }
-    Ok(rows)
-}
-
-fn scans(
-    work: &Work,
-    a: &PagerBenchArgs,
-    pwrite: f64,
-    device_seq: f64,
-) -> anyhow::Result<Vec<ScanRow>> {
-    let mut rows: Vec<ScanRow> = Vec::new();
-    let patterns = [
-        ("seq", Pattern::Sequential, 1),
-        ("zipf:0.99", Pattern::Zipf { theta: 0.99 }, 0),
-    ];
-    for (pname, pattern, passes) in patterns {
-        let mut baseline_seconds = None;
-        for policy in &a.policies {
-            let (d, stats) = work.serve(policy, &format!("scan-{}", policy.replace('+', "_")))?;
-            let cfg = RunConfig {
-                pattern: pattern.clone(),
-                passes: passes.max(1),
-                ..RunConfig::default()
-            };
-            let pages = work.pages;
-            let cfg = if passes == 0 {
-                // Zipf: one thread does `pages` accesses per pass.
-                let accesses = (pages as f64 * a.zipf_accesses) as u64;
-                RunConfig {
-                    passes: accesses.div_ceil(pages).max(1),
-                    ..cfg
-                }
-            } else {
-                cfg
-            };
-            let (report, vm) = memhog(&d.socket, Some(&stats), pages, &cfg)?;
-            let vm = vm.unwrap_or_default();
-            drop(d);
-            let base = *baseline_seconds.get_or_insert(report.seconds);
-            let mib = report.accesses as f64 * PAGE_SIZE as f64 / (1 << 20) as f64;
-            rows.push(ScanRow {
-                policy: policy.clone(),
-                pattern: pname.into(),
-                seconds: report.seconds,
-                mib_per_s: mib / report.seconds.max(1e-9),
-                pages_touched: report.pages_touched,
-                demand_faults: report.first_touch_faults,
-                fault_share: report.first_touch_faults as f64 / report.pages_touched.max(1) as f64,
-                device_faults: counter(&vm, "faults_to_source"),
-                device_fault_share: counter(&vm, "faults_to_source") as f64
-                    / report.pages_touched.max(1) as f64,
-                pages_prefetched: counter(&vm, "pages_prefetched"),
-                speedup_vs_baseline: base / report.seconds.max(1e-9),
-                share_of_pwrite: mib / report.seconds.max(1e-9) / pwrite,
-                share_of_device_seq: mib / report.seconds.max(1e-9) / device_seq.max(1e-9),
-                mismatches: report.mismatches,
-            });
-        }
     }
     Ok(rows)
 }
@@ -415,54 +336,20 @@ fn print(result: &BenchResult) {
          disk row adds the disk read"
     );
     println!();
+    let shm = &result.device_floor_tmpfs;
     println!(
-        "scans (pwrite prefill of the image into a memfd: {:.0} MiB/s; memhog's sequential \
-         verify over prefilled memory: {:.0} MiB/s)",
-        result.pwrite_mib_per_s, result.memhog_prefilled_mib_per_s
+        "device file alone on tmpfs: 4 KiB random reads {:.0} MiB/s (p50 {:.1} us); 1 MiB \
+         sequential reads {:.0} MiB/s",
+        shm.read_4k_mib_per_s, shm.read_4k_p50_us, shm.seq_mib_per_s
     );
     println!(
-        "{:<10} {:<14} {:>7} {:>6} {:>8} {:>8} {:>6} {:>8} {:>6} {:>9} {:>7} {:>5} {:>5}",
-        "pattern",
-        "policy",
-        "seconds",
-        "MiB/s",
-        "touched",
-        "waits",
-        "wait%",
-        "dev-flt",
-        "dev%",
-        "prefetch",
-        "speedup",
-        "%pwr",
-        "%dev"
+        "device file alone on its disk: 4 KiB random reads {:.0} MiB/s; pwrite prefill of the \
+         image into a memfd: {:.0} MiB/s; memhog's sequential verify over prefilled memory: \
+         {:.0} MiB/s",
+        floor.read_4k_mib_per_s, result.pwrite_mib_per_s, result.memhog_prefilled_mib_per_s
     );
-    for r in &result.scans {
-        println!(
-            "{:<10} {:<14} {:>7.2} {:>6.0} {:>8} {:>8} {:>5.1}% {:>8} {:>5.1}% {:>9} {:>6.1}x {:>4.0}% {:>4.0}%",
-            r.pattern,
-            r.policy,
-            r.seconds,
-            r.mib_per_s,
-            r.pages_touched,
-            r.demand_faults,
-            100.0 * r.fault_share,
-            r.device_faults,
-            100.0 * r.device_fault_share,
-            r.pages_prefetched,
-            r.speedup_vs_baseline,
-            100.0 * r.share_of_pwrite,
-            100.0 * r.share_of_device_seq
-        );
-    }
-    println!(
-        "waits: first touches that found the page absent (memhog's mincore probe); dev-flt: \
-         demand faults the daemon read from the device (its faults_to_source)"
-    );
-    println!(
-        "%pwr: share of the pwrite prefill rate (memory to memory); %dev: share of the device \
-         file's own sequential read rate on its disk (the ceiling of a scan served from it)"
-    );
-    println!("targets: seq >= 5x the first policy and >= 50% of pwrite; dev% < 17% (Hines)");
+    println!();
+    first_touch::print(&result.first_touch);
 }
 
 pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
@@ -495,19 +382,37 @@ pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
         device,
         pages,
     };
+    // The same image and device on tmpfs: the pager's own cost without the disk read.
+    let shm = tempfile::Builder::new()
+        .prefix("pagewise-bench-")
+        .tempdir_in("/dev/shm")
+        .context("creating a work directory in /dev/shm")?;
+    let places = [
+        first_touch::place("disk", work.dir.path(), true),
+        first_touch::place("tmpfs", shm.path(), false),
+    ];
+    std::fs::copy(&places[0].image, &places[1].image).context("copying the image to tmpfs")?;
+    daemon::run_checked(
+        Command::new(&work.pagewise).args(daemon::import_args(&places[1].image, &places[1].device)),
+    )?;
     eprintln!("measuring the device file's own reads");
     let floor = device_floor::measure(&work.device, 2000, 256 << 20)?;
+    let floor_tmpfs = device_floor::measure(&places[1].device, 2000, 256 << 20)?;
     eprintln!("measuring fault latency");
-    let latency = latency(&work, a.latency_pages)?;
-    eprintln!("scanning under {} policies", a.policies.len());
-    let scans = scans(&work, &a, pwrite, floor.seq_mib_per_s)?;
+    let latency = latency(&work, &places[1].device, a.latency_pages)?;
+    eprintln!(
+        "first touch under the simple handler, the defaults and {} policies",
+        a.policies.len()
+    );
+    let first_touch = first_touch::run(&work, &places, &a.policies, a.zipf_accesses)?;
     let result = BenchResult {
         image_pages: pages,
         pwrite_mib_per_s: pwrite,
         memhog_prefilled_mib_per_s: prefilled,
         device_floor: floor,
+        device_floor_tmpfs: floor_tmpfs,
         latency,
-        scans,
+        first_touch,
     };
     print(&result);
     if a.json {
@@ -517,7 +422,7 @@ pub fn run(a: PagerBenchArgs) -> anyhow::Result<ExitCode> {
         let kept = work.dir.keep();
         eprintln!("kept {}", kept.display());
     }
-    let bad: u64 = result.scans.iter().map(|r| r.mismatches).sum();
+    let bad: u64 = result.first_touch.iter().map(|r| r.mismatches).sum();
     if bad > 0 {
         bail!("{bad} pages did not verify during the scans");
     }

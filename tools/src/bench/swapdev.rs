@@ -106,6 +106,7 @@ fn mb_s(bytes: f64, d: Duration) -> f64 {
 fn open_file(path: &PathBuf, qd: usize) -> Result<FileBackend> {
     let opts = FileOpts {
         create: true,
+        read_only: false,
         direct: DirectMode::Always,
         queue_depth: (qd as u32).max(8) * 2,
     };

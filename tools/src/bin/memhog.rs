@@ -97,6 +97,10 @@ struct RunArgs {
     /// Register write-protect too (MISSING|WP).
     #[arg(long)]
     wp: bool,
+    /// Describe the memory to the pager as this many regions, back to back (Firecracker
+    /// gives one per memory slot).
+    #[arg(long, default_value_t = 1)]
+    regions: u64,
     #[command(flatten)]
     image: ImageArgs,
     /// seq, random, zipf[:THETA], hotcold:HOT_PAGES[:SHARE].
@@ -161,7 +165,9 @@ fn run_cmd(a: &RunArgs) -> anyhow::Result<ExitCode> {
     let mem = GuestMemory::new(a.pages, a.memory.clone())?;
     let mut prefill_seconds = None;
     let _attached = match (&a.socket, &a.prefill) {
-        (Some(sock), None) => Some(attach::attach(&mem, sock, &handshake, a.wp)?),
+        (Some(sock), None) => Some(attach::attach_regions(
+            &mem, sock, &handshake, a.wp, a.regions,
+        )?),
         (None, Some(img)) => {
             prefill_seconds = Some(pagewise_tools::memhog::prefill(&mem, img)?);
             None

@@ -81,6 +81,30 @@ pub fn region_of(mem: &GuestMemory) -> GuestRegionUffdMapping {
     }
 }
 
+/// `mem` described as `n` regions of (nearly) equal size, back to back in the address space
+/// and in the memory file, the way a VMM with several memory slots describes one guest.
+pub fn regions_of(mem: &GuestMemory, n: u64) -> anyhow::Result<Vec<GuestRegionUffdMapping>> {
+    if n == 0 || n > mem.pages() {
+        bail!("{n} regions over {} pages: need 1..=pages", mem.pages());
+    }
+    let whole = region_of(mem);
+    let per = mem.pages().div_ceil(n);
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < mem.pages() {
+        let pages = per.min(mem.pages() - first);
+        let at = first * PAGE_SIZE as u64;
+        out.push(GuestRegionUffdMapping {
+            base_host_virt_addr: whole.base_host_virt_addr + at,
+            size: pages as usize * PAGE_SIZE,
+            offset: at,
+            ..whole
+        });
+        first += pages;
+    }
+    Ok(out)
+}
+
 /// Register `mem` with a new uffd and hand it to the pager listening on `socket_path`.
 pub fn attach(
     mem: &GuestMemory,
@@ -88,9 +112,21 @@ pub fn attach(
     kind: &HandshakeKind,
     wp: bool,
 ) -> anyhow::Result<Attached> {
+    attach_regions(mem, socket_path, kind, wp, 1)
+}
+
+/// [`attach`], describing `mem` as `regions` regions ([`regions_of`]).
+pub fn attach_regions(
+    mem: &GuestMemory,
+    socket_path: &Path,
+    kind: &HandshakeKind,
+    wp: bool,
+    regions: u64,
+) -> anyhow::Result<Attached> {
+    let regions = regions_of(mem, regions)?;
     let (uffd, kernel_features) = register(mem, wp)?;
     // The pager holds its own copy of the uffd afterwards; ours closes when this returns.
-    handshake(mem, socket_path, kind, &uffd, kernel_features, wp)
+    send_handshake(mem, socket_path, kind, &uffd, kernel_features, wp, &regions)
 }
 
 /// Hand an already registered `uffd` over `mem` to the pager at `socket_path`.
@@ -102,12 +138,24 @@ pub fn handshake(
     kernel_features: Features,
     wp: bool,
 ) -> anyhow::Result<Attached> {
+    let regions = [region_of(mem)];
+    send_handshake(mem, socket_path, kind, uffd, kernel_features, wp, &regions)
+}
+
+fn send_handshake(
+    mem: &GuestMemory,
+    socket_path: &Path,
+    kind: &HandshakeKind,
+    uffd: &Uffd,
+    kernel_features: Features,
+    wp: bool,
+    regions: &[GuestRegionUffdMapping],
+) -> anyhow::Result<Attached> {
     let socket = UnixStream::connect(socket_path)
         .with_context(|| format!("connecting to the pager at {}", socket_path.display()))?;
-    let regions = [region_of(mem)];
     let swapdev = match kind {
         HandshakeKind::Firecracker => {
-            protocol::send_firecracker(&socket, &regions, uffd.as_raw_fd())
+            protocol::send_firecracker(&socket, regions, uffd.as_raw_fd())
                 .context("sending the Firecracker handshake")?;
             None
         }

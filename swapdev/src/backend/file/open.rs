@@ -17,7 +17,11 @@ pub(super) fn open_file(
 ) -> Result<(File, bool, usize), BackendError> {
     let open = |direct: bool| {
         let mut o = std::fs::OpenOptions::new();
-        o.read(true).write(true).create(opts.create).mode(0o600);
+        if opts.read_only {
+            o.read(true);
+        } else {
+            o.read(true).write(true).create(opts.create).mode(0o600);
+        }
         if direct {
             o.custom_flags(libc::O_DIRECT);
         }

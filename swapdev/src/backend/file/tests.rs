@@ -14,6 +14,7 @@ pub(super) fn open_in(dir: &str, direct: DirectMode, qd: u32) -> (tempfile::Temp
     let tmp = tempfile::tempdir_in(dir).expect("tempdir");
     let opts = OpenOptions {
         create: true,
+        read_only: false,
         direct,
         queue_depth: qd,
     };
@@ -452,4 +453,38 @@ fn tmpfs_reads_complete_synchronously() {
     );
     let (_tmp, disk) = open_in(DISK_DIR, DirectMode::Auto, 8);
     assert!(!disk.reads_synchronously(), "{}", disk.describe());
+}
+
+#[test]
+fn read_only_reads_and_never_writes() {
+    let tmp = tempfile::tempdir_in(DISK_DIR).unwrap();
+    let path = tmp.path().join("image.raw");
+    let content = page_of(3);
+    std::fs::write(&path, content.as_slice()).unwrap();
+    let opts = OpenOptions {
+        read_only: true,
+        direct: DirectMode::Never,
+        ..OpenOptions::default()
+    };
+    let mut b = FileBackend::open(&path, opts).unwrap();
+    let read = run_one(
+        &mut b,
+        0,
+        IoOp::Read {
+            buf: AlignedBuf::new(PAGE),
+        },
+    )
+    .unwrap();
+    assert_eq!(read.unwrap().as_slice(), content.as_slice());
+    let write = run_one(&mut b, 0, IoOp::Write { buf: page_of(4) });
+    assert!(write.is_err(), "a read-only backend accepted a write");
+    assert_eq!(std::fs::read(&path).unwrap(), content.as_slice());
+    // A missing file is not created.
+    let missing = tmp.path().join("missing.raw");
+    let opts = OpenOptions {
+        create: true,
+        ..opts
+    };
+    assert!(FileBackend::open(&missing, opts).is_err());
+    assert!(!missing.exists());
 }

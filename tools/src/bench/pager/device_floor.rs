@@ -22,6 +22,8 @@ pub struct DeviceFloor {
     pub direct: bool,
     pub read_4k_p50_us: f64,
     pub read_4k_p99_us: f64,
+    /// The random 4 KiB reads' rate, one at a time.
+    pub read_4k_mib_per_s: f64,
     /// Sequential 1 MiB reads over (up to) the first `seq_bytes` of the file.
     pub seq_mib_per_s: f64,
     pub seq_bytes: u64,
@@ -63,6 +65,7 @@ pub fn measure(path: &Path, samples: usize, seq_limit: u64) -> anyhow::Result<De
             .with_context(|| format!("reading {} at {off}", path.display()))?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    let random_secs: f64 = lat.iter().sum::<f64>() / 1e6;
     lat.sort_by(f64::total_cmp);
     let seq_bytes = (size.min(seq_limit) / LARGE as u64) * LARGE as u64;
     let mut large = AlignedBuf::new(LARGE);
@@ -78,6 +81,7 @@ pub fn measure(path: &Path, samples: usize, seq_limit: u64) -> anyhow::Result<De
         direct,
         read_4k_p50_us: quantile(&lat, 0.5),
         read_4k_p99_us: quantile(&lat, 0.99),
+        read_4k_mib_per_s: (samples * SMALL) as f64 / (1 << 20) as f64 / random_secs.max(1e-9),
         seq_mib_per_s: seq_bytes as f64 / (1 << 20) as f64 / secs,
         seq_bytes,
     })
@@ -94,6 +98,7 @@ mod tests {
         std::fs::write(&path, vec![7u8; 4 << 20]).unwrap();
         let f = measure(&path, 64, 2 << 20).unwrap();
         assert!(f.read_4k_p50_us > 0.0 && f.read_4k_p99_us >= f.read_4k_p50_us);
+        assert!(f.read_4k_mib_per_s > 0.0);
         assert_eq!(f.seq_bytes, 2 << 20);
         assert!(f.seq_mib_per_s > 0.0);
         assert!(measure(&dir.path().join("missing"), 1, 1).is_err());

@@ -38,6 +38,7 @@ impl Ramfs {
     fn open(&self, direct: DirectMode) -> FileBackend {
         let opts = OpenOptions {
             create: true,
+            read_only: false,
             direct,
             queue_depth: 32,
         };
@@ -68,6 +69,7 @@ fn always_direct_where_refused_is_a_clear_error() {
     let fs = Ramfs::mount();
     let opts = OpenOptions {
         create: true,
+        read_only: false,
         direct: DirectMode::Always,
         queue_depth: 8,
     };
@@ -135,6 +137,7 @@ fn block_device_round_trip_fixed_size_and_trim() {
     let lo = LoopDevice::new(4 << 20);
     let opts = OpenOptions {
         create: false,
+        read_only: false,
         direct: DirectMode::Auto,
         queue_depth: 16,
     };
