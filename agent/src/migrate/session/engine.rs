@@ -99,13 +99,14 @@ impl Job {
             s.total_time = self.started.elapsed().as_millis() as u64;
         }
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // Both roles count the pages by kind (sent here, received there).
+        s.ram.normal = get(&self.normal);
+        s.ram.duplicate = get(&self.duplicate);
+        s.pages_stored = get(&self.stored);
         if s.role == Role::Source {
             s.ram.transferred = get(&self.transferred);
-            s.ram.normal = get(&self.normal);
-            s.ram.duplicate = get(&self.duplicate);
             s.ram.postcopy_requests = get(&self.requests);
             s.pages_freed = get(&self.freed);
-            s.pages_stored = get(&self.stored);
             if s.total_time > 0 {
                 s.ram.mbps = s.ram.transferred as f64 * 8.0 / 1e3 / s.total_time as f64;
             }

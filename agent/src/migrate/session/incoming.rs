@@ -557,6 +557,21 @@ impl Incoming {
         for f in self.made.drain(..) {
             let _ = std::fs::remove_file(f);
         }
+        if self.acquired {
+            // The shared device came to this host for a VM that is not here after all: hand
+            // it back (unowned; this host wrote nothing to it) and forget it.
+            if let Some((spec, dev)) = self.engine.handed_over(&self.setup.vm) {
+                let released = dev
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .release_ownership();
+                if let Err(e) = released {
+                    tracing::warn!(vm = %self.setup.vm, spec, "releasing the shared swap device after the failed migration: {}", pager::error_chain(&e));
+                }
+            }
+            self.engine.forget_handed_over(&self.setup.vm);
+            self.acquired = false;
+        }
         if let Some((aside, original)) = self.set_aside.take() {
             let _ = std::fs::rename(aside, original);
         }
