@@ -43,10 +43,10 @@ fn a_raw_snapshot_is_served_read_only_to_two_vms_and_refused_at_the_wrong_size()
     let before = std::fs::read(&snapshot).unwrap();
     // Read-only on disk too: serving it must not need write access.
     std::fs::set_permissions(&snapshot, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let forced = format!("raw:{}", snapshot.display());
-    // fc1: recognised by content (no swap-device magic); fc2: the same file, named raw.
+    let named = format!("raw:{}", snapshot.display());
+    // fc1 and fc2: the same file, named raw.
     let mut d = lab.serve(
-        &[("fc1", snapshot.as_path()), ("fc2", Path::new(&forced))],
+        &[("fc1", Path::new(&named)), ("fc2", Path::new(&named))],
         "",
     );
     for (vm, pattern) in [("fc1", "random"), ("fc2", "seq")] {

@@ -10,7 +10,7 @@
 //!   is VM NAME, served from SPEC. This is how Firecracker VMs are named.
 //!
 //! A SPEC may be a raw snapshot memory file (Firecracker's), served read-only as it is:
-//! `raw:PATH`, or any file that does not start with the swap-device magic.
+//! `raw:PATH`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,7 +42,7 @@ pub struct ServeArgs {
     swapdev_dir: Option<PathBuf>,
     /// An extra per-VM socket: NAME=SOCKET:SPEC (repeatable). Use it for Firecracker VMs.
     /// SPEC is a swap device, or a raw snapshot memory file served read-only as it is
-    /// (`raw:PATH`; a file without the swap-device magic is recognised as one too).
+    /// (`raw:PATH`).
     #[arg(long = "vm", value_name = "NAME=SOCKET:SPEC")]
     vms: Vec<String>,
     /// Name given to Firecracker VMs attaching to --socket in --swapdev mode.
@@ -247,8 +247,8 @@ fn socket_access(args: &ServeArgs) -> Result<SocketAccess> {
 
 /// Refuse to start with a named swap device that cannot be opened: a typo must show now, not
 /// when a VM attaches. Read-only: nothing is written and ownership is not taken. A raw
-/// snapshot (`raw:PATH`, or a file without the swap-device magic) only has to be readable;
-/// its size is checked against the VM's regions when it attaches.
+/// snapshot (`raw:PATH`) only has to be readable; its size is checked against the VM's
+/// regions when it attaches.
 fn check_device(spec: &str, option: &str) -> Result<()> {
     use pager::server::raw_snapshot::{self, SpecKind};
     if let SpecKind::Raw(target) =
@@ -261,7 +261,12 @@ fn check_device(spec: &str, option: &str) -> Result<()> {
     let backend = swapdev::backend::spec::open_backend(spec, &Default::default())
         .with_context(|| format!("{option}: cannot open swap device {spec}"))?;
     swapdev::SwapDevice::open(backend, swapdev::OpenOptions::read_only("serve-check"))
-        .with_context(|| format!("{option}: {spec} is not a usable swap device"))?;
+        .with_context(|| {
+            format!(
+                "{option}: {spec} is not a usable swap device (a raw memory file, such as a \
+                 Firecracker snapshot's, is served with raw:PATH)"
+            )
+        })?;
     Ok(())
 }
 

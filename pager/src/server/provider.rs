@@ -4,8 +4,8 @@
 //! * else the single `--swapdev SPEC` serves any VM;
 //! * else `--swapdev-dir DIR` serves VM `NAME` from `DIR/NAME.swap` (which must exist).
 //!
-//! A spec may name a raw snapshot instead of a swap device (`raw:PATH`, or a file without
-//! the swap-device magic): it is served read-only ([`super::raw_snapshot`]).
+//! A spec may name a raw snapshot instead of a swap device (`raw:PATH`): it is served
+//! read-only ([`super::raw_snapshot`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;

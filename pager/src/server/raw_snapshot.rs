@@ -2,14 +2,14 @@
 //! `swapdev import` first, and the file is never written (it is opened read-only).
 //!
 //! A spec names a raw snapshot with the `raw:` prefix (`raw:/snap/vm.mem`,
-//! `raw:nbd://host/export`); [`classify`] also recognises a plain local path whose file
-//! has the swap-device magic in neither header copy (bytes 0 and 4096). Files found by the
-//! `--swapdev-dir` rule are always swap devices. The file must be exactly as large as the
-//! guest memory the VMM describes (the end of its last region): a file of another size is
-//! the snapshot of another VM, and serving it would hand the guest wrong pages.
+//! `raw:nbd://host/export`); anything else is a swap device. The prefix is required rather
+//! than guessed from the file: a swap device whose headers were damaged must fail to open
+//! (and say so), not be served as raw bytes, and a file that is neither must be refused when
+//! `serve` starts. The file must be exactly as large as the guest memory the VMM describes
+//! (the end of its last region): a file of another size is the snapshot of another VM, and
+//! serving it would hand the guest wrong pages.
 
 use swapdev::backend::spec::{parse_spec, BackendSpec};
-use swapdev::format::header::DEVICE_MAGIC;
 
 use super::{OpenedSource, ProviderError};
 use crate::source::{ImageFileSource, PageSource};
@@ -32,55 +32,15 @@ pub fn raw_target(spec: &str) -> Option<&str> {
     spec.strip_prefix(RAW_PREFIX)
 }
 
-/// Decide what `spec` serves: `raw:...` is a raw snapshot; a local file that does not
-/// begin with the swap-device magic is one too; anything else (network specs, swap
-/// devices, missing files) is a swap device, opened and checked as usual.
+/// Decide what `spec` serves: `raw:...` is a raw snapshot, anything else a swap device
+/// (opened and checked as usual).
 pub fn classify(spec: &str) -> Result<SpecKind, ProviderError> {
-    if let Some(target) = raw_target(spec) {
-        if target.is_empty() {
-            return Err(ProviderError::RawEmpty {
-                spec: spec.to_string(),
-            });
-        }
-        return Ok(SpecKind::Raw(target.to_string()));
-    }
-    let Ok(BackendSpec::File(path)) = parse_spec(spec) else {
-        return Ok(SpecKind::SwapDevice(spec.to_string()));
-    };
-    let is_device = match std::fs::File::open(&path) {
-        // Not there or unreadable: the swap-device path reports it with its own error.
-        Err(_) => true,
-        Ok(f) => {
-            // Either header copy (A at 0, B at 4096): a torn copy A must not make a swap
-            // device look raw.
-            let mut device = false;
-            for at in HEADER_COPIES {
-                match magic_at(&f, at) {
-                    Ok(found) => device |= found,
-                    Err(source) => return Err(ProviderError::RawProbe { path, source }),
-                }
-            }
-            device
-        }
-    };
-    Ok(if is_device {
-        SpecKind::SwapDevice(spec.to_string())
-    } else {
-        SpecKind::Raw(spec.to_string())
-    })
-}
-
-/// Where the swap device's two header copies begin.
-const HEADER_COPIES: [u64; 2] = [0, 4096];
-
-/// Whether the device magic is at byte `at` of `f` (a file shorter than that: no).
-fn magic_at(f: &std::fs::File, at: u64) -> std::io::Result<bool> {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; DEVICE_MAGIC.len()];
-    match f.read_exact_at(&mut magic, at) {
-        Ok(()) => Ok(magic == DEVICE_MAGIC),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
+    match raw_target(spec) {
+        Some("") => Err(ProviderError::RawEmpty {
+            spec: spec.to_string(),
+        }),
+        Some(target) => Ok(SpecKind::Raw(target.to_string())),
+        None => Ok(SpecKind::SwapDevice(spec.to_string())),
     }
 }
 
@@ -131,6 +91,7 @@ mod tests {
     use super::*;
     use crate::layout::Region;
     use std::path::Path;
+    use swapdev::format::header::DEVICE_MAGIC;
 
     fn layout(pages: u64) -> GuestLayout {
         GuestLayout::new(
@@ -152,34 +113,30 @@ mod tests {
     }
 
     #[test]
-    fn classify_by_prefix_and_by_magic() {
+    fn only_the_prefix_names_a_raw_snapshot() {
         let dir = tempfile::tempdir().unwrap();
+        // A file without the device magic is still a swap device spec: opening it as one
+        // fails with its own error (a damaged device is never served as raw bytes).
         let raw = dir.path().join("vm.mem");
         std::fs::write(&raw, vec![1u8; 8192]).unwrap();
         let dev = dir.path().join("vm.swap");
         let mut header = DEVICE_MAGIC.to_vec();
         header.resize(8192, 0);
         std::fs::write(&dev, header).unwrap();
-        // Copy A torn, copy B intact: still a swap device.
-        let torn = dir.path().join("torn.swap");
-        let mut header = vec![0u8; 4096];
-        header.extend_from_slice(&DEVICE_MAGIC);
-        header.resize(3 * 4096, 0);
-        std::fs::write(&torn, header).unwrap();
-        let tiny = dir.path().join("tiny");
-        std::fs::write(&tiny, b"abc").unwrap();
         let s = |p: &Path| p.display().to_string();
-        assert_eq!(classify(&s(&raw)).unwrap(), SpecKind::Raw(s(&raw)));
+        assert_eq!(classify(&s(&raw)).unwrap(), SpecKind::SwapDevice(s(&raw)));
         assert_eq!(classify(&s(&dev)).unwrap(), SpecKind::SwapDevice(s(&dev)));
-        assert_eq!(classify(&s(&tiny)).unwrap(), SpecKind::Raw(s(&tiny)));
-        assert_eq!(classify(&s(&torn)).unwrap(), SpecKind::SwapDevice(s(&torn)));
+        let named = format!("raw:{}", s(&raw));
+        assert_eq!(classify(&named).unwrap(), SpecKind::Raw(s(&raw)));
         // The prefix wins even over the magic.
         let forced = format!("raw:{}", s(&dev));
         assert_eq!(classify(&forced).unwrap(), SpecKind::Raw(s(&dev)));
-        let missing = s(&dir.path().join("none"));
-        assert_eq!(classify(&missing).unwrap(), SpecKind::SwapDevice(missing));
         let nbd = "nbd://127.0.0.1:10809/x";
         assert_eq!(classify(nbd).unwrap(), SpecKind::SwapDevice(nbd.into()));
+        assert_eq!(
+            classify("raw:nbd://h/x").unwrap(),
+            SpecKind::Raw("nbd://h/x".into())
+        );
         assert!(matches!(
             classify("raw:"),
             Err(ProviderError::RawEmpty { .. })

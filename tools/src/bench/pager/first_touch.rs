@@ -184,11 +184,11 @@ fn one(
             let device = if *handler == Handler::RawDefaults {
                 // Read buffered from the file: start from the disk like the simple handler.
                 drop(uncached_image(place)?);
-                &place.image
+                std::path::PathBuf::from(format!("raw:{}", place.image.display()))
             } else {
-                &place.device
+                place.device.clone()
             };
-            let (d, stats) = work.serve_device(device, policy, tag)?;
+            let (d, stats) = work.serve_device(&device, policy, tag)?;
             let (report, vm) = memhog(
                 &d.socket,
                 Some(&stats),
