@@ -586,3 +586,5 @@ mod tests_device_copy;
 mod tests_idle;
 #[cfg(test)]
 mod tests_routed;
+#[cfg(test)]
+mod tests_scripted;

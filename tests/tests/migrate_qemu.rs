@@ -28,33 +28,8 @@ fn migrate_a_verifying_guest_and_back(
     mode: &str,
     back: Option<&str>,
 ) -> serde_json::Value {
-    let agile = mode == "agile";
-    let lab = if agile {
-        MigrationLab::with_shared_device(prefix, "800mbit", "vm1", RAM_MIB)
-    } else {
-        MigrationLab::up(prefix, "800mbit")
-    };
-    let mut guest = lab.start_guest("vm1", RAM_MIB, GUEST);
-    qemu_lab::wait_for_text(
-        &guest.serial,
-        "memverify: pass 1 ",
-        Duration::from_secs(180),
-        &mut guest.qemu,
-    );
-    if agile {
-        // Agile's premise: the cold pages already sit in the shared swap device.
-        let out = qemu_lab::pagewise_ok(&[
-            "evict",
-            "--socket",
-            lab.src.socket.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--target-rss",
-            "40M",
-            "--json",
-        ]);
-        eprintln!("evicted before the migration: {out}");
-    }
+    let (lab, mut guest) =
+        MigrationLab::with_verifying_guest(prefix, "800mbit", mode, RAM_MIB, GUEST, "40M");
     let (ok, report, text) = lab.migrate("vm1", mode, &[]);
     assert!(
         ok,

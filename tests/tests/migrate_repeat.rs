@@ -55,30 +55,8 @@ fn assert_verifies(serial: &Path, hop: usize, logs: impl Fn() -> String) {
 }
 
 fn migrate_in_a_row(prefix: &str, mode: &str) {
-    let agile = mode == "agile";
-    let lab = if agile {
-        MigrationLab::with_shared_device(prefix, "800mbit", "vm1", RAM_MIB)
-    } else {
-        MigrationLab::up(prefix, "800mbit")
-    };
-    let mut guest = lab.start_guest("vm1", RAM_MIB, GUEST);
-    qemu_lab::wait_for_text(
-        &guest.serial,
-        "memverify: pass 1 ",
-        Duration::from_secs(180),
-        &mut guest.qemu,
-    );
-    if agile {
-        qemu_lab::pagewise_ok(&[
-            "evict",
-            "--socket",
-            lab.src.socket.to_str().unwrap(),
-            "--vm",
-            "vm1",
-            "--target-rss",
-            "40M",
-        ]);
-    }
+    let (lab, mut guest) =
+        MigrationLab::with_verifying_guest(prefix, "800mbit", mode, RAM_MIB, GUEST, "40M");
     let mut serial: PathBuf = guest.serial.clone();
     let mut totals = Vec::new();
     for hop in 1..=HOPS {

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use super::tests_routed::{eventually, page_bytes, Guest, ScriptedSource, PAGE};
+use super::tests_routed::{eventually, Guest, PAGE};
+use super::tests_scripted::{page_bytes, ScriptedSource};
 use crate::page_state::PageState;
 use crate::route::Route;
 

@@ -114,6 +114,46 @@ pub struct SourceGuest {
 }
 
 impl MigrationLab {
+    /// The lab a migration in `mode` needs at `rate` (agile: a shared swap device for
+    /// "vm1" on the store host) and a verifying guest "vm1" under the source daemon, through
+    /// its first memverify pass; for agile it is then evicted to `agile_rss`, agile's
+    /// premise (its cold pages already sit in the shared device).
+    pub fn with_verifying_guest(
+        prefix: &str,
+        rate: &str,
+        mode: &str,
+        ram_mib: u64,
+        append: &str,
+        agile_rss: &str,
+    ) -> (Self, SourceGuest) {
+        let lab = if mode == "agile" {
+            Self::with_shared_device(prefix, rate, "vm1", ram_mib)
+        } else {
+            Self::up(prefix, rate)
+        };
+        let mut guest = lab.start_guest("vm1", ram_mib, append);
+        wait_for_text(
+            &guest.serial,
+            "memverify: pass 1 ",
+            Duration::from_secs(180),
+            &mut guest.qemu,
+        );
+        if mode == "agile" {
+            let out = crate::qemu_lab::pagewise_ok(&[
+                "evict",
+                "--socket",
+                lab.src.socket.to_str().unwrap(),
+                "--vm",
+                "vm1",
+                "--target-rss",
+                agile_rss,
+                "--json",
+            ]);
+            eprintln!("evicted before the migration: {out}");
+        }
+        (lab, guest)
+    }
+
     pub fn up(prefix: &str, rate: &str) -> Self {
         Self::build(prefix, rate, None, false)
     }
