@@ -61,10 +61,12 @@ fn qemu_guest_keeps_verifying_while_its_cold_memory_is_evicted() {
         &format!("memverify: pass {next} "),
         Duration::from_secs(120),
     );
-    // Demand faults the daemon served from the device (its counter moves at once; the
-    // working-set refault figure only at the next sample).
+    // Pages the daemon read back from the device for the guest: its demand faults and the
+    // prefetches around them (the counters move at once; the working-set refault figure
+    // only at the next sample).
     let refaults = |stats: serde_json::Value| -> u64 {
-        stats["metrics"]["faults_to_source"].as_u64().unwrap_or(0)
+        let m = &stats["metrics"];
+        m["faults_to_source"].as_u64().unwrap_or(0) + m["pages_prefetched"].as_u64().unwrap_or(0)
     };
     let refaults_before = refaults(vm.stats());
     let target = evict(&vm, &["--target-rss", "96M"]);
