@@ -2,7 +2,8 @@
 //! registered MISSING|WP, served by the real fault loop, its untouched pages in an image)
 //! keeps rewriting a hot set while rounds of written pages cross the tc-shaped link into the
 //! destination's memory file; then the writer stops (the pause), the final pass sends what
-//! is left, and every page of the destination file must equal the source's.
+//! is left, and every page of the destination file must equal the source's: with pages sent
+//! as they are, with XBZRLE deltas and wire lz4, and in microwiper order.
 
 mod evict_common;
 mod twohost;
@@ -15,8 +16,12 @@ use std::time::Duration;
 
 use agent::migrate::auth::{open_client, open_server, Psk};
 use agent::migrate::bulk::SourcePage;
+use agent::migrate::delta::{EncodeStats, EncoderConfig, PageEncoder};
 use agent::migrate::message::Channel;
-use agent::migrate::precopy::{final_pass, receive_into_file, run_rounds, PrecopyLimits};
+use agent::migrate::order::Order;
+use agent::migrate::precopy::{
+    final_pass, receive_into_file, run_rounds, PrecopyLimits, PrecopyOutcome,
+};
 use evict_common::real_loop::LoopGuest;
 use evict_common::PAGE;
 use pager::dirty::SubscribeOptions;
@@ -24,7 +29,10 @@ use pager::page_state::PageState;
 use twohost::TwoHost;
 
 const PAGES: u64 = 8192; // 32 MiB
-const HOT: u64 = 256; // 1 MiB rewritten continuously
+/// Pages rewritten continuously (1 MiB: pre-copy converges over the lab's link).
+const HOT: u64 = 256;
+/// A hot set the link cannot keep up with (16 MiB).
+const HOT_BIG: u64 = 4096;
 
 fn key() -> Psk {
     Psk::new(b"precopy-lab-test-key-01234".to_vec())
@@ -32,7 +40,68 @@ fn key() -> Psk {
 
 #[test]
 fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
-    let lab = TwoHost::up("pwpre", "400mbit");
+    let (outcome, _) = precopy_case("pwpre", EncoderConfig::default(), Order::Address, HOT);
+    let later: u64 = outcome.rounds[1..].iter().map(|r| r.pages).sum();
+    assert!(
+        later > 0 && later < PAGES,
+        "later rounds sent {later} pages"
+    );
+}
+
+#[test]
+fn xbzrle_sends_the_rewritten_words_and_the_destination_is_identical() {
+    let config = EncoderConfig {
+        xbzrle_cache: Some(4 << 20),
+        compress: true,
+    };
+    let (outcome, stats) = precopy_case("pwxbz", config, Order::Address, HOT);
+    let x = stats.xbzrle.expect("xbzrle figures");
+    assert!(
+        x.pages > 0,
+        "no page went as a delta: {stats:?} {outcome:?}"
+    );
+    // The writer changes one word per hot page between sends: a delta is a few bytes.
+    assert!(
+        x.bytes < x.pages * 64,
+        "deltas of {} bytes for {} pages",
+        x.bytes,
+        x.pages
+    );
+    let later: u64 = outcome.rounds[1..].iter().map(|r| r.bytes).sum();
+    let later_pages: u64 = outcome.rounds[1..].iter().map(|r| r.pages).sum();
+    assert!(
+        later < later_pages * PAGE as u64 / 8,
+        "later rounds: {later} bytes for {later_pages} pages"
+    );
+    assert!(stats.compression.is_some());
+}
+
+#[test]
+fn microwiper_sends_fewer_pages_than_address_order_and_the_destination_is_identical() {
+    let plain = EncoderConfig::default();
+    let (address, _) = precopy_case("pwmwa", plain, Order::Address, HOT_BIG);
+    let (wiper, _) = precopy_case("pwmw", plain, Order::Microwiper, HOT_BIG);
+    let deferred: u64 = wiper.rounds.iter().map(|r| r.deferred).sum();
+    assert!(deferred > 0, "no round was cut: {wiper:?}");
+    assert_eq!(wiper.rounds[0].deferred, 0, "the first round sends all");
+    let sent =
+        |o: &PrecopyOutcome| o.rounds.iter().map(|r| r.pages).sum::<u64>() + o.remaining_estimate;
+    assert!(
+        sent(&wiper) < sent(&address),
+        "microwiper sent {} pages, address order {}",
+        sent(&wiper),
+        sent(&address)
+    );
+}
+
+/// One pre-copy across the lab's link; asserts the destination ends identical.
+fn precopy_case(
+    prefix: &str,
+    config: EncoderConfig,
+    order: Order,
+    hot: u64,
+) -> (PrecopyOutcome, EncodeStats) {
+    let lab = TwoHost::up(prefix, "400mbit");
     let guest = Arc::new(LoopGuest::start(PAGES, true).unwrap());
     // Touch half the guest so both resident and never-touched pages cross.
     for p in (0..PAGES).step_by(2) {
@@ -57,7 +126,7 @@ fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) {
-                for p in 0..HOT {
+                for p in 0..hot {
                     guest.word(p, 0).store(n, Ordering::SeqCst);
                 }
                 n += 1;
@@ -98,20 +167,23 @@ fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
                 })
             };
             let limits = PrecopyLimits {
+                order,
                 downtime_limit: Duration::from_millis(5),
                 max_rounds: 5,
                 max_time: Duration::from_secs(30),
                 rewrite_share: None,
             };
-            let outcome = run_rounds(&guest.vm, &writes, &mut s, limits, &[], read).unwrap();
+            let mut enc = PageEncoder::new(config, PAGE);
+            let outcome =
+                run_rounds(&guest.vm, &writes, &mut s, limits, &[], &mut enc, read).unwrap();
             // The pause: the guest stops writing, the final pass sends what is left.
             stop_writing.store(true, Ordering::Release);
             stopped_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-            let final_pages = final_pass(&guest.vm, &writes, &mut s, read).unwrap();
-            (outcome, final_pages)
+            let final_pages = final_pass(&guest.vm, &writes, &mut s, &mut enc, read).unwrap();
+            (outcome, final_pages, enc.stats())
         })
     };
-    let (outcome, final_pages) = source.join().unwrap();
+    let (outcome, final_pages, stats) = source.join().unwrap();
     let rewrites = writer.join().unwrap();
     let (dest, got) = destination.join().unwrap();
     // Compare every page: the source's content is its memory file for resident pages and its
@@ -140,17 +212,13 @@ fn precopy_rounds_then_a_final_pass_leave_the_destination_identical() {
     );
     assert!(outcome.rounds.len() >= 2, "no second round: {outcome:?}");
     assert!(rewrites > 10, "the writer barely ran ({rewrites} sweeps)");
-    let later: u64 = outcome.rounds[1..].iter().map(|r| r.pages).sum();
-    assert!(
-        later > 0 && later < PAGES,
-        "later rounds sent {later} pages"
-    );
     assert_eq!(got.rounds as usize, outcome.rounds.len());
     eprintln!(
-        "precopy over 50 MB/s: {} rounds ({:?}), stop rule {:?}, final pass {final_pages} pages, hot-set sweeps {rewrites}, bandwidth {:.1} MB/s",
+        "{prefix}: precopy over 50 MB/s: {} rounds ({:?}), stop rule {:?}, final pass {final_pages} pages, hot-set sweeps {rewrites}, bandwidth {:.1} MB/s, {stats:?}",
         outcome.rounds.len(),
-        outcome.rounds.iter().map(|r| (r.pages, r.zero_pages, r.dirty_after)).collect::<Vec<_>>(),
+        outcome.rounds.iter().map(|r| (r.pages, r.bytes, r.dirty_after, r.deferred)).collect::<Vec<_>>(),
         outcome.stop,
         outcome.bandwidth / 1e6
     );
+    (outcome, stats)
 }

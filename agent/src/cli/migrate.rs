@@ -40,6 +40,21 @@ pub struct MigrateArgs {
     /// Finish a pre-copy that has not converged after this many seconds as post-copy.
     #[arg(long, value_name = "SECONDS")]
     postcopy_after: Option<f64>,
+    /// Send pages written again as XBZRLE deltas against the copy sent before (checked at
+    /// the destination; a delta that does not match is sent again whole).
+    #[arg(long)]
+    xbzrle: bool,
+    /// The source's cache of sent pages for --xbzrle (K/M/G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", requires = "xbzrle")]
+    xbzrle_cache: String,
+    /// lz4-compress pages sent whole where they shrink, while that beats the link
+    /// (measured as it goes: off on a link faster than the encoder).
+    #[arg(long)]
+    compress: bool,
+    /// The order of pre-copy rounds: address, or microwiper (coolest stripes first, each
+    /// round cut where what it sent is rewritten faster than the link moves pages).
+    #[arg(long, default_value = "address", value_parser = ["address", "microwiper"])]
+    order: String,
     /// Print the final report as JSON (no progress bar).
     #[arg(long)]
     json: bool,
@@ -108,6 +123,13 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
         max_bandwidth: args.max_bandwidth.as_deref().map(rate).transpose()?,
         downtime_limit_ms: Some(args.downtime_limit),
         postcopy_after_ms: args.postcopy_after.map(|s| (s * 1000.0) as u64),
+        xbzrle_cache: args
+            .xbzrle
+            .then(|| parse_size(&args.xbzrle_cache))
+            .transpose()
+            .with_context(|| format!("--xbzrle-cache {:?}", args.xbzrle_cache))?,
+        compress: args.compress,
+        order: Some(args.order.clone()),
     };
     call(&mut client, &Request::Migrate(request))?;
     let bar = if args.json {

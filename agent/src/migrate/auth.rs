@@ -301,7 +301,7 @@ mod tests {
             };
             let ours = hello(theirs.channel, theirs.session);
             write_message(&mut b, &Message::Hello(ours.clone())).unwrap();
-            let _ = read_message(&mut b, Some(1)).unwrap();
+            let _ = read_message(&mut b, Some(VERSION)).unwrap();
             let forged = key("not-the-key-at-all").proof(b'S', 1, &theirs, &ours);
             let forged: [u8; 32] = forged.finalize().into_bytes().into();
             write_message(&mut b, &Message::AuthProof(forged)).unwrap();
@@ -325,7 +325,7 @@ mod tests {
                 &Message::Hello(hello(theirs.channel, theirs.session)),
             )
             .unwrap();
-            let proof = read_message(&mut b, Some(1)).unwrap();
+            let proof = read_message(&mut b, Some(VERSION)).unwrap();
             write_message(&mut b, &proof).unwrap();
         });
         let r = open_client(&mut a, &key("0123456789abcdef"), Channel::Bulk, [1; 16]);

@@ -14,16 +14,18 @@
 //! flags and a length over the command's cap before anything is allocated), then reads
 //! exactly `length` more bytes and hands them to [`crate::migrate::message::Message::decode`].
 //!
-//! **Versions.** Version 1 is the first. A change to any frame or payload layout bumps
-//! [`VERSION`]; a peer accepts [`MIN_VERSION`]..=[`VERSION`] (the current and the previous
-//! one once there is one), and the two sides settle on one version in their hellos.
+//! **Versions.** A change to any frame or payload layout bumps [`VERSION`]; a peer accepts
+//! [`MIN_VERSION`]..=[`VERSION`] and the two sides settle on one version in their hellos.
+//! Version 2 added `EncodedPage` and `Resend`. Every frame is stamped with this build's
+//! [`VERSION`] (writers do not carry the agreed one), so a build accepts only its own
+//! version: an older peer is refused at the hellos with both version ranges named.
 
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"PWMG";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The oldest version this build still accepts.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// The largest guest page the wire carries (2 MiB huge pages).
@@ -82,10 +84,16 @@ pub enum Command {
     /// Source -> destination (agile): the shared swap device is released (flushed, no longer
     /// written here): acquire it.
     Released = 20,
+    /// A guest page encoded (an XBZRLE delta against the copy sent before, or lz4) with the
+    /// checksum of the page it decodes to. Version 2.
+    EncodedPage = 21,
+    /// Destination -> source (bulk channel, before the switchover): an encoded page did not
+    /// decode to its checksum here; send it whole. Version 2.
+    Resend = 22,
 }
 
 impl Command {
-    pub const ALL: [Command; 20] = [
+    pub const ALL: [Command; 22] = [
         Command::Hello,
         Command::AuthProof,
         Command::Refuse,
@@ -106,6 +114,8 @@ impl Command {
         Command::Ready,
         Command::Report,
         Command::Released,
+        Command::EncodedPage,
+        Command::Resend,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -121,12 +131,13 @@ impl Command {
             Command::Setup => 256 * 1024,
             Command::SetupOk => 8 + 2 + MAX_STR,
             Command::Page => 12 + MAX_PAGE_SIZE,
+            Command::EncodedPage => 16 + MAX_PAGE_SIZE,
             Command::ZeroPages
             | Command::FreedPages
             | Command::Ack
             | Command::StalePages
             | Command::StoredPages => 16,
-            Command::PageRequest | Command::PageInBulk => 8,
+            Command::PageRequest | Command::PageInBulk | Command::Resend => 8,
             Command::RoundEnd => 20,
             Command::Switchover | Command::Done | Command::Ready | Command::Released => 0,
         }
@@ -226,7 +237,7 @@ mod tests {
         let h = FrameHeader::new(Command::Page, 4108);
         assert_eq!(
             h.encode(),
-            [b'P', b'W', b'M', b'G', 1, 0, 6, 0, 0, 0, 0, 0, 0x0c, 0x10, 0, 0]
+            [b'P', b'W', b'M', b'G', 2, 0, 6, 0, 0, 0, 0, 0, 0x0c, 0x10, 0, 0]
         );
         assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
     }
@@ -234,9 +245,9 @@ mod tests {
     #[test]
     fn command_numbers_are_pinned_and_zero_is_invalid() {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
-        assert_eq!(numbers, (1..=20).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=22).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
-        assert_eq!(Command::from_u16(21), None);
+        assert_eq!(Command::from_u16(23), None);
     }
 
     #[test]
@@ -248,7 +259,7 @@ mod tests {
             FrameHeader::decode(&b)
         };
         assert_eq!(with(0, b'X'), Err(FrameError::BadMagic { found: *b"XWMG" }));
-        assert_eq!(with(4, 2), Err(FrameError::UnsupportedVersion { found: 2 }));
+        assert_eq!(with(4, 3), Err(FrameError::UnsupportedVersion { found: 3 }));
         assert_eq!(with(4, 0), Err(FrameError::UnsupportedVersion { found: 0 }));
         assert_eq!(with(6, 0), Err(FrameError::UnknownCommand { found: 0 }));
         assert_eq!(with(7, 1), Err(FrameError::UnknownCommand { found: 265 }));

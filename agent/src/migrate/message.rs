@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 
+use super::delta::Encoding;
 use super::frame::{
     Command, FrameError, FrameHeader, HEADER_LEN, MAX_ARGS, MAX_PAGE_SIZE, MAX_STR,
 };
@@ -60,22 +61,61 @@ pub enum Message {
     AuthProof([u8; 32]),
     Refuse(String),
     Setup(Setup),
-    SetupOk { qemu_pid: u64, incoming: String },
-    Page { page: u64, data: Vec<u8> },
-    ZeroPages { first: u64, count: u64 },
-    FreedPages { first: u64, count: u64 },
-    PageRequest { page: u64 },
-    RoundEnd { round: u32, sent: u64, dirty: u64 },
+    SetupOk {
+        qemu_pid: u64,
+        incoming: String,
+    },
+    Page {
+        page: u64,
+        data: Vec<u8>,
+    },
+    ZeroPages {
+        first: u64,
+        count: u64,
+    },
+    FreedPages {
+        first: u64,
+        count: u64,
+    },
+    PageRequest {
+        page: u64,
+    },
+    RoundEnd {
+        round: u32,
+        sent: u64,
+        dirty: u64,
+    },
     Switchover,
     Done,
     Abort(String),
-    Ack { first: u64, count: u64 },
-    PageInBulk { page: u64 },
-    StalePages { first: u64, count: u64 },
-    StoredPages { first: u64, count: u64 },
+    Ack {
+        first: u64,
+        count: u64,
+    },
+    PageInBulk {
+        page: u64,
+    },
+    StalePages {
+        first: u64,
+        count: u64,
+    },
+    StoredPages {
+        first: u64,
+        count: u64,
+    },
     Ready,
     Report(String),
     Released,
+    /// `checksum`: of the page `body` decodes to.
+    EncodedPage {
+        page: u64,
+        checksum: u32,
+        encoding: Encoding,
+        body: Vec<u8>,
+    },
+    Resend {
+        page: u64,
+    },
 }
 
 /// A message that cannot be read.
@@ -206,6 +246,8 @@ impl Message {
             Message::Ready => Command::Ready,
             Message::Report(_) => Command::Report,
             Message::Released => Command::Released,
+            Message::EncodedPage { .. } => Command::EncodedPage,
+            Message::Resend { .. } => Command::Resend,
         }
     }
 
@@ -256,9 +298,21 @@ impl Message {
             | Message::Ack { first, count }
             | Message::StalePages { first, count }
             | Message::StoredPages { first, count } => run(&mut out, *first, *count),
-            Message::PageRequest { page } | Message::PageInBulk { page } => {
-                out.extend_from_slice(&page.to_le_bytes())
+            Message::EncodedPage {
+                page,
+                checksum,
+                encoding,
+                body,
+            } => {
+                out.extend_from_slice(&page.to_le_bytes());
+                out.extend_from_slice(&checksum.to_le_bytes());
+                out.push(*encoding as u8);
+                out.extend_from_slice(&[0; 3]);
+                out.extend_from_slice(body);
             }
+            Message::PageRequest { page }
+            | Message::PageInBulk { page }
+            | Message::Resend { page } => out.extend_from_slice(&page.to_le_bytes()),
             Message::RoundEnd { round, sent, dirty } => {
                 out.extend_from_slice(&round.to_le_bytes());
                 out.extend_from_slice(&sent.to_le_bytes());
@@ -392,6 +446,25 @@ impl Message {
             Command::Released => Message::Released,
             Command::PageRequest => Message::PageRequest { page: f.u64()? },
             Command::PageInBulk => Message::PageInBulk { page: f.u64()? },
+            Command::Resend => Message::Resend { page: f.u64()? },
+            Command::EncodedPage => {
+                let page = f.u64()?;
+                let checksum = f.u32()?;
+                let encoding = Encoding::from_u8(f.u8()?).ok_or(f.bad("unknown page encoding"))?;
+                if f.array::<3>()? != [0; 3] {
+                    return Err(f.bad("reserved bytes are set"));
+                }
+                if f.rest.len() > MAX_PAGE_SIZE {
+                    return Err(f.bad("encoded page longer than the largest page"));
+                }
+                let body = std::mem::take(&mut f.rest).to_vec();
+                Message::EncodedPage {
+                    page,
+                    checksum,
+                    encoding,
+                    body,
+                }
+            }
             Command::RoundEnd => Message::RoundEnd {
                 round: f.u32()?,
                 sent: f.u64()?,
@@ -418,6 +491,23 @@ pub fn write_page(w: &mut impl Write, page: u64, data: &[u8]) -> Result<(), Wire
     w.write_all(&page.to_le_bytes())?;
     w.write_all(&page_checksum(data).to_le_bytes())?;
     w.write_all(data)?;
+    Ok(())
+}
+
+/// Write one `EncodedPage` frame straight from `body`.
+pub fn write_encoded_page(
+    w: &mut impl Write,
+    page: u64,
+    checksum: u32,
+    encoding: Encoding,
+    body: &[u8],
+) -> Result<(), WireError> {
+    let head = FrameHeader::new(Command::EncodedPage, 16 + body.len()).encode();
+    w.write_all(&head)?;
+    w.write_all(&page.to_le_bytes())?;
+    w.write_all(&checksum.to_le_bytes())?;
+    w.write_all(&[encoding as u8, 0, 0, 0])?;
+    w.write_all(body)?;
     Ok(())
 }
 

@@ -5,9 +5,11 @@
 
 pub mod auth;
 pub mod bulk;
+pub mod delta;
 pub mod frame;
 pub mod link;
 pub mod message;
+pub mod order;
 pub mod page_server;
 pub mod precopy;
 pub mod qmp;

@@ -23,11 +23,15 @@ use pager::vm::Vm;
 use serde::Serialize;
 
 use super::bulk::SourcePage;
-use super::message::{read_message, write_message, write_page, Message, WireError};
+use super::delta::{decode_into, DecodeError, PageEncoder};
+use super::message::{read_message, write_message, Message, WireError};
+use super::order::{Order, StripeRates};
 
-/// When to stop the rounds.
+/// How the rounds run and when they stop.
 #[derive(Debug, Clone, Copy)]
 pub struct PrecopyLimits {
+    /// The order of each round's pages (and, for microwiper, where a round ends).
+    pub order: Order,
     /// What is left is sent with the guest paused: it must fit this.
     pub downtime_limit: Duration,
     pub max_rounds: u32,
@@ -65,6 +69,8 @@ pub struct Round {
     pub dirty_after: u64,
     /// Pages not sent in the round: written again before their turn (in `dirty_after`).
     pub skipped: u64,
+    /// Pages left for the next round by the microwiper cut-off (in `dirty_after`).
+    pub deferred: u64,
 }
 
 /// The rounds and what is left for the pause.
@@ -100,6 +106,12 @@ pub enum PrecopyError {
     OutOfRange { page: u64, pages: u64 },
     #[error("the source sent a {got}-byte page; the VM's pages have {want} bytes")]
     WrongPageSize { got: usize, want: usize },
+    #[error("page {page} does not decode against the destination's copy")]
+    Decode {
+        page: u64,
+        #[source]
+        source: DecodeError,
+    },
     #[error("writing page {page} into the destination memory file")]
     Write {
         page: u64,
@@ -127,16 +139,17 @@ pub struct Sent {
     pub skipped: u64,
 }
 
-/// Send `pages` (protected first), each read with `read`. With `skip_rewritten` (the guest
-/// runs), a page the guest wrote again after the protect and before its turn is skipped: it
-/// is dirty in that subscription, so the next round or the final set sends it once instead
-/// of twice (Clark et al.'s "skip" pages).
+/// Send `pages` (protected first), each read with `read` and encoded by `enc`. With
+/// `skip_rewritten` (the guest runs), a page the guest wrote again after the protect and
+/// before its turn is skipped: it is dirty in that subscription, so the next round or the
+/// final set sends it once instead of twice (Clark et al.'s "skip" pages).
 pub fn send_round(
     vm: &Vm,
     pages: &[u64],
     out: &mut impl Write,
     read: &mut impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
     skip_rewritten: Option<&Subscription>,
+    enc: &mut PageEncoder,
 ) -> Result<Sent, PrecopyError> {
     protect(vm, pages)?;
     let ps = vm.layout.page_size();
@@ -147,11 +160,16 @@ pub fn send_round(
             skipped += 1;
             continue;
         }
-        match read(page, &mut buf).map_err(|source| PrecopyError::Read { page, source })? {
+        let kind = read(page, &mut buf).map_err(|source| PrecopyError::Read { page, source })?;
+        if !matches!(kind, SourcePage::Data) {
+            // The destination drops what it held of the page.
+            enc.forget(page);
+        }
+        match kind {
             SourcePage::Data => {
-                write_page(out, page, &buf)?;
+                // `buf` is this thread's copy, read out of guest memory before.
+                bytes += enc.send(out, page, &buf)?;
                 data += 1;
-                bytes += (28 + ps) as u64;
             }
             SourcePage::Zero => {
                 write_message(
@@ -196,13 +214,14 @@ pub fn send_round(
 
 /// Rounds until a stop rule holds. The first round sends every page except `held_back`
 /// (ascending; pages the guest is writing now), each later one the pages `writes` recorded
-/// since, the held-back ones among them.
+/// since, the held-back ones among them, in `limits.order`.
 pub fn run_rounds(
     vm: &Vm,
     writes: &Subscription,
     stream: impl Write,
     limits: PrecopyLimits,
     held_back: &[u64],
+    enc: &mut PageEncoder,
     mut read: impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
 ) -> Result<PrecopyOutcome, PrecopyError> {
     let started = Instant::now();
@@ -218,15 +237,29 @@ pub fn run_rounds(
     }
     let mut bandwidth = 0.0;
     let mut total_bytes = 0u64;
+    let mut rates = StripeRates::default();
     loop {
         let round = rounds.len() as u32;
         let t = Instant::now();
+        let mut deferred = 0;
+        if limits.order == Order::Microwiper && round > 0 {
+            let send = rates.plan(&mut pages, vm.layout.page_size(), bandwidth);
+            // The hotter rest stays dirty: the next round (or the pause) sends it.
+            for &p in &pages[send..] {
+                writes.mark(p);
+            }
+            deferred = (pages.len() - send) as u64;
+            pages.truncate(send);
+        }
+        enc.set_first_pass(round == 0);
+        let sent = send_round(vm, &pages, &mut out, &mut read, Some(writes), enc);
+        enc.set_first_pass(false);
         let Sent {
             data,
             zero,
             bytes,
             skipped,
-        } = send_round(vm, &pages, &mut out, &mut read, Some(writes))?;
+        } = sent?;
         write_message(
             &mut out,
             &Message::RoundEnd {
@@ -245,6 +278,7 @@ pub fn run_rounds(
             bandwidth = total_bytes as f64 / elapsed;
         }
         pages = writes.harvest();
+        rates.learn(&pages, secs);
         rounds.push(Round {
             round,
             pages: data,
@@ -253,16 +287,16 @@ pub fn run_rounds(
             secs,
             dirty_after: pages.len() as u64,
             skipped,
+            deferred,
         });
         let left = pages.len() as u64 * vm.layout.page_size() as u64;
         let stop = if bandwidth > 0.0
             && (left as f64 / bandwidth) <= limits.downtime_limit.as_secs_f64()
         {
             Some(StopRule::Converged)
-        } else if limits
-            .rewrite_share
-            .is_some_and(|share| pages.len() as f64 > share * data as f64)
-        {
+        } else if limits.rewrite_share.is_some_and(|share| {
+            (pages.len() as u64).saturating_sub(deferred) as f64 > share * data as f64
+        }) {
             Some(StopRule::PostcopyCheaper)
         } else if rounds.len() as u32 >= limits.max_rounds {
             Some(StopRule::RoundCap)
@@ -292,11 +326,12 @@ pub fn final_pass(
     vm: &Vm,
     writes: &Subscription,
     stream: impl Write,
+    enc: &mut PageEncoder,
     mut read: impl FnMut(u64, &mut [u8]) -> Result<SourcePage, std::io::Error>,
 ) -> Result<u64, PrecopyError> {
     let mut out = BufWriter::new(stream);
     let pages = writes.harvest();
-    let sent = send_round(vm, &pages, &mut out, &mut read, None)?;
+    let sent = send_round(vm, &pages, &mut out, &mut read, None, enc)?;
     write_message(&mut out, &Message::Switchover)?;
     out.flush().map_err(WireError::Io)?;
     Ok(sent.data + sent.zero)
@@ -339,8 +374,26 @@ pub fn receive_into_file(
                     .map_err(|source| PrecopyError::Write { page, source })?;
                 got.pages += 1;
             }
-            Message::Page { page, .. } if page >= pages => {
+            Message::Page { page, .. } | Message::EncodedPage { page, .. } if page >= pages => {
                 return Err(PrecopyError::OutOfRange { page, pages })
+            }
+            Message::EncodedPage {
+                page,
+                checksum,
+                encoding,
+                body,
+            } => {
+                let at = page * page_size as u64;
+                let mut copy = vec![0u8; page_size];
+                memory
+                    .read_exact_at(&mut copy, at)
+                    .map_err(|source| PrecopyError::Write { page, source })?;
+                decode_into(encoding, &body, checksum, &mut copy)
+                    .map_err(|source| PrecopyError::Decode { page, source })?;
+                memory
+                    .write_all_at(&copy, at)
+                    .map_err(|source| PrecopyError::Write { page, source })?;
+                got.pages += 1;
             }
             Message::Page { data, .. } => {
                 return Err(PrecopyError::WrongPageSize {

@@ -30,6 +30,15 @@ pub struct MigrateRequest {
     /// Switch a pre-copy that has not converged to post-copy after this many milliseconds.
     #[serde(default)]
     pub postcopy_after_ms: Option<u64>,
+    /// XBZRLE deltas for pages sent again, with a cache of this many bytes on the source.
+    #[serde(default)]
+    pub xbzrle_cache: Option<u64>,
+    /// lz4 for pages sent whole, while it pays.
+    #[serde(default)]
+    pub compress: bool,
+    /// The order of pre-copy rounds: `address` (default) or `microwiper`.
+    #[serde(default)]
+    pub order: Option<String>,
 }
 
 /// What the daemon asks of the migration engine. Answers are JSON objects (the engine's

@@ -50,7 +50,7 @@ pub fn wrong_key(ep: &Endpoint) -> Result<Outcome, HostileError> {
     Ok(c.finish(t))
 }
 
-/// A hello that speaks only version 99 (in a version-1 frame).
+/// A hello that speaks only version 99 (in a frame of this build's version).
 pub fn no_common_version(ep: &Endpoint) -> Result<Outcome, HostileError> {
     let mut c = Conn::connect(ep)?;
     let t = Instant::now();

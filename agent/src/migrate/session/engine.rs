@@ -53,6 +53,8 @@ pub struct Job {
     pub freed: AtomicU64,
     pub stored: AtomicU64,
     pub requests: AtomicU64,
+    /// Pages that did not decode at the destination and were asked for again.
+    pub resent: AtomicU64,
     /// Guest pages, and how many the destination holds a current copy of.
     pub pages: AtomicU64,
     pub held: Arc<AtomicU64>,
@@ -76,6 +78,7 @@ impl Job {
             freed: AtomicU64::new(0),
             stored: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
             pages: AtomicU64::new(0),
             held: Arc::new(AtomicU64::new(0)),
         })
@@ -103,6 +106,9 @@ impl Job {
         s.ram.normal = get(&self.normal);
         s.ram.duplicate = get(&self.duplicate);
         s.pages_stored = get(&self.stored);
+        if s.role == Role::Destination {
+            s.pages_resent = get(&self.resent);
+        }
         if s.role == Role::Source {
             s.ram.transferred = get(&self.transferred);
             s.ram.postcopy_requests = get(&self.requests);
@@ -140,6 +146,10 @@ impl Job {
 pub enum StartError {
     #[error("unknown mode {0:?} (precopy, postcopy or agile)")]
     Mode(String),
+    #[error(transparent)]
+    Order(#[from] crate::migrate::order::UnknownOrder),
+    #[error("an XBZRLE cache of {0} bytes is outside 1 page..=64 GiB")]
+    XbzrleCache(u64),
     #[error("no VM named {0:?} is attached")]
     NoSuchVm(String),
     #[error("VM {0:?} is already being migrated")]
@@ -250,6 +260,20 @@ impl Engine {
 
     fn start_source(&self, request: MigrateRequest) -> Result<Value, StartError> {
         let mode = mode_of(&request.mode).ok_or_else(|| StartError::Mode(request.mode.clone()))?;
+        let order = match &request.order {
+            Some(o) => o.parse()?,
+            None => Default::default(),
+        };
+        if let Some(b) = request
+            .xbzrle_cache
+            .filter(|b| !(4096..=1 << 36).contains(b))
+        {
+            return Err(StartError::XbzrleCache(b));
+        }
+        let encoder = crate::migrate::delta::EncoderConfig {
+            xbzrle_cache: request.xbzrle_cache,
+            compress: request.compress,
+        };
         let daemon = self.daemon.upgrade().ok_or(StartError::Gone)?;
         let vm = daemon
             .vm(&request.vm)
@@ -279,6 +303,8 @@ impl Engine {
             vm,
             request,
             mode,
+            order,
+            encoder,
             to,
             job: job.clone(),
         };

@@ -4,7 +4,6 @@
 //! placed, and a report for the source.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,8 +18,10 @@ use super::status::Phase;
 use crate::migrate::bulk::{receive_pages, BulkError, Received};
 use crate::migrate::frame::Command;
 use crate::migrate::link::Link;
-use crate::migrate::message::{read_message, write_message, Message, Mode, Setup, WireError};
+use crate::migrate::message::{write_message, Message, Mode, Setup, WireError};
 use crate::migrate::remote::{RemoteError, RemoteSource};
+
+mod receive;
 
 /// Longest silence on the bulk channel before the switchover.
 const PRECOPY_IDLE: Duration = Duration::from_secs(300);
@@ -78,6 +79,14 @@ pub enum IncomingError {
     OutOfRange { first: u64, count: u64, pages: u64 },
     #[error("the source sent a {got}-byte page; the VM's pages have {want} bytes")]
     WrongPageSize { got: usize, want: usize },
+    #[error("reading page {page} of the memory file")]
+    Read {
+        page: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the source sent page {page} as a delta, but this host holds no copy of it")]
+    DeltaWithoutBase { page: u64 },
     #[error("writing page {page} into the memory file")]
     Write {
         page: u64,
@@ -383,87 +392,6 @@ impl Incoming {
                 pages: self.pages(),
             })?;
         Ok(())
-    }
-
-    /// Pre-copy frames until `Switchover`.
-    fn receive_precopy(&mut self, bulk: &mut Link, version: u16) -> Result<(), IncomingError> {
-        let vm = self.daemon.vm(&self.setup.vm).ok_or(IncomingError::Gone)?;
-        let (pages, ps) = (self.pages(), self.page_size());
-        let mut rounds = 0u64;
-        loop {
-            match read_message(bulk, Some(version))? {
-                Message::Page { page, data } => {
-                    checked(page, 1, pages)?;
-                    if data.len() != ps {
-                        return Err(IncomingError::WrongPageSize {
-                            got: data.len(),
-                            want: ps,
-                        });
-                    }
-                    self.memory()
-                        .write_all_at(&data, page * ps as u64)
-                        .map_err(|source| IncomingError::Write { page, source })?;
-                    let _ = vm
-                        .states
-                        .transition(page, PageState::Missing, PageState::Present);
-                    self.job
-                        .normal
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Message::ZeroPages { first, count } | Message::FreedPages { first, count } => {
-                    self.absent(checked(first, count, pages)?, Route::Zero)?;
-                    self.job
-                        .duplicate
-                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                }
-                Message::StoredPages { first, count } => {
-                    if self.setup.mode != Mode::Agile {
-                        return Err(IncomingError::OutOfOrder {
-                            got: Command::StoredPages,
-                            state: "migrating without a shared swap device",
-                        });
-                    }
-                    self.absent(checked(first, count, pages)?, Route::Local)?;
-                    self.job
-                        .stored
-                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                }
-                Message::StalePages { first, count } => {
-                    self.absent(checked(first, count, pages)?, Route::Remote)?;
-                }
-                Message::RoundEnd { .. } => {
-                    rounds += 1;
-                    self.job.update(|s| s.ram.dirty_sync_count = rounds);
-                    // The source waits for this before it pauses the guest, so the pause
-                    // does not begin while pre-copy data still sits in the link.
-                    write_message(
-                        bulk,
-                        &Message::Ack {
-                            first: 0,
-                            count: rounds,
-                        },
-                    )?;
-                }
-                Message::Released if self.setup.mode == Mode::Agile && !self.acquired => {
-                    self.acquire_shared()?;
-                    write_message(
-                        bulk,
-                        &Message::Ack {
-                            first: 0,
-                            count: rounds,
-                        },
-                    )?;
-                }
-                Message::Switchover => return Ok(()),
-                Message::Abort(why) => return Err(IncomingError::Aborted(why)),
-                other => {
-                    return Err(IncomingError::OutOfOrder {
-                        got: other.command(),
-                        state: "receiving pre-copy",
-                    })
-                }
-            }
-        }
     }
 
     /// Agile: the source released the shared swap device; acquire it (generation fencing)

@@ -117,6 +117,10 @@ pub(super) struct SourceRun {
     pub vm: Arc<Vm>,
     pub request: MigrateRequest,
     pub mode: Mode,
+    /// The order of pre-copy rounds.
+    pub order: crate::migrate::order::Order,
+    /// How pages are encoded on the bulk channel before the switchover.
+    pub encoder: crate::migrate::delta::EncoderConfig,
     pub to: SocketAddr,
     pub job: Arc<Job>,
 }

@@ -111,6 +111,14 @@ pub struct MigrationStatus {
     /// Resident pages the guest was writing when agile began: left out of its first round
     /// (they cross once, after the switchover).
     pub pages_held_back: u64,
+    /// XBZRLE figures (QEMU's `xbzrle-cache` names), when it was on.
+    #[serde(rename = "xbzrle-cache", skip_serializing_if = "Option::is_none")]
+    pub xbzrle: Option<crate::migrate::delta::XbzrleStats>,
+    /// Wire lz4 figures, when it was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::migrate::delta::CompressionStats>,
+    /// Pages the destination could not decode and that were sent again whole.
+    pub pages_resent: u64,
     /// The VM's pages when the migration began, by where their copy was.
     pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.

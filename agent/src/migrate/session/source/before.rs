@@ -12,6 +12,8 @@ use serde_json::{json, Value};
 
 use super::{runs, Finish, Held, SourceError, SourceRun, QEMU_STEP_TIMEOUT, READY_TIMEOUT};
 use crate::migrate::bulk::SourcePage;
+use crate::migrate::delta::PageEncoder;
+use crate::migrate::frame::Command;
 use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Message, Mode, WireError};
 use crate::migrate::precopy::{run_rounds, send_round, PrecopyLimits, StopRule};
@@ -43,7 +45,8 @@ impl SourceRun {
         self.job.update(|s| s.census = Some(census));
         let mut out =
             BufWriter::with_capacity(256 * 1024, self.throttled(bulk, self.job.cancel.clone())?);
-        let (finish, syncs) = self.precopy(&writes, &mut out, source, held)?;
+        let mut enc = PageEncoder::new(self.encoder, self.vm.layout.page_size());
+        let (finish, syncs) = self.precopy(&writes, &mut out, source, held, &mut enc)?;
         if self.mode == Mode::Agile {
             // Hand the swap device over while the guest still runs (it is only read here
             // from now on: evictions wait for the migration), so the destination opens it
@@ -58,7 +61,8 @@ impl SourceRun {
             write_message(&mut out, &Message::Released)?;
         }
         out.flush().map_err(WireError::Io)?;
-        self.wait_acks(bulk, version, syncs + u64::from(self.mode == Mode::Agile))?;
+        let acks = syncs + u64::from(self.mode == Mode::Agile);
+        self.wait_acks(bulk, version, acks, &writes, &mut enc)?;
         if self.job.cancel.load(Ordering::Acquire) {
             return Err(SourceError::Cancelled);
         }
@@ -79,9 +83,12 @@ impl SourceRun {
         match finish {
             Finish::Data => {
                 let mut read = self.reader(source, held, self.mode == Mode::Agile);
-                send_round(&self.vm, &last, &mut out, &mut read, None)?;
+                send_round(&self.vm, &last, &mut out, &mut read, None, &mut enc)?;
             }
             Finish::Stale => {
+                for &p in &last {
+                    enc.forget(p);
+                }
                 let stale: Vec<u64> = last.iter().copied().filter(|&p| held.get(p)).collect();
                 for (first, count) in runs(&stale) {
                     write_message(&mut out, &Message::StalePages { first, count })?;
@@ -98,20 +105,13 @@ impl SourceRun {
         write_message(&mut out, &Message::Switchover)?;
         out.flush().map_err(WireError::Io)?;
         drop(out);
-        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
-        reader
-            .set_read_timeout(Some(READY_TIMEOUT))
-            .map_err(WireError::Io)?;
-        match read_message(&mut reader, Some(version))? {
-            Message::Ready => {}
-            Message::Abort(r) => return Err(SourceError::Aborted(r)),
-            other => {
-                return Err(SourceError::Unexpected {
-                    got: other.command(),
-                    expected: "Ready",
-                })
-            }
-        }
+        self.wait_ready(bulk, version, source, held, &mut enc)?;
+        self.job.update(|s| {
+            let stats = enc.stats();
+            s.xbzrle = stats.xbzrle;
+            s.compression = stats.compression;
+            s.pages_resent = enc.resent();
+        });
         let ready = paused.elapsed();
         // From here on the destination runs the guest: no roll-back.
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
@@ -191,21 +191,42 @@ impl SourceRun {
         }
     }
 
+    /// A page the destination asks to be sent again whole, if it is one of the VM's.
+    fn resend_of(&self, page: u64) -> Result<u64, SourceError> {
+        if page >= self.vm.layout.pages() {
+            return Err(SourceError::Unexpected {
+                got: Command::Resend,
+                expected: "a page of the VM",
+            });
+        }
+        Ok(page)
+    }
+
     /// Read `count` acknowledgements (of rounds, of the release): the destination has taken
-    /// in everything sent so far.
+    /// in everything sent so far. A page it could not decode is forgotten by the encoder
+    /// and marked written: the final set sends it whole.
     pub(super) fn wait_acks(
         &self,
         bulk: &Link,
         version: u16,
         count: u64,
+        writes: &Subscription,
+        enc: &mut PageEncoder,
     ) -> Result<(), SourceError> {
         let mut reader = bulk.try_clone().map_err(WireError::Io)?;
         reader
             .set_read_timeout(Some(READY_TIMEOUT))
             .map_err(WireError::Io)?;
-        for _ in 0..count {
+        let mut acked = 0;
+        while acked < count {
             match read_message(&mut reader, Some(version))? {
-                Message::Ack { .. } => {}
+                Message::Ack { .. } => acked += 1,
+                Message::Resend { page } => {
+                    let page = self.resend_of(page)?;
+                    tracing::debug!(vm = %self.request.vm, page, "destination asks for a page again");
+                    enc.resend(page);
+                    writes.mark(page);
+                }
                 Message::Abort(r) => return Err(SourceError::Aborted(r)),
                 other => {
                     return Err(SourceError::Unexpected {
@@ -218,6 +239,43 @@ impl SourceRun {
         Ok(())
     }
 
+    /// Wait for the destination's `Ready`, sending whole each page of the final set it could
+    /// not decode (the guest is paused: its memory does not change).
+    fn wait_ready(
+        &self,
+        bulk: &Link,
+        version: u16,
+        source: &SourcePages,
+        held: &Held,
+        enc: &mut PageEncoder,
+    ) -> Result<(), SourceError> {
+        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
+        reader
+            .set_read_timeout(Some(READY_TIMEOUT))
+            .map_err(WireError::Io)?;
+        let mut whole = PageEncoder::plain();
+        loop {
+            match read_message(&mut reader, Some(version))? {
+                Message::Ready => return Ok(()),
+                Message::Resend { page } => {
+                    let page = self.resend_of(page)?;
+                    enc.resend(page);
+                    let mut out = BufWriter::new(bulk.try_clone().map_err(WireError::Io)?);
+                    let mut read = self.reader(source, held, self.mode == Mode::Agile);
+                    send_round(&self.vm, &[page], &mut out, &mut read, None, &mut whole)?;
+                    out.flush().map_err(WireError::Io)?;
+                }
+                Message::Abort(r) => return Err(SourceError::Aborted(r)),
+                other => {
+                    return Err(SourceError::Unexpected {
+                        got: other.command(),
+                        expected: "Ready",
+                    })
+                }
+            }
+        }
+    }
+
     /// The pre-copy part of each mode; says how the last dirty set goes, and how many
     /// rounds the destination acknowledges.
     pub(super) fn precopy(
@@ -226,6 +284,7 @@ impl SourceRun {
         out: &mut impl Write,
         source: &SourcePages,
         held: &Held,
+        enc: &mut PageEncoder,
     ) -> Result<(Finish, u64), SourceError> {
         let downtime = Duration::from_millis(self.request.downtime_limit_ms.unwrap_or(300));
         let postcopy_after = self.request.postcopy_after_ms.map(Duration::from_millis);
@@ -245,6 +304,7 @@ impl SourceRun {
             // A guest that still dirties more than the link moves after 10 rounds will not
             // converge with more of them: they only cost bandwidth.
             Mode::Precopy => PrecopyLimits {
+                order: self.order,
                 downtime_limit: downtime,
                 max_rounds: 10,
                 max_time: postcopy_after.unwrap_or(Duration::from_secs(60)),
@@ -253,6 +313,7 @@ impl SourceRun {
             // One pass over what is not in the swap device; more only while it converges:
             // a round the guest rewrites more than a quarter of costs more than post-copy.
             Mode::Agile => PrecopyLimits {
+                order: self.order,
                 downtime_limit: downtime,
                 max_rounds: 3,
                 max_time: postcopy_after.unwrap_or(Duration::from_secs(30)),
@@ -266,7 +327,7 @@ impl SourceRun {
         self.job
             .update(|s| s.pages_held_back = held_back.len() as u64);
         let read = self.reader(source, held, self.mode == Mode::Agile);
-        let outcome = run_rounds(&self.vm, writes, &mut *out, limits, &held_back, read)?;
+        let outcome = run_rounds(&self.vm, writes, &mut *out, limits, &held_back, enc, read)?;
         let (rule, rounds) = (outcome.stop, outcome.rounds.len());
         self.job.update(|s| {
             s.stop_rule = Some(outcome.stop);
