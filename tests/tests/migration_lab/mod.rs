@@ -155,22 +155,33 @@ impl MigrationLab {
     }
 
     pub fn up(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, false)
+        Self::build(prefix, rate, None, false, &[])
+    }
+
+    /// The lab with the destination daemon started with `env` (test hooks).
+    pub fn with_destination_env(prefix: &str, rate: &str, env: &[(&str, &str)]) -> Self {
+        Self::build(prefix, rate, None, false, env)
     }
 
     /// The lab with TLS on the migration link: each daemon a certificate for its address
     /// from one CA made here (`serve --tls-cert/--tls-key/--tls-ca`).
     pub fn with_tls(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, true)
+        Self::build(prefix, rate, None, true, &[])
     }
 
     /// The lab with VM `vm`'s swap device (`ram_mib` of capacity) on an NBD export of the
     /// store host, which both hosts reach (agile migration).
     pub fn with_shared_device(prefix: &str, rate: &str, vm: &str, ram_mib: u64) -> Self {
-        Self::build(prefix, rate, Some((vm, ram_mib)), false)
+        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[])
     }
 
-    fn build(prefix: &str, rate: &str, shared: Option<(&str, u64)>, tls: bool) -> Self {
+    fn build(
+        prefix: &str,
+        rate: &str,
+        shared: Option<(&str, u64)>,
+        tls: bool,
+        dst_env: &[(&str, &str)],
+    ) -> Self {
         let lab = TwoHost::up(prefix, rate);
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("psk");
@@ -198,7 +209,15 @@ impl MigrationLab {
             dst_extra.extend(pki.host(dir.path(), "dst", &[DST_IP]).args());
         }
         let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key, &extra);
-        let dst = HostDaemon::start(&lab.ns("dst"), "dst", &dst_dir, DST_IP, &key, &dst_extra);
+        let dst = HostDaemon::start_on(
+            &lab.ns("dst"),
+            "dst",
+            &dst_dir,
+            &format!("{DST_IP}:{PORT}"),
+            &key,
+            &dst_extra,
+            dst_env,
+        );
         MigrationLab {
             nbd,
             vm_socket,

@@ -26,6 +26,9 @@ pub struct Config {
     /// Milliseconds between heartbeat lines (`memverify: hb N`, from a thread of their own,
     /// so a host sees every pause of the guest as a gap; 0: none).
     pub heartbeat_ms: u64,
+    /// Words a hot rewrite changes per page (0: the whole page; at most
+    /// `pattern::MAX_SPARSE_WORDS`).
+    pub sparse_words: u64,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             free_mib: 0,
             free_after_secs: 5,
             heartbeat_ms: 0,
+            sparse_words: 0,
         }
     }
 }
@@ -57,7 +61,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::UnknownKey(k) => write!(
                 f,
-                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs, heartbeat_ms)"
+                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs, heartbeat_ms, sparse_words)"
             ),
             ConfigError::BadValue { key, value } => write!(
                 f,
@@ -91,6 +95,7 @@ impl Config {
                 "free_mib" => cfg.free_mib = number,
                 "free_after_secs" => cfg.free_after_secs = number,
                 "heartbeat_ms" => cfg.heartbeat_ms = number,
+                "sparse_words" => cfg.sparse_words = number,
                 other => return Err(ConfigError::UnknownKey(other.to_string())),
             }
         }
@@ -103,6 +108,13 @@ impl Config {
             return Err(ConfigError::Inconsistent(format!(
                 "memverify.hot_mib={} is larger than memverify.mib={}",
                 cfg.hot_mib, cfg.mib
+            )));
+        }
+        if cfg.sparse_words > crate::pattern::MAX_SPARSE_WORDS as u64 {
+            return Err(ConfigError::Inconsistent(format!(
+                "memverify.sparse_words={} is more than {}",
+                cfg.sparse_words,
+                crate::pattern::MAX_SPARSE_WORDS
             )));
         }
         if cfg.verify_secs == 0 {
@@ -126,6 +138,9 @@ impl fmt::Display for Config {
             self.duration_secs,
             self.seed
         )?;
+        if self.sparse_words > 0 {
+            write!(f, " sparse_words={}", self.sparse_words)?;
+        }
         if self.free_mib > 0 {
             write!(
                 f,

@@ -94,8 +94,15 @@ impl<W: Write> Workload<W> {
         let index = self.cursor;
         self.cursor = (self.cursor + 1) % self.generations.len();
         let generation = self.generations[index];
-        if let Err(m) = pattern::check(&self.pages[index], self.cfg.seed, index as u64, generation)
-        {
+        let sparse = self.cfg.sparse_words as usize;
+        let checked = pattern::check_with(
+            &self.pages[index],
+            self.cfg.seed,
+            index as u64,
+            generation,
+            sparse,
+        );
+        if let Err(m) = checked {
             self.mark_bad(index);
             self.say(format!(
                 "BAD hot page {index} before rewrite (generation {generation}): word {} expected {:#x} found {:#x}",
@@ -103,7 +110,14 @@ impl<W: Write> Workload<W> {
             ));
         }
         let next = generation.wrapping_add(1);
-        pattern::fill(&mut self.pages[index], self.cfg.seed, index as u64, next);
+        let (seed, page) = (self.cfg.seed, &mut self.pages[index]);
+        if sparse > 0 && checked.is_err() {
+            // Rebuilt whole: a sparse rewrite assumes the page held its generation.
+            pattern::fill(page, seed, index as u64, 0);
+            pattern::rewrite(page, seed, index as u64, 0, next, sparse);
+        } else {
+            pattern::rewrite(page, seed, index as u64, generation, next, sparse);
+        }
         self.generations[index] = next;
         self.hot_rewrites += 1;
     }
@@ -126,9 +140,13 @@ impl<W: Write> Workload<W> {
         let mut details = 0;
         for index in 0..self.pages.len() {
             let generation = self.generations.get(index).copied().unwrap_or(0);
-            if let Err(m) =
-                pattern::check(&self.pages[index], self.cfg.seed, index as u64, generation)
-            {
+            if let Err(m) = pattern::check_with(
+                &self.pages[index],
+                self.cfg.seed,
+                index as u64,
+                generation,
+                self.cfg.sparse_words as usize,
+            ) {
                 bad += 1;
                 self.mark_bad(index);
                 if details < DETAILS_PER_PASS {

@@ -459,6 +459,7 @@ impl Incoming {
             "qemu_running": running.map(|r| r.is_ok()),
             "dest_paths": self.job.snapshot().dest_paths,
             "pages_pushed_placed": received.placed,
+            "pages_resent": self.job.resent.load(std::sync::atomic::Ordering::Relaxed),
             "pages_pushed_already_present": received.already_present,
             "pages_routed_to_swapdev": routed.map(|r| r[Route::Local as usize]),
             "demand_faults": m.as_ref().map(|m| m.faults_to_source),
