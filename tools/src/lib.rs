@@ -10,3 +10,4 @@ pub mod lab_vm;
 pub mod memhog;
 pub mod minipager;
 pub mod pattern;
+pub mod plot;

@@ -55,6 +55,10 @@ pub struct MigrateArgs {
     /// round cut where what it sent is rewritten faster than the link moves pages).
     #[arg(long, default_value = "address", value_parser = ["address", "microwiper"])]
     order: String,
+    /// Draw the migration's timeline into this PNG at the end (bytes/s sent by kind, pages
+    /// dirtied/s, demand faults/s and their latency, the switchover marked).
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
     /// Print the final report as JSON (no progress bar).
     #[arg(long)]
     json: bool,
@@ -172,6 +176,17 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
     } else {
         print!("{}", render(&status));
     }
+    if let Some(png) = &args.plot {
+        let title = format!(
+            "pagewise migrate {} ({}): {}",
+            args.vm,
+            text(&status, "mode"),
+            text(&status, "status")
+        );
+        pagewise_tools::plot::migration_timeline(&status, png, &title)
+            .with_context(|| format!("--plot {}", png.display()))?;
+        eprintln!("timeline drawn in {}", png.display());
+    }
     Ok(if text(&status, "status") == "completed" {
         ExitCode::SUCCESS
     } else {
@@ -217,6 +232,25 @@ fn render(s: &Value) -> String {
         num(s, &["pages_pushed"]),
         num(s, &["ram", "postcopy-requests"]),
     );
+    if let Some(x) = s.get("xbzrle-cache") {
+        out += &format!(
+            "  xbzrle: {} pages as deltas ({:.1} MB), {} cache misses, {} overflows, {} sent again whole\n",
+            num(x, &["pages"]),
+            mb(num(x, &["bytes"])),
+            num(x, &["cache-miss"]),
+            num(x, &["overflow"]),
+            num(x, &["resent"]),
+        );
+    }
+    if let Some(c) = s.get("compression") {
+        out += &format!(
+            "  lz4: {} pages, {:.1} MB for {:.1} MB, on at the end: {}\n",
+            num(c, &["pages"]),
+            mb(num(c, &["compressed-size"])),
+            mb(num(c, &["plain_size"])),
+            c["on"].as_bool().unwrap_or(false),
+        );
+    }
     if let Some(d) = s.get("destination").filter(|d| !d.is_null()) {
         out += &format!(
             "  destination: QEMU pid {}, demand faults {} (p50 {} us, p99 {} us), blocktime {} ms\n",

@@ -32,6 +32,8 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_PAGE_SIZE: usize = 2 << 20;
 /// Longest string field (a reason, a name, one QEMU argument).
 pub const MAX_STR: usize = 4096;
+/// Longest report (the destination's figures and timeline, JSON).
+pub const MAX_REPORT: usize = 1 << 20;
 /// Most QEMU arguments in a setup message.
 pub const MAX_ARGS: usize = 512;
 
@@ -127,7 +129,8 @@ impl Command {
         match self {
             Command::Hello => 56,
             Command::AuthProof => 32,
-            Command::Refuse | Command::Abort | Command::Report => 2 + MAX_STR,
+            Command::Refuse | Command::Abort => 2 + MAX_STR,
+            Command::Report => 4 + MAX_REPORT,
             Command::Setup => 256 * 1024,
             Command::SetupOk => 8 + 2 + MAX_STR,
             Command::Page => 12 + MAX_PAGE_SIZE,

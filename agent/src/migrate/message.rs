@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 
 use super::delta::Encoding;
 use super::frame::{
-    Command, FrameError, FrameHeader, HEADER_LEN, MAX_ARGS, MAX_PAGE_SIZE, MAX_STR,
+    Command, FrameError, FrameHeader, HEADER_LEN, MAX_ARGS, MAX_PAGE_SIZE, MAX_REPORT, MAX_STR,
 };
 
 /// Which of a migration's two connections this is.
@@ -198,6 +198,15 @@ impl<'a> Fields<'a> {
         let b = self.take(len, "string runs past the payload")?;
         String::from_utf8(b.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
     }
+    /// A u32-length string of at most `cap` bytes.
+    fn long_string(&mut self, cap: usize) -> Result<String, WireError> {
+        let len = self.u32()? as usize;
+        if len > cap {
+            return Err(self.bad("string longer than its cap"));
+        }
+        let b = self.take(len, "string runs past the payload")?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
+    }
     fn end(&self) -> Result<(), WireError> {
         if self.rest.is_empty() {
             Ok(())
@@ -208,9 +217,18 @@ impl<'a> Fields<'a> {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(MAX_STR)];
-    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    out.extend_from_slice(b);
+    put_capped(out, s, MAX_STR, 2);
+}
+
+/// `s` with a `width`-byte length, cut at `cap` bytes on a character boundary (so what
+/// is sent still decodes as UTF-8).
+fn put_capped(out: &mut Vec<u8>, s: &str, cap: usize, width: usize) {
+    let mut end = s.len().min(cap);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u32).to_le_bytes()[..width]);
+    out.extend_from_slice(&s.as_bytes()[..end]);
 }
 
 fn run(out: &mut Vec<u8>, first: u64, count: u64) {
@@ -264,9 +282,8 @@ impl Message {
                 out.extend_from_slice(&h.session);
             }
             Message::AuthProof(mac) => out.extend_from_slice(mac),
-            Message::Refuse(reason) | Message::Abort(reason) | Message::Report(reason) => {
-                put_str(&mut out, reason)
-            }
+            Message::Refuse(reason) | Message::Abort(reason) => put_str(&mut out, reason),
+            Message::Report(report) => put_capped(&mut out, report, MAX_REPORT, 4),
             Message::Setup(s) => {
                 put_str(&mut out, &s.vm);
                 out.push(s.mode as u8);
@@ -365,7 +382,7 @@ impl Message {
             Command::AuthProof => Message::AuthProof(f.array()?),
             Command::Refuse => Message::Refuse(f.string()?),
             Command::Abort => Message::Abort(f.string()?),
-            Command::Report => Message::Report(f.string()?),
+            Command::Report => Message::Report(f.long_string(MAX_REPORT)?),
             Command::Setup => {
                 let vm = f.string()?;
                 let mode = match f.u8()? {

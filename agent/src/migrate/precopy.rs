@@ -289,10 +289,15 @@ pub fn run_rounds(
             skipped,
             deferred,
         });
-        let left = pages.len() as u64 * vm.layout.page_size() as u64;
-        let stop = if bandwidth > 0.0
-            && (left as f64 / bandwidth) <= limits.downtime_limit.as_secs_f64()
-        {
+        // What is left costs what this round's pages cost on the wire (deltas and lz4 make
+        // a page cheaper than its size; a round of only zero pages says nothing).
+        let per_page = if data > 0 {
+            (bytes as f64 / (data + zero) as f64).min(vm.layout.page_size() as f64 + 32.0)
+        } else {
+            vm.layout.page_size() as f64
+        };
+        let left = pages.len() as f64 * per_page;
+        let stop = if bandwidth > 0.0 && (left / bandwidth) <= limits.downtime_limit.as_secs_f64() {
             Some(StopRule::Converged)
         } else if limits.rewrite_share.is_some_and(|share| {
             (pages.len() as u64).saturating_sub(deferred) as f64 > share * data as f64

@@ -29,6 +29,9 @@ pub struct Config {
     /// Words a hot rewrite changes per page (0: the whole page; at most
     /// `pattern::MAX_SPARSE_WORDS`).
     pub sparse_words: u64,
+    /// Skewed hot set: K-1 of every K rewrites go to the hottest eighth of the hot set
+    /// (1: uniform).
+    pub hot_skew: u64,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             free_after_secs: 5,
             heartbeat_ms: 0,
             sparse_words: 0,
+            hot_skew: 1,
         }
     }
 }
@@ -61,7 +65,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::UnknownKey(k) => write!(
                 f,
-                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs, heartbeat_ms, sparse_words)"
+                "unknown parameter memverify.{k} (known: mib, hot_mib, hot_rate_mibs, verify_secs, duration_secs, seed, free_mib, free_after_secs, heartbeat_ms, sparse_words, hot_skew)"
             ),
             ConfigError::BadValue { key, value } => write!(
                 f,
@@ -96,6 +100,7 @@ impl Config {
                 "free_after_secs" => cfg.free_after_secs = number,
                 "heartbeat_ms" => cfg.heartbeat_ms = number,
                 "sparse_words" => cfg.sparse_words = number,
+                "hot_skew" => cfg.hot_skew = number,
                 other => return Err(ConfigError::UnknownKey(other.to_string())),
             }
         }
@@ -140,6 +145,9 @@ impl fmt::Display for Config {
         )?;
         if self.sparse_words > 0 {
             write!(f, " sparse_words={}", self.sparse_words)?;
+        }
+        if self.hot_skew > 1 {
+            write!(f, " hot_skew={}", self.hot_skew)?;
         }
         if self.free_mib > 0 {
             write!(

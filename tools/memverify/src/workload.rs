@@ -32,6 +32,9 @@ pub struct Workload<W: Write> {
     bad_pages: u64,
     hot_rewrites: u64,
     cursor: usize,
+    /// Skewed hot set: rewrites so far, and the next page of the hottest eighth.
+    skew_step: u64,
+    hottest_cursor: usize,
     hot_clock: HotPassClock,
     out: W,
 }
@@ -54,6 +57,8 @@ impl<W: Write> Workload<W> {
             bad_pages: 0,
             hot_rewrites: 0,
             cursor: 0,
+            skew_step: 0,
+            hottest_cursor: 0,
             hot_clock: HotPassClock::default(),
             cfg,
             out,
@@ -93,6 +98,11 @@ impl<W: Write> Workload<W> {
     fn rewrite_next_hot(&mut self) {
         let index = self.cursor;
         self.cursor = (self.cursor + 1) % self.generations.len();
+        self.rewrite_hot(index);
+    }
+
+    /// Check hot page `index` against its last generation, then rewrite it.
+    fn rewrite_hot(&mut self, index: usize) {
         let generation = self.generations[index];
         let sparse = self.cfg.sparse_words as usize;
         let checked = pattern::check_with(
@@ -123,7 +133,18 @@ impl<W: Write> Workload<W> {
     }
 
     /// `rewrite_next_hot`, timed; prints a `hot pass` line after each sweep of the hot set.
+    /// With `hot_skew` K > 1, K-1 of every K rewrites go to the hottest eighth of the hot
+    /// set instead (untimed: the sweeps time the whole hot set).
     fn rewrite_next_hot_timed(&mut self) {
+        let skew = self.cfg.hot_skew.max(1);
+        self.skew_step += 1;
+        if skew > 1 && !self.skew_step.is_multiple_of(skew) {
+            let hottest = (self.generations.len() / 8).max(1);
+            let index = self.hottest_cursor % hottest;
+            self.hottest_cursor = (index + 1) % hottest;
+            self.rewrite_hot(index);
+            return;
+        }
         let wrapped = self.cursor + 1 == self.generations.len();
         let mut clock = std::mem::take(&mut self.hot_clock);
         let pass = clock.time(|| self.rewrite_next_hot(), wrapped);
@@ -324,6 +345,31 @@ mod tests {
             text.contains("memverify: hot pass 1 pages=256 hot_pass_ms="),
             "a full sweep of the 1 MiB hot set is timed: {text}"
         );
+    }
+
+    #[test]
+    fn sparse_and_skewed_rewrites_verify_and_favour_the_hottest_eighth() {
+        let cfg = Config {
+            sparse_words: 4,
+            hot_skew: 4,
+            ..small()
+        };
+        let mut out = Vec::new();
+        let mut w = Workload::new(cfg, &mut out);
+        w.fill();
+        for _ in 0..4000 {
+            w.rewrite_next_hot_timed();
+        }
+        assert_eq!(w.verify_pass(1, Instant::now()), 0);
+        // 256 hot pages: the first 32 take 3 of every 4 rewrites (3000), and their share
+        // of the 1000 sweeping ones (3 sweeps and 232 pages more: 4 each).
+        let hottest: u64 = w.generations[..32].iter().map(|&g| u64::from(g)).sum();
+        let rest: u64 = w.generations[32..].iter().map(|&g| u64::from(g)).sum();
+        assert_eq!(hottest + rest, 4000);
+        assert_eq!(hottest, 3000 + 4 * 32, "rest {rest}");
+        drop(w);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("BAD"), "{text}");
     }
 
     #[test]

@@ -35,18 +35,39 @@ use crate::bench::guest::serial::{GuestLine, SerialLog};
 use lab::Lab;
 use report::{table, Recipe, Row};
 
-const ALL_MODES: [&str; 5] = [
+const ALL_MODES: [&str; 9] = [
     "qemu-precopy",
+    "qemu-precopy-xbzrle",
     "qemu-postcopy",
     "precopy",
+    "precopy-xbzrle",
+    "precopy-microwiper",
+    "precopy-lz4",
     "postcopy",
     "agile",
 ];
+
+/// What `pagewise migrate` gets for a pagewise row: its --mode and extra flags.
+pub fn pagewise_mode(row: &str, xbzrle_cache: &str) -> (&'static str, Vec<String>) {
+    let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect();
+    match row {
+        "precopy-xbzrle" => (
+            "precopy",
+            flags(&["--xbzrle", "--xbzrle-cache", xbzrle_cache]),
+        ),
+        "precopy-microwiper" => ("precopy", flags(&["--order", "microwiper"])),
+        "precopy-lz4" => ("precopy", flags(&["--compress"])),
+        "postcopy" => ("postcopy", Vec::new()),
+        "agile" => ("agile", Vec::new()),
+        _ => ("precopy", Vec::new()),
+    }
+}
 const VM_NAME: &str = "benchvm";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct MigrateBenchArgs {
-    /// Rows, comma-separated: qemu-precopy, qemu-postcopy, precopy, postcopy, agile.
+    /// Rows, comma-separated: qemu-precopy, qemu-precopy-xbzrle, qemu-postcopy, precopy,
+    /// precopy-xbzrle, precopy-microwiper, precopy-lz4, postcopy, agile.
     #[arg(
         long,
         default_value = "qemu-precopy,qemu-postcopy,precopy,postcopy,agile"
@@ -71,6 +92,18 @@ pub struct MigrateBenchArgs {
     /// time, and faster than a 30 MB/s link).
     #[arg(long, default_value_t = 32)]
     hot_rate_mibs: u64,
+    /// memverify.sparse_words: words a hot rewrite changes per page (0: whole pages; a few:
+    /// the sparse-write guest XBZRLE is for).
+    #[arg(long, default_value_t = 0)]
+    sparse_words: u64,
+    /// memverify.hot_skew: K-1 of every K hot rewrites go to the hottest eighth of the hot
+    /// set (1: uniform; a skewed hot set is what microwiper ordering is for).
+    #[arg(long, default_value_t = 1)]
+    hot_skew: u64,
+    /// The XBZRLE cache of the xbzrle rows (QEMU's xbzrle-cache-size and pagewise's
+    /// --xbzrle-cache).
+    #[arg(long, default_value = "256M")]
+    xbzrle_cache: String,
     /// memverify.verify_secs: seconds between full verify passes.
     #[arg(long, default_value_t = 5)]
     verify_secs: u64,
@@ -104,6 +137,9 @@ pub struct MigrateBenchArgs {
     /// Keep the work directory.
     #[arg(long)]
     keep: bool,
+    /// Draw each pagewise row's timeline into DIR/MODE-RUN.png.
+    #[arg(long, value_name = "DIR")]
+    plot_dir: Option<PathBuf>,
     /// Print the raw rows as JSON on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -147,14 +183,31 @@ pub fn parse_rate(rate: &str) -> anyhow::Result<f64> {
 }
 
 impl Ctx {
+    /// How the hot set is rewritten, in words.
+    fn workload_words(&self) -> String {
+        let mut w = if self.a.sparse_words > 0 {
+            format!("{} words per page per rewrite", self.a.sparse_words)
+        } else {
+            "whole pages".to_string()
+        };
+        if self.a.hot_skew > 1 {
+            w += &format!(
+                ", {}/{} of rewrites to its hottest eighth",
+                self.a.hot_skew - 1,
+                self.a.hot_skew
+            );
+        }
+        w
+    }
+
     /// Seconds a row's migration may take before the guest finishes: the guest's duration
     /// is the lead time + this + --post-secs, so its DONE line comes after the migration.
     pub fn allowance(&self, mode: &str) -> u64 {
         let whole_ram = (self.a.ram_mib << 20) as f64 / self.rate_bps;
         match mode {
-            "qemu-precopy" => self.a.qemu_cap + 5,
-            // pagewise pre-copy's own cap: 30 rounds or 120 s.
-            "precopy" => 125,
+            "qemu-precopy" | "qemu-precopy-xbzrle" => self.a.qemu_cap + 5,
+            // pagewise pre-copy's own cap: 10 rounds or 60 s.
+            m if m.starts_with("precopy") => 125,
             _ => (2.0 * whole_ram + 10.0).max(25.0) as u64,
         }
     }
@@ -178,12 +231,14 @@ impl Ctx {
         let append = format!(
             "console=ttyS0 quiet panic=-1 memverify.mib={} memverify.hot_mib={} \
              memverify.hot_rate_mibs={} memverify.verify_secs={} memverify.duration_secs={} \
-             memverify.heartbeat_ms=20",
+             memverify.heartbeat_ms=20 memverify.sparse_words={} memverify.hot_skew={}",
             a.mib,
             a.hot_mib,
             a.hot_rate_mibs,
             a.verify_secs,
-            self.guest_duration(mode)
+            self.guest_duration(mode),
+            a.sparse_words,
+            a.hot_skew.max(1)
         );
         let ram = a.ram_mib;
         [
@@ -267,6 +322,9 @@ fn unique_prefix() -> String {
 
 pub fn run(a: MigrateBenchArgs) -> anyhow::Result<ExitCode> {
     let modes = check_args(&a)?;
+    if let Some(d) = &a.plot_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("--plot-dir {}", d.display()))?;
+    }
     remove_stale_shm_files();
     let (kernel, initrd) = crate::bench::guest::guest_image_in(a.guest_dir.as_deref())?;
     let repo = crate::bench::guest::find_repo()
@@ -308,12 +366,13 @@ pub fn run(a: MigrateBenchArgs) -> anyhow::Result<ExitCode> {
     let recipe = Recipe {
         title: format!(
             "pagewise bench migrate: {} MiB TCG guest, memverify {} MiB filled, hot set {} MiB \
-             rewritten at {} MiB/s; link {} ({:.0} MB/s, tc tbf on a veth pair); QEMU \
+             rewritten at {} MiB/s ({}); link {} ({:.0} MB/s, tc tbf on a veth pair); QEMU \
              downtime-limit {} ms, post-copy after {} s; {} run(s) per mode",
             ctx.a.ram_mib,
             ctx.a.mib,
             ctx.a.hot_mib,
             ctx.a.hot_rate_mibs,
+            ctx.workload_words(),
             ctx.a.rate,
             ctx.rate_bps / 1e6,
             ctx.a.downtime_limit,

@@ -118,7 +118,7 @@ fn payload_bytes_are_pinned() {
         "0300000000000000 0200000000000000".into(),
         "0001000000000000 1000000000000000".into(),
         String::new(),
-        format!("0200 {}", a("{}")),
+        format!("02000000 {}", a("{}")),
         String::new(),
         // EncodedPage: index, crc32c of the decoded page, encoding, 3 reserved, body
         "0900000000000000 efbeadde 01 000000 0201ff".into(),

@@ -55,6 +55,8 @@ pub struct Job {
     pub requests: AtomicU64,
     /// Pages that did not decode at the destination and were asked for again.
     pub resent: AtomicU64,
+    /// Where the timeline reads the migration's write tracking from, while it runs.
+    pub dirty_probe: Arc<super::timeline::DirtyProbe>,
     /// Guest pages, and how many the destination holds a current copy of.
     pub pages: AtomicU64,
     pub held: Arc<AtomicU64>,
@@ -68,6 +70,7 @@ impl Job {
                 role,
                 mode,
                 peer,
+                started_at_ms: super::timeline::now_ms(),
                 ..Default::default()
             }),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -79,6 +82,7 @@ impl Job {
             stored: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             resent: AtomicU64::new(0),
+            dirty_probe: Default::default(),
             pages: AtomicU64::new(0),
             held: Arc::new(AtomicU64::new(0)),
         })

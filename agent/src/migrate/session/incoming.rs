@@ -155,6 +155,10 @@ impl Incoming {
             s.dest_qemu_pid = Some(pid as u64);
         });
         let _ = bulk.set_read_timeout(Some(PRECOPY_IDLE));
+        let _timeline = self
+            .daemon
+            .vm(&self.setup.vm)
+            .and_then(|vm| super::timeline::sample_destination(self.job.clone(), vm));
         self.receive_precopy(bulk, version)?;
         self.switch_over(urgent, version)?;
         write_message(bulk, &Message::Ready)?;
@@ -460,6 +464,7 @@ impl Incoming {
             "dest_paths": self.job.snapshot().dest_paths,
             "pages_pushed_placed": received.placed,
             "pages_resent": self.job.resent.load(std::sync::atomic::Ordering::Relaxed),
+            "timeline": self.job.snapshot().dest_timeline,
             "pages_pushed_already_present": received.already_present,
             "pages_routed_to_swapdev": routed.map(|r| r[Route::Local as usize]),
             "demand_faults": m.as_ref().map(|m| m.faults_to_source),

@@ -37,6 +37,7 @@ mod pages;
 pub mod source;
 mod status;
 mod throttle;
+pub mod timeline;
 
 pub use engine::{Engine, EngineConfig};
 pub use status::{MigrationStatus, Phase, RamStats, Role};

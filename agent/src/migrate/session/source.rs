@@ -300,6 +300,8 @@ impl SourceRun {
             s.status = Phase::Active;
         });
         self.job.pages.store(pages, Ordering::Relaxed);
+        let _timeline =
+            super::timeline::sample_source(self.job.clone(), self.job.dirty_probe.clone());
         let held = Arc::new(Held::new(pages, self.job.held.clone()));
         let shared = match self.mode {
             Mode::Agile => Some(self.shared_device()?),
@@ -323,6 +325,8 @@ impl SourceRun {
             &held,
             &mut migrate_started,
         );
+        // The write tracking ends with the pre-copy: the timeline must not keep it alive.
+        self.job.dirty_probe.set(None);
         if let Err(e) = before {
             let e = self.cancelled(e);
             self.roll_back(&mut qmp, &mut bulk, migrate_started, was_running, &e);

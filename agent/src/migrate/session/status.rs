@@ -131,4 +131,13 @@ pub struct MigrationStatus {
     pub destination: Option<Value>,
     /// What failed, when it did.
     pub error: Option<String>,
+    /// Unix-epoch milliseconds: the start, the source's pause, the guest running again.
+    pub started_at_ms: u64,
+    pub paused_at_ms: Option<u64>,
+    pub resumed_at_ms: Option<u64>,
+    /// The source's counters over time (every 200 ms).
+    pub timeline: Vec<super::timeline::SourceSample>,
+    /// The destination's demand faults and their latency over time (on the destination).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dest_timeline: Vec<super::timeline::DestSample>,
 }

@@ -150,21 +150,24 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
     let to = format!("{DST_IP}:{PAGEWISE_PORT}");
     let limit = Duration::from_secs(ctx.allowance(mode) + 60);
     let dl = ctx.a.downtime_limit.to_string();
+    let (base_mode, flags) = super::pagewise_mode(mode, &ctx.a.xbzrle_cache);
     let (ok, out, err) = run_polling(
-        in_ns(&ctx.lab.ns("src"), &ctx.pagewise).args([
-            "migrate",
-            "--socket",
-            &src_socket,
-            "--vm",
-            VM_NAME,
-            "--to",
-            &to,
-            "--mode",
-            mode,
-            "--downtime-limit",
-            &dl,
-            "--json",
-        ]),
+        in_ns(&ctx.lab.ns("src"), &ctx.pagewise)
+            .args([
+                "migrate",
+                "--socket",
+                &src_socket,
+                "--vm",
+                VM_NAME,
+                "--to",
+                &to,
+                "--mode",
+                base_mode,
+                "--downtime-limit",
+                &dl,
+                "--json",
+            ])
+            .args(&flags),
         &dir.join("migrate.out"),
         &mut [&mut serial, &mut dst_serial],
         limit,
@@ -179,6 +182,18 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         );
     }
     let completed = ok && report["status"] == "completed";
+    if let Some(dir) = &ctx.a.plot_dir {
+        let png = dir.join(format!("{mode}-{run}.png"));
+        let title = format!(
+            "{mode} run {run}: {} ({} link)",
+            report["status"].as_str().unwrap_or("?"),
+            ctx.a.rate
+        );
+        match crate::plot::migration_timeline(&report, &png, &title) {
+            Ok(()) => eprintln!("{mode}: timeline in {}", png.display()),
+            Err(e) => eprintln!("{mode}: no timeline plot: {e}"),
+        }
+    }
     let dest_pid = u(&report, "/dest_qemu_pid").map(|p| PidGuard::new(p as u32));
     let guest_limit = Duration::from_secs(ctx.guest_duration(mode) + 90);
     let health = if completed {
@@ -235,10 +250,20 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         fault_p50_us: u(&report, "/destination/fault_latency_p50_us"),
         fault_p99_us: u(&report, "/destination/fault_latency_p99_us"),
         source_released_ms: u(&report, "/source_released_ms"),
+        resent_bytes: resent_bytes(&report),
+        pages_sent: u(&report, "/ram/normal"),
         hot,
         health,
         raw: report,
     })
+}
+
+/// Bytes sent after the first round: rounds 1.. and the final set (the transfer minus
+/// round 0).
+fn resent_bytes(report: &Value) -> Option<u64> {
+    let total = u(report, "/ram/transferred")?;
+    let first = u(report, "/rounds/0/bytes").unwrap_or(0);
+    Some(total.saturating_sub(first))
 }
 
 fn tail_text(s: &str) -> String {

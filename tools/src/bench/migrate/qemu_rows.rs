@@ -51,6 +51,16 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         sq.set_capabilities(&[("postcopy-ram", true)])?;
         dq.set_capabilities(&[("postcopy-ram", true)])?;
     }
+    if mode == "qemu-precopy-xbzrle" {
+        sq.set_capabilities(&[("xbzrle", true)])?;
+        dq.set_capabilities(&[("xbzrle", true)])?;
+        let cache = pager::conventions::parse_size(&ctx.a.xbzrle_cache)
+            .map_err(|e| anyhow::anyhow!("--xbzrle-cache: {e}"))?;
+        sq.execute(
+            "migrate-set-parameters",
+            json!({ "xbzrle-cache-size": cache }),
+        )?;
+    }
     sq.execute(
         "migrate-set-parameters",
         // 10 GB/s: the shaped link is the limit.
@@ -156,6 +166,8 @@ pub fn run(ctx: &Ctx, mode: &str, run: u32) -> anyhow::Result<Row> {
         fault_p99_us: None,
         // The source QEMU quits when the migration completes: its RAM goes then.
         source_released_ms: if completed { total_ms } else { None },
+        resent_bytes: None,
+        pages_sent: u(figures, "/ram/normal"),
         hot,
         health,
         raw: if completed {

@@ -41,6 +41,10 @@ pub struct Row {
     pub fault_p99_us: Option<u64>,
     /// Milliseconds until the source held none of the VM's RAM.
     pub source_released_ms: Option<u64>,
+    /// Bytes sent after the first full round (pagewise pre-copy rows).
+    pub resent_bytes: Option<u64>,
+    /// Data pages sent (ram.normal; deltas included).
+    pub pages_sent: Option<u64>,
     pub hot: HotPasses,
     pub health: Health,
     /// query-migrate at the end (QEMU rows) or `pagewise migrate --json` (pagewise rows).
@@ -74,7 +78,7 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
     outln!(out, "{}", recipe.title);
     outln!(
         out,
-        "{:<13} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+        "{:<19} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
         "mode",
         "run",
         "status",
@@ -82,6 +86,8 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
         "downtime ms",
         "RAM MB",
         "link MB",
+        "2nd+ MB",
+        "kpages",
         "faults",
         "p50/p99 us",
         "src 0 s",
@@ -92,7 +98,7 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
         let status: String = r.status.chars().take(24).collect();
         outln!(
             out,
-            "{:<13} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
+            "{:<19} {:>3} {:<24} {:>7} {:>15} {:>7} {:>7} {:>7} {:>7} {:>7} {:>11} {:>8} {:>15} {:<12}",
             r.mode,
             r.run,
             status,
@@ -105,6 +111,8 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
             ),
             mb(r.ram_transferred),
             mb(Some(r.link_bytes)),
+            mb(r.resent_bytes),
+            r.pages_sent.map_or("-".into(), |p| format!("{:.1}", p as f64 / 1e3)),
             opt(r.demand_faults),
             format!("{}/{}", opt(r.fault_p50_us), opt(r.fault_p99_us)),
             secs(r.source_released_ms),
@@ -121,7 +129,9 @@ pub fn table(recipe: &Recipe, rows: &[Row]) -> String {
         out,
         "downtime: QEMU's figure / pagewise's measured pause / the longest gap in the guest's \
          heartbeat (20 ms beats, consoles read every 5 ms); RAM MB: ram.transferred; link MB: \
-         all bytes through the shaped link during the migration; faults: demand faults at the \
+         all bytes through the shaped link during the migration; 2nd+ MB: bytes after the first \
+         round (pagewise pre-copy rows: re-sent pages, the final set included); kpages: data \
+         pages sent (ram.normal, deltas included); faults: demand faults at the \
          destination (QEMU: postcopy-requests, no latency figure); src 0 s: until the source \
          held none of the VM's RAM (QEMU: its total time, the source quits then); hot ms: \
          memverify hot_pass_ms median before / worst during / median after; guest: memverify's \
@@ -198,7 +208,21 @@ fn ratio(
     what: &str,
     f: impl Fn(&Row) -> Option<u64> + Copy,
 ) {
-    let (num, den) = (figure(rows, "agile", f), figure(rows, what, f));
+    ratio_of(out, rows, label, "agile", what, f)
+}
+
+fn ratio_of(
+    out: &mut String,
+    rows: &[Row],
+    label: &str,
+    of: &str,
+    what: &str,
+    f: impl Fn(&Row) -> Option<u64> + Copy,
+) {
+    if !rows.iter().any(|r| r.mode == of) {
+        return;
+    }
+    let (num, den) = (figure(rows, of, f), figure(rows, what, f));
     let text = match (num, den) {
         (Some((a, false)), Some((b, lower))) if b > 0.0 => {
             if lower {
@@ -210,13 +234,58 @@ fn ratio(
                 format!("{:.2}", a / b)
             }
         }
-        (Some((_, true)), _) => "- (agile did not complete)".into(),
+        (Some((_, true)), _) => format!("- ({of} did not complete)"),
         _ => "- (row missing)".into(),
     };
     outln!(out, "  {label:<58} {text}");
 }
 
+/// Issue 9's ratios: each pre-copy variant against plain pagewise pre-copy.
+fn encoding_ratios(out: &mut String, rows: &[Row]) {
+    if !rows.iter().any(|r| r.mode == "precopy") {
+        return;
+    }
+    outln!(
+        out,
+        "pre-copy variants / pagewise precopy (targets: xbzrle 2nd+ bytes <= 0.20 and downtime \
+         <= 0.50 on the sparse-write guest; microwiper pages <= 0.50 on a skewed hot set):"
+    );
+    type Figure = fn(&Row) -> Option<u64>;
+    let rules: [(&str, &str, Figure); 6] = [
+        ("precopy-xbzrle", "bytes after the first round", |r| {
+            r.resent_bytes
+        }),
+        ("precopy-xbzrle", "downtime (pagewise's pause)", |r| {
+            r.pagewise_downtime_ms
+        }),
+        ("precopy-xbzrle", "bytes (ram.transferred)", |r| {
+            r.ram_transferred
+        }),
+        ("precopy-microwiper", "data pages sent", |r| r.pages_sent),
+        ("precopy-microwiper", "bytes (ram.transferred)", |r| {
+            r.ram_transferred
+        }),
+        ("precopy-lz4", "bytes (ram.transferred)", |r| {
+            r.ram_transferred
+        }),
+    ];
+    for (of, what, f) in rules {
+        ratio_of(
+            out,
+            rows,
+            &format!("{of} / precopy, {what}"),
+            of,
+            "precopy",
+            f,
+        );
+    }
+}
+
 fn ratios(out: &mut String, rows: &[Row]) {
+    encoding_ratios(out, rows);
+    if !rows.iter().any(|r| r.mode == "agile") {
+        return;
+    }
     outln!(
         out,
         "ratios (medians over completed runs; issue 8's targets are <= 0.25):"

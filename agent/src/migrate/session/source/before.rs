@@ -20,6 +20,7 @@ use crate::migrate::precopy::{run_rounds, send_round, PrecopyLimits, StopRule};
 use crate::migrate::qmp::Qmp;
 use crate::migrate::session::pages::SourcePages;
 use crate::migrate::session::status::{Census, Phase};
+use crate::migrate::session::timeline::now_ms;
 
 /// How recent a write (or fault-in) must be for agile to leave the page to post-copy.
 const HOT_WINDOW: Duration = Duration::from_secs(10);
@@ -37,9 +38,10 @@ impl SourceRun {
         migrate_started: &mut bool,
     ) -> Result<(), SourceError> {
         qmp.set_capabilities(&[("x-ignore-shared", true), ("pause-before-switchover", true)])?;
-        let writes = self.vm.dirty.subscribe(SubscribeOptions {
+        let writes = Arc::new(self.vm.dirty.subscribe(SubscribeOptions {
             placed_counts_as_written: true,
-        })?;
+        })?);
+        self.job.dirty_probe.set(Some(writes.clone()));
         let census = self.census();
         tracing::info!(vm = %self.request.vm, ?census, "pages when the migration began");
         self.job.update(|s| s.census = Some(census));
@@ -71,7 +73,10 @@ impl SourceRun {
         *migrate_started = true;
         qmp.wait_status(&["pre-switchover"], QEMU_STEP_TIMEOUT)?;
         let paused = Instant::now();
-        self.job.update(|s| s.status = Phase::PreSwitchover);
+        self.job.update(|s| {
+            s.status = Phase::PreSwitchover;
+            s.paused_at_ms = Some(now_ms());
+        });
         // Placements already under way land (and count as written) before the last harvest.
         let settle = Instant::now();
         while source.in_flight() > 0 && settle.elapsed() < Duration::from_secs(2) {
@@ -127,6 +132,7 @@ impl SourceRun {
             "switchover"
         );
         self.job.update(|s| {
+            s.resumed_at_ms = Some(now_ms());
             s.downtime = Some(downtime);
             s.qemu_downtime_ms = info.get("downtime").and_then(Value::as_u64);
             s.status = Phase::PostcopyActive;
