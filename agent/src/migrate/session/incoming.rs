@@ -87,6 +87,12 @@ pub enum IncomingError {
     },
     #[error("the source sent page {page} as a delta, but this host holds no copy of it")]
     DeltaWithoutBase { page: u64 },
+    #[error("page {page} does not decode against this host's copy")]
+    Decode {
+        page: u64,
+        #[source]
+        source: crate::migrate::delta::DecodeError,
+    },
     #[error("writing page {page} into the memory file")]
     Write {
         page: u64,

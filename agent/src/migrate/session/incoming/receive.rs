@@ -106,19 +106,24 @@ impl Incoming {
             } => {
                 checked(page, 1, pages)?;
                 let mut copy = vec![0u8; ps];
-                if encoding == Encoding::Xbzrle {
-                    if vm.states.get(page) != PageState::Present {
-                        return Err(IncomingError::DeltaWithoutBase { page });
-                    }
-                    self.memory()
-                        .read_exact_at(&mut copy, page * ps as u64)
-                        .map_err(|source| IncomingError::Read { page, source })?;
-                    st.deltas += 1;
-                    if st.spoil_every.is_some_and(|n| st.deltas.is_multiple_of(n)) {
-                        copy[ps / 2] ^= 0x5a;
-                    }
-                }
-                match decode_into(encoding, &body, checksum, &mut copy) {
+                let decoded =
+                    if encoding == Encoding::Xbzrle && vm.states.get(page) != PageState::Present {
+                        // Nothing here to apply it to: ask for the page whole, like a mismatch.
+                        Err(IncomingError::DeltaWithoutBase { page })
+                    } else {
+                        if encoding == Encoding::Xbzrle {
+                            self.memory()
+                                .read_exact_at(&mut copy, page * ps as u64)
+                                .map_err(|source| IncomingError::Read { page, source })?;
+                            st.deltas += 1;
+                            if st.spoil_every.is_some_and(|n| st.deltas.is_multiple_of(n)) {
+                                copy[ps / 2] ^= 0x5a;
+                            }
+                        }
+                        decode_into(encoding, &body, checksum, &mut copy)
+                            .map_err(|source| IncomingError::Decode { page, source })
+                    };
+                match decoded {
                     Ok(()) => {
                         self.write_page(page, &copy)?;
                         st.pending.remove(&page);

@@ -48,7 +48,9 @@ impl SourceRun {
         let mut out =
             BufWriter::with_capacity(256 * 1024, self.throttled(bulk, self.job.cancel.clone())?);
         let mut enc = PageEncoder::new(self.encoder, self.vm.layout.page_size());
-        let (finish, syncs) = self.precopy(&writes, &mut out, source, held, &mut enc)?;
+        let precopy = self.precopy(&writes, &mut out, source, held, &mut enc);
+        self.record_encoding(&enc);
+        let (finish, syncs) = precopy?;
         if self.mode == Mode::Agile {
             // Hand the swap device over while the guest still runs (it is only read here
             // from now on: evictions wait for the migration), so the destination opens it
@@ -110,13 +112,9 @@ impl SourceRun {
         write_message(&mut out, &Message::Switchover)?;
         out.flush().map_err(WireError::Io)?;
         drop(out);
-        self.wait_ready(bulk, version, source, held, &mut enc)?;
-        self.job.update(|s| {
-            let stats = enc.stats();
-            s.xbzrle = stats.xbzrle;
-            s.compression = stats.compression;
-            s.pages_resent = enc.resent();
-        });
+        let ready = self.wait_ready(bulk, version, source, held, &mut enc);
+        self.record_encoding(&enc);
+        ready?;
         let ready = paused.elapsed();
         // From here on the destination runs the guest: no roll-back.
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
@@ -195,6 +193,16 @@ impl SourceRun {
             };
             Ok(kind)
         }
+    }
+
+    /// The encoder's figures into the status (also when the migration fails).
+    fn record_encoding(&self, enc: &PageEncoder) {
+        self.job.update(|s| {
+            let stats = enc.stats();
+            s.xbzrle = stats.xbzrle;
+            s.compression = stats.compression;
+            s.pages_resent = enc.resent();
+        });
     }
 
     /// A page the destination asks to be sent again whole, if it is one of the VM's.
