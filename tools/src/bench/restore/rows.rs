@@ -187,8 +187,11 @@ fn bytes_read(control: &Path) -> Option<u64> {
 /// pagewise's lazy restore: `pagewise vm restore` against a fresh `pagewise serve`.
 pub(crate) fn pagewise_row(s: &Setup, saved: &Saved, prefetch: &str) -> anyhow::Result<Row> {
     drop_cache(&saved.image)?;
-    let socket = s.path("pager.sock");
-    let serve_log = s.path("serve.log");
+    // Files of their own per row: a console file left by an earlier row would be read
+    // before the new QEMU truncates it.
+    let tag = prefetch.replace('+', "-");
+    let socket = s.path(&format!("pager-{tag}.sock"));
+    let serve_log = s.path(&format!("serve-{tag}.log"));
     let mut serve = ChildGuard::spawn(
         "pagewise serve",
         Command::new(&s.pagewise)
@@ -213,9 +216,10 @@ pub(crate) fn pagewise_row(s: &Setup, saved: &Saved, prefetch: &str) -> anyhow::
         std::thread::sleep(Duration::from_millis(20));
     }
     let control = pager::conventions::default_stats_socket(&socket);
-    let mem = ShmFile::new("restore-pagewise");
-    let serial_path = s.path("pagewise.serial");
-    let log = s.path("pagewise.restore.log");
+    let mem = ShmFile::new(&format!("restore-pagewise-{tag}"));
+    let serial_path = s.path(&format!("pagewise-{tag}.serial"));
+    let log = s.path(&format!("pagewise-{tag}.restore.log"));
+    let _ = std::fs::remove_file(&serial_path);
     eprintln!(
         "(pagewise, --prefetch {prefetch}) pagewise vm restore from {}",
         saved.image.display()
