@@ -491,15 +491,19 @@ impl FaultLoop {
         result.map(|_| ())
     }
 
-    /// The fetcher has room and no faults are pending: background prefetch. If a round
-    /// offers only pages background prefetch does not take (evicted ones), ask again a few
-    /// times: nothing else would wake the loop to ask later.
+    /// The fetcher has room and no faults are pending: background prefetch, with at most
+    /// 1/[`PUSH_SHARE`] of `max_inflight` in flight, so the guest's next demand read queues
+    /// behind little push on the device. If a round offers only pages background prefetch
+    /// does not take (evicted ones), ask again a few times: nothing else would wake the
+    /// loop to ask later.
     fn idle_prefetch(&mut self) -> Result<(), FaultLoopError> {
         const ROUNDS: usize = 4;
         let mut candidates = std::mem::take(&mut self.candidates);
         let mut result = Ok(());
         for _ in 0..ROUNDS {
-            let budget = self.room();
+            let budget = (self.config.max_inflight / PUSH_SHARE)
+                .max(1)
+                .saturating_sub(self.sources.in_flight());
             if budget == 0 {
                 break;
             }
@@ -542,6 +546,12 @@ impl FaultLoop {
         Ok(submitted)
     }
 }
+
+/// Background push keeps at most `max_inflight / PUSH_SHARE` reads in flight. Measured with
+/// `pagewise bench restore`: with the whole budget (1024 pages, 4 MiB) a restored guest's
+/// demand reads queued behind the push on disk and its first answer took 1.0 s against
+/// 0.18 s with no prefetch.
+const PUSH_SHARE: usize = 4;
 
 /// Claim `page` for a fetch: CAS it to `InFlight` from the first of `from` it is in.
 /// Returns the state it had.

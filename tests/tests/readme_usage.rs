@@ -103,6 +103,42 @@ const SKIPPED: &[(&str, &str, Option<&str>, &str)] = &[
         None,
         "needs an NFS server and two NBD servers (tests/tests/nfs_bench.rs)",
     ),
+    (
+        "README.md",
+        "pagewise vm save",
+        None,
+        "saves a running QEMU guest (tests/tests/qemu_restore.rs)",
+    ),
+    (
+        "README.md",
+        "pagewise vm restore",
+        None,
+        "restores a QEMU guest (tests/tests/qemu_restore.rs)",
+    ),
+    (
+        "README.md",
+        "pagewise bench restore",
+        None,
+        "boots and restores three QEMU guests for ~3 min (tools/src/bench/restore.rs)",
+    ),
+    (
+        "docs/restore.md",
+        "pagewise vm save",
+        None,
+        "saves a running QEMU guest (tests/tests/qemu_restore.rs)",
+    ),
+    (
+        "docs/restore.md",
+        "pagewise vm restore",
+        None,
+        "restores a QEMU guest (tests/tests/qemu_restore.rs)",
+    ),
+    (
+        "docs/restore.md",
+        "pagewise bench restore",
+        None,
+        "boots and restores three QEMU guests for ~3 min (tools/src/bench/restore.rs)",
+    ),
 ];
 
 /// Arguments added to a command (prefix) so that it runs in seconds: the benchmarks.

@@ -5,4 +5,5 @@ pub mod evict;
 pub mod guest;
 pub mod migrate;
 pub mod pager;
+pub mod restore;
 pub mod swapdev;

@@ -1,7 +1,7 @@
 //! `pagewise bench ...`: the clap front of the benchmark drivers in `pagewise_tools::bench`;
 //! each benchmark prints a table against a baseline from the same run.
 
-use pagewise_tools::bench::{evict, guest, migrate, pager, swapdev};
+use pagewise_tools::bench::{evict, guest, migrate, pager, restore, swapdev};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -27,6 +27,10 @@ enum Bench {
     /// and post-copy vs pagewise precopy, postcopy and agile, one fresh guest per row,
     /// verified on the destination.
     Migrate(migrate::MigrateBenchArgs),
+    /// Restore of a saved QEMU guest (TCG): QEMU's own (`-incoming` from a file holding all
+    /// RAM) vs `pagewise vm restore` (RAM served lazily from the image): time until the guest
+    /// answers, until its hot pass is back within 1.5x, bytes read; one run, both rows.
+    Restore(restore::RestoreBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -36,5 +40,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         Bench::Evict(a) => evict::run(a),
         Bench::Guest(a) => guest::run(a),
         Bench::Migrate(a) => migrate::run(a),
+        Bench::Restore(a) => restore::run(a),
     }
 }

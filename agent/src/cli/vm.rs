@@ -4,6 +4,12 @@
 //! `agent::qemu::cmdline`), then replaces itself with QEMU running under
 //! `libpagewise_preload.so` configured through `PAGEWISE_*` variables, so the VM's guest RAM
 //! is served by the pager from its first page. QEMU's exit status is the command's.
+//!
+//! `pagewise vm save` ([`save`]) writes a running guest's RAM image and state file;
+//! `pagewise vm restore` ([`restore`]) starts a guest from them with its RAM served lazily.
+
+mod restore;
+mod save;
 
 use agent::qemu::cmdline as qemu_cmdline;
 
@@ -28,6 +34,13 @@ pub struct VmArgs {
 enum VmCommand {
     /// Run an unmodified QEMU with its guest RAM served by the pager.
     Run(RunArgs),
+    /// Save a running QEMU guest for a lazy restore: its RAM file as a raw image and its
+    /// device state (QEMU's migration stream with x-ignore-shared: no RAM) as a state file.
+    Save(save::SaveArgs),
+    /// Start a QEMU guest from a saved RAM image and state file: the device state loaded by
+    /// `-incoming defer` + `migrate-incoming`, every RAM page served lazily by the pager
+    /// from the image (read-only), with its prefetch and background push.
+    Restore(restore::RestoreArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,10 +74,12 @@ struct RunArgs {
 pub fn run(args: VmArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         VmCommand::Run(run) => vm_run(run),
+        VmCommand::Save(save) => save::run(save),
+        VmCommand::Restore(restore) => restore::run(restore),
     }
 }
 
-fn env_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -92,7 +107,7 @@ pub(crate) fn find_preload(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn check_modes(modes: &str) -> anyhow::Result<()> {
+pub(crate) fn check_modes(modes: &str) -> anyhow::Result<()> {
     let words: Vec<&str> = modes
         .split(',')
         .map(str::trim)

@@ -116,7 +116,7 @@ fn is_on(value: &str) -> bool {
 }
 
 /// The values of every occurrence of `names` (as `-opt VALUE` or `-opt=VALUE`).
-pub(crate) fn option_values<'a>(argv: &'a [String], names: &[&str]) -> Vec<(String, &'a str)> {
+pub fn option_values<'a>(argv: &'a [String], names: &[&str]) -> Vec<(String, &'a str)> {
     let mut found = Vec::new();
     let mut i = 0;
     while i < argv.len() {
@@ -163,6 +163,25 @@ fn check_filesystem(path: &Path) -> Result<(), CmdlineError> {
             "{} is on a filesystem of type {kind:#x}, not tmpfs or hugetlbfs",
             dir.display()
         )))
+    }
+}
+
+/// Page size of guest RAM in `path`'s directory: the block size on hugetlbfs, else 4096
+/// (tmpfs). The pager's layout uses it.
+pub fn ram_page_size(path: &Path) -> Result<u64, CmdlineError> {
+    check_filesystem(path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| CmdlineError::MemPathFilesystem {
+        path: path.display().to_string(),
+        why: format!("directory {} is not usable: {e}", dir.display()),
+    })?;
+    if st.filesystem_type().0 as i64 == HUGETLBFS_MAGIC {
+        Ok(st.block_size() as u64)
+    } else {
+        Ok(4096)
     }
 }
 

@@ -27,7 +27,7 @@ mod lab;
 mod observe;
 mod pagewise_rows;
 mod qemu_rows;
-mod qmp;
+pub(crate) mod qmp;
 mod report;
 
 use crate::bench::guest::procs::{remove_stale_shm_files, ChildGuard};
