@@ -5,18 +5,22 @@
 # is missing. Exits non-zero when any target finds a crash, a hang (an input running > 10 s),
 # an allocation over 512 MiB or a leak; the input is in fuzz/artifacts/TARGET/.
 #   tools/fuzz.sh [--ci] [SECONDS] [TARGET...]
-# New inputs go into fuzz/corpus/TARGET (minimise it afterwards: docs/fuzzing.md); with
-# --ci (tools/run-tests.sh's smoke run) into a temporary directory, so the committed corpora
-# are only read.
+#   tools/fuzz.sh --cmin [TARGET...]
+# New inputs go into fuzz/corpus/TARGET; with --ci (tools/run-tests.sh's smoke run) into a
+# temporary directory, so the committed corpora are only read. --cmin minimises each corpus
+# to a smallest set of inputs with the same coverage (libFuzzer's -set_cover_merge).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-ci=0
-if [ "${1:-}" = --ci ]; then
-  ci=1
+ci=0 cmin=0
+case "${1:-}" in
+  --ci) ci=1; shift ;;
+  --cmin) cmin=1; shift ;;
+esac
+secs=60
+if [ $cmin = 0 ] && [ $# -gt 0 ]; then
+  secs=$1
   shift
 fi
-secs=${1:-60}
-shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 targets=("$@")
@@ -27,6 +31,18 @@ bin=target/$(rustc -vV | sed -n 's/^host: //p')/release
 export ASAN_OPTIONS=detect_odr_violation=0
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+if [ $cmin = 1 ]; then
+  for t in "${targets[@]}"; do
+    before=$(ls "corpus/$t" | wc -l)
+    mkdir -p "$scratch/$t"
+    "$bin/$t" -set_cover_merge=1 "$scratch/$t" "corpus/$t" >"$scratch/$t.log" 2>&1 ||
+      { tail -20 "$scratch/$t.log"; exit 1; }
+    rm -rf "corpus/$t"
+    mv "$scratch/$t" "corpus/$t"
+    echo "$t: corpus $before -> $(ls "corpus/$t" | wc -l) inputs"
+  done
+  exit 0
+fi
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
