@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs prerequisites, then runs every test (unit, property and
-# integration on real qemu-nbd, QEMU, KVM and namespaces) and the lints.
+# integration on real qemu-nbd, QEMU, KVM and namespaces), the lints and a smoke run of
+# every fuzz target.
 #   --long   also the long suites (tests marked `#[ignore = "long: ..."]`: 20 migrations
 #            in a row per mode, ~15 min more)
 set -euo pipefail
@@ -17,6 +18,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo build --workspace --release --all-targets
 cargo test --workspace --release -- --test-threads=2
+# Every fuzz target (fuzz/, a workspace of its own) for 5 s over its committed corpus, failing
+# on any finding; installs cargo-fuzz when it is missing (docs/fuzzing.md).
+bash tools/fuzz.sh --ci 5
 if [ "$long" = 1 ]; then
   cargo test --release -p pagewise-tests --test migrate_repeat -- --ignored --test-threads=1
 fi

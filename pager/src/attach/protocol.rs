@@ -269,6 +269,22 @@ fn read_exact(sock: RawFd, buf: &mut [u8]) -> Result<(), HandshakeError> {
     Ok(())
 }
 
+/// Where a handshake's bytes and fds come from: a connected socket for [`recv_handshake`];
+/// anything else for [`read_handshake`] (tests, fuzzing).
+pub trait ChunkSource {
+    /// Read at most `buf.len()` bytes (0: the peer closed) and the fds that came with them.
+    fn recv_chunk(&mut self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), HandshakeError>;
+}
+
+/// A connected socket, read with `recvmsg`.
+struct Socket(RawFd);
+
+impl ChunkSource for Socket {
+    fn recv_chunk(&mut self, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), HandshakeError> {
+        recv_chunk(self.0, buf)
+    }
+}
+
 /// Receive one chunk plus any fds. Returns (bytes read, fds).
 fn recv_chunk(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), HandshakeError> {
     let mut iov = [IoSliceMut::new(buf)];
@@ -291,9 +307,14 @@ fn recv_chunk(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), Hand
 /// read timeout on the socket to bound a silent peer). Validates framing, size, version, JSON
 /// and fd count; region validation is [`validate_regions`].
 pub fn recv_handshake(sock: &impl AsRawFd) -> Result<Handshake, HandshakeError> {
-    let fd = sock.as_raw_fd();
+    read_handshake(&mut Socket(sock.as_raw_fd()))
+}
+
+/// [`recv_handshake`] from any source of chunks: the same parsing and checks, whatever the
+/// chunks' sizes and wherever their fds come.
+pub fn read_handshake(src: &mut impl ChunkSource) -> Result<Handshake, HandshakeError> {
     let mut buf = vec![0u8; MAX_HANDSHAKE_BYTES + 1];
-    let (n, mut fds) = recv_chunk(fd, &mut buf)?;
+    let (n, mut fds) = src.recv_chunk(&mut buf)?;
     if n == 0 {
         return Err(HandshakeError::Truncated(0));
     }
@@ -314,7 +335,7 @@ pub fn recv_handshake(sock: &impl AsRawFd) -> Result<Handshake, HandshakeError> 
                     return Ok(Handshake::Firecracker { regions, uffd });
                 }
                 Err(e) if e.is_eof() && have < MAX_HANDSHAKE_BYTES => {
-                    let (m, more) = recv_chunk(fd, &mut buf[have..])?;
+                    let (m, more) = src.recv_chunk(&mut buf[have..])?;
                     if m == 0 {
                         return Err(HandshakeError::Json(e));
                     }
@@ -330,7 +351,7 @@ pub fn recv_handshake(sock: &impl AsRawFd) -> Result<Handshake, HandshakeError> 
         return Err(HandshakeError::UnknownFlavour(buf[..n.min(8)].to_vec()));
     }
     while have < 12 {
-        let (m, more) = recv_chunk(fd, &mut buf[have..])?;
+        let (m, more) = src.recv_chunk(&mut buf[have..])?;
         if m == 0 {
             return Err(HandshakeError::Truncated(have));
         }
@@ -349,7 +370,7 @@ pub fn recv_handshake(sock: &impl AsRawFd) -> Result<Handshake, HandshakeError> 
         return Err(HandshakeError::Oversized);
     }
     while have < 12 + len {
-        let (m, more) = recv_chunk(fd, &mut buf[have..12 + len])?;
+        let (m, more) = src.recv_chunk(&mut buf[have..12 + len])?;
         if m == 0 {
             return Err(HandshakeError::Truncated(have));
         }

@@ -214,11 +214,11 @@ impl SwapDevice {
         self.verify_payload(page, e, payload)?;
         if e.codec() == Some(Codec::Lz4) {
             let mut out = vec![0u8; self.page_size()];
-            crate::format::decode_lz4(payload, &mut out).map_err(|reason| {
+            crate::format::decode_lz4(payload, &mut out).map_err(|err| {
                 crate::error::SwapError::PageCorrupt {
                     page,
                     offset: e.offset(),
-                    reason,
+                    reason: crate::error_chain(&err),
                 }
             })?;
         }

@@ -308,10 +308,10 @@ impl SwapDevice {
             Some(Codec::Raw) => Ok(PageData::Data(AlignedBuf::from_slice(payload))),
             Some(Codec::Lz4) => {
                 let mut out = AlignedBuf::new(ps);
-                decode_lz4(payload, &mut out).map_err(|reason| SwapError::PageCorrupt {
+                decode_lz4(payload, &mut out).map_err(|err| SwapError::PageCorrupt {
                     page,
                     offset: e.offset(),
-                    reason,
+                    reason: crate::error_chain(&err),
                 })?;
                 Ok(PageData::Data(out))
             }

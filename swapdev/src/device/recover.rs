@@ -65,7 +65,7 @@ pub(super) fn load(
         offset: slot_off,
         reason,
     };
-    let (meta, entries) = checkpoint::decode(&raw, cap).map_err(corrupt)?;
+    let (meta, entries) = checkpoint::decode(&raw, cap).map_err(|e| corrupt(e.to_string()))?;
     if meta.ckpt_seq != expect_seq {
         return Err(corrupt(format!(
             "it holds checkpoint {}, the header expects {expect_seq}",

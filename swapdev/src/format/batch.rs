@@ -13,9 +13,12 @@ use super::{Codec, BLOCK};
 use crate::AlignedBuf;
 
 pub const BATCH_MAGIC: [u8; 8] = *b"PWBATCH1";
-const HEADER_LEN: usize = 64;
+/// Bytes of the fixed batch header; the record descriptors follow it.
+pub const HEADER_LEN: usize = 64;
 const DESC_LEN: usize = 24;
-const CRC_AT: usize = 56;
+/// Offset of the batch crc in the header block (the crc covers every other byte of the
+/// batch).
+pub const CRC_AT: usize = 56;
 /// Records that fit in one header block.
 pub const MAX_RECORDS: usize = (BLOCK as usize - HEADER_LEN) / DESC_LEN;
 
@@ -184,15 +187,40 @@ fn encode_header(buf: &mut [u8], hdr: &BatchHeader, descs: &[RecordDesc]) -> u32
     crc
 }
 
-/// crc32c over the whole batch except the crc field itself.
+/// Why a batch read from the device is not one this code wrote.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("batch buffer is {len} bytes, its header says {total_len}")]
+    Length { len: usize, total_len: u32 },
+    #[error("batch header says {n_records} records, at most {MAX_RECORDS} fit a header block")]
+    TooManyRecords { n_records: u32 },
+    #[error("batch crc mismatch (stored {stored:#x}, computed {computed:#x})")]
+    Crc { stored: u32, computed: u32 },
+    #[error("record {record}: unknown codec {codec}")]
+    UnknownCodec { record: u32, codec: u8 },
+    #[error(
+        "record {record} (page {page}): payload of {stored_len} bytes at offset {payload_off} \
+         lies outside the batch's payload area ({BLOCK}..{total_len})"
+    )]
+    PayloadOutside {
+        record: u32,
+        page: u64,
+        payload_off: u32,
+        stored_len: u32,
+        total_len: usize,
+    },
+}
+
+/// crc32c over the whole batch except the crc field itself (`buf` is at least a header).
 fn batch_crc(buf: &[u8]) -> u32 {
     let c = crc32c::crc32c(&buf[..CRC_AT]);
     crc32c::crc32c_append(c, &buf[CRC_AT + 4..])
 }
 
-/// Parse the header block of a batch. `None` when it is not a batch header at all.
+/// Parse the header block of a batch. `None` when it is not a batch header at all (or
+/// `block` is shorter than a batch header).
 pub fn decode_header(block: &[u8]) -> Option<BatchHeader> {
-    let mut r = FieldReader::new(block);
+    let mut r = FieldReader::new(block.get(..HEADER_LEN)?);
     if r.bytes::<8>() != BATCH_MAGIC {
         return None;
     }
@@ -223,20 +251,32 @@ pub fn decode_header(block: &[u8]) -> Option<BatchHeader> {
 }
 
 /// The crc a batch was written with (from its header block), whether or not the batch
-/// still matches it.
+/// still matches it. `block` is at least a batch header (as [`decode_header`] accepted).
 pub fn stored_crc(block: &[u8]) -> u32 {
     u32::from_le_bytes(block[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"))
 }
 
-/// Check a whole batch (`buf` is `total_len` bytes) and return its crc and records.
-/// Every record must lie inside the batch and carry a known codec.
-pub fn decode_batch(buf: &[u8], hdr: &BatchHeader) -> Result<(u32, Vec<RecordDesc>), String> {
-    let stored = u32::from_le_bytes(buf[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"));
+/// Check a whole batch (`buf` must be exactly `hdr.total_len` bytes) and return its crc and
+/// records. Every record must lie inside the batch and carry a known codec.
+pub fn decode_batch(buf: &[u8], hdr: &BatchHeader) -> Result<(u32, Vec<RecordDesc>), BatchError> {
+    if buf.len() != hdr.total_len as usize || buf.len() < BLOCK as usize {
+        return Err(BatchError::Length {
+            len: buf.len(),
+            total_len: hdr.total_len,
+        });
+    }
+    if hdr.n_records as usize > MAX_RECORDS {
+        return Err(BatchError::TooManyRecords {
+            n_records: hdr.n_records,
+        });
+    }
+    let stored = stored_crc(buf);
     let crc = batch_crc(buf);
     if stored != crc {
-        return Err(format!(
-            "batch crc mismatch (stored {stored:#x}, computed {crc:#x})"
-        ));
+        return Err(BatchError::Crc {
+            stored,
+            computed: crc,
+        });
     }
     let mut r = FieldReader::new(&buf[HEADER_LEN..BLOCK as usize]);
     let mut out = Vec::with_capacity(hdr.n_records as usize);
@@ -247,14 +287,18 @@ pub fn decode_batch(buf: &[u8], hdr: &BatchHeader) -> Result<(u32, Vec<RecordDes
         let checksum = r.u32();
         let codec = r.u8();
         let _: [u8; 3] = r.bytes();
-        let codec = Codec::from_u8(codec).ok_or(format!("record {i}: unknown codec {codec}"))?;
+        let codec = Codec::from_u8(codec).ok_or(BatchError::UnknownCodec { record: i, codec })?;
         if codec.has_payload()
             && (payload_off < BLOCK as u32
                 || payload_off as u64 + stored_len as u64 > buf.len() as u64)
         {
-            return Err(format!(
-                "record {i} (page {page}): payload outside the batch"
-            ));
+            return Err(BatchError::PayloadOutside {
+                record: i,
+                page,
+                payload_off,
+                stored_len,
+                total_len: buf.len(),
+            });
         }
         out.push(RecordDesc {
             page,
@@ -309,7 +353,10 @@ mod tests {
         assert_eq!(d2, descs);
         let mut torn = AlignedBuf::from_slice(&buf);
         torn[5000] ^= 1;
-        assert!(decode_batch(&torn, &h).is_err());
+        assert!(matches!(
+            decode_batch(&torn, &h),
+            Err(BatchError::Crc { .. })
+        ));
     }
 
     #[test]
@@ -330,5 +377,56 @@ mod tests {
         }
         assert_eq!(m as usize, MAX_RECORDS);
         assert!(decode_header(&[0u8; 4096]).is_none());
+    }
+
+    /// A header block shorter than a batch header is no batch (it panicked in the reader).
+    #[test]
+    fn short_header_block_is_no_batch() {
+        let mut b = BatchBuilder::new(4096, 256 * 1024);
+        b.push(1, Codec::Zero, &[], 0);
+        let (buf, _, _) = b.finish(hdr());
+        assert!(decode_header(&buf[..HEADER_LEN]).is_some());
+        for len in [0, 8, HEADER_LEN - 1] {
+            assert!(decode_header(&buf[..len]).is_none(), "{len} bytes");
+        }
+    }
+
+    /// `decode_batch` takes any header and buffer: a buffer that is not the header's
+    /// `total_len`, shorter than a block, or a header claiming more records than fit in a
+    /// block, is an error, not a panic (each indexed past the buffer before).
+    #[test]
+    fn batch_whose_header_does_not_fit_the_buffer_is_refused() {
+        let mut b = BatchBuilder::new(4096, 256 * 1024);
+        b.push(1, Codec::Zero, &[], 0);
+        let (buf, _, _) = b.finish(hdr());
+        let h = decode_header(&buf).unwrap();
+        assert!(decode_batch(&buf, &h).is_ok());
+        assert_eq!(
+            decode_batch(&buf[..100], &h),
+            Err(BatchError::Length {
+                len: 100,
+                total_len: 4096
+            })
+        );
+        let short = BatchHeader {
+            total_len: 100,
+            ..h
+        };
+        assert!(matches!(
+            decode_batch(&buf[..100], &short),
+            Err(BatchError::Length { len: 100, .. })
+        ));
+        let many = BatchHeader {
+            n_records: MAX_RECORDS as u32 + 1,
+            ..h
+        };
+        assert_eq!(
+            decode_batch(&buf, &many),
+            Err(BatchError::TooManyRecords {
+                n_records: MAX_RECORDS as u32 + 1
+            })
+        );
+        let err = decode_batch(&buf, &many).unwrap_err().to_string();
+        assert!(err.contains("169 records, at most 168"), "{err}");
     }
 }

@@ -101,15 +101,27 @@ pub fn lz4_scratch_len(page_size: usize) -> usize {
     lz4_flex::block::get_maximum_output_size(page_size)
 }
 
-/// Decompress an lz4 payload into `out`, which must be exactly one page long.
-pub fn decode_lz4(payload: &[u8], out: &mut [u8]) -> Result<(), String> {
+/// Why a stored lz4 payload is not one page.
+#[derive(Debug, thiserror::Error)]
+pub enum Lz4Error {
+    #[error("lz4 payload decompresses to {got} bytes, not {expected}")]
+    WrongLength { got: usize, expected: usize },
+    #[error("lz4 payload does not decode into {expected} bytes")]
+    Invalid {
+        expected: usize,
+        #[source]
+        source: lz4_flex::block::DecompressError,
+    },
+}
+
+/// Decompress an lz4 payload into `out`, which must be exactly one page long. Writes only
+/// inside `out` and allocates nothing.
+pub fn decode_lz4(payload: &[u8], out: &mut [u8]) -> Result<(), Lz4Error> {
+    let expected = out.len();
     match lz4_flex::block::decompress_into(payload, out) {
-        Ok(n) if n == out.len() => Ok(()),
-        Ok(n) => Err(format!(
-            "lz4 payload decompresses to {n} bytes, not {}",
-            out.len()
-        )),
-        Err(e) => Err(format!("lz4 payload does not decode: {e}")),
+        Ok(got) if got == expected => Ok(()),
+        Ok(got) => Err(Lz4Error::WrongLength { got, expected }),
+        Err(source) => Err(Lz4Error::Invalid { expected, source }),
     }
 }
 
@@ -173,7 +185,31 @@ mod tests {
             encode_page(CodecPolicy::Lz4, &random, &mut scratch),
             (Codec::Raw, 4096)
         );
-        assert!(decode_lz4(&[0xff, 1, 2], &mut out).is_err());
+        let err = decode_lz4(&[0xff, 1, 2], &mut out).unwrap_err();
+        assert!(
+            matches!(err, Lz4Error::Invalid { expected: 4096, .. }),
+            "{err}"
+        );
+        // The cause is chained, not printed inline.
+        assert_eq!(
+            err.to_string(),
+            "lz4 payload does not decode into 4096 bytes"
+        );
+        assert!(std::error::Error::source(&err).is_some());
+        let err = decode_lz4(&scratch[..n], &mut out[..100]).unwrap_err();
+        assert!(matches!(err, Lz4Error::Invalid { .. }), "{err}");
+        // A block of three literals is valid lz4, but not a page.
+        let err = decode_lz4(&[0x30, b'a', b'b', b'c'], &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Lz4Error::WrongLength {
+                    got: 3,
+                    expected: 4096
+                }
+            ),
+            "{err}"
+        );
     }
 
     proptest! {

@@ -44,13 +44,15 @@ impl IndexEntry {
         self.loc_codec & OFFSET_MASK
     }
 
+    /// Write the entry into the first [`ENTRY_LEN`] bytes of `out` (at least that long).
     pub fn encode(&self, out: &mut [u8]) {
         out[..8].copy_from_slice(&self.loc_codec.to_le_bytes());
         out[8..12].copy_from_slice(&self.len.to_le_bytes());
         out[12..16].copy_from_slice(&self.checksum.to_le_bytes());
     }
 
-    pub fn decode(b: &[u8]) -> Self {
+    /// Any 16 bytes are an entry (whether its codec is known is [`IndexEntry::codec`]).
+    pub fn decode(b: &[u8; ENTRY_LEN]) -> Self {
         Self {
             loc_codec: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
             len: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),

@@ -12,6 +12,8 @@ pub const DEVICE_MAGIC: [u8; 8] = *b"PWSWAP01";
 pub const FORMAT_VERSION: u32 = 1;
 /// Longest owner host id stored.
 pub const MAX_HOST_ID: usize = 128;
+/// Offset of a header copy's crc (over every byte before it); the rest of the block is 0.
+pub const CRC_AT: usize = 250;
 
 /// Everything the header records. Layout fields are fixed at create time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,12 +141,18 @@ impl DeviceHeader {
             w.u64(v);
         }
         let end = w.pos();
+        debug_assert_eq!(end, CRC_AT);
         let crc = crc32c::crc32c(&block[..end]);
         block[end..end + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// Decode one header copy.
+    /// Decode one header copy (the first `CRC_AT + 4` bytes of `block`; a shorter block is
+    /// `Corrupt`). A copy is `Valid` only if [`DeviceHeader::encode`] writes exactly those
+    /// bytes for it: no flags, an owner of valid UTF-8, zeros after it.
     pub fn decode(block: &[u8]) -> HeaderCopy {
+        let Some(block) = block.get(..CRC_AT + 4) else {
+            return HeaderCopy::Corrupt;
+        };
         let mut r = FieldReader::new(block);
         let magic: [u8; 8] = r.bytes();
         if magic != DEVICE_MAGIC {
@@ -154,7 +162,7 @@ impl DeviceHeader {
         if format_version > FORMAT_VERSION {
             return HeaderCopy::Newer(format_version);
         }
-        let _flags = r.u32();
+        let flags = r.u32();
         let header_seq = r.u64();
         let vm_uuid: [u8; 16] = r.bytes();
         let page_size = r.u32();
@@ -179,7 +187,13 @@ impl DeviceHeader {
         let (Some(checksum), Some(codec)) = (checksum, codec) else {
             return HeaderCopy::Corrupt;
         };
-        if n > MAX_HOST_ID || owned > 1 || ckpt_slot > 1 {
+        if flags != 0 || n > MAX_HOST_ID || owned > 1 || ckpt_slot > 1 {
+            return HeaderCopy::Corrupt;
+        }
+        let Ok(owner) = std::str::from_utf8(&host[..n]) else {
+            return HeaderCopy::Corrupt;
+        };
+        if host[n..].iter().any(|&b| b != 0) {
             return HeaderCopy::Corrupt;
         }
         HeaderCopy::Valid(DeviceHeader {
@@ -190,7 +204,7 @@ impl DeviceHeader {
             capacity_pages,
             checksum,
             codec,
-            owner: String::from_utf8_lossy(&host[..n]).into_owned(),
+            owner: owner.to_string(),
             owned: owned == 1,
             generation,
             ckpt_slot,
@@ -259,11 +273,29 @@ impl DeviceHeader {
             ));
         }
         let l = &self.layout;
-        if l.ckpt_slot_size < BLOCK + self.capacity_pages * 16
-            || l.data_start < l.ckpt_start + 2 * l.ckpt_slot_size
-            || l.segment_size < 2 * l.max_batch
+        // Every sum and product is checked: the fields come from the device (`None` is an
+        // inconsistent layout, never a wrapped one that passes).
+        let index = self
+            .capacity_pages
+            .checked_mul(16)
+            .and_then(|n| n.checked_add(BLOCK));
+        let ckpt_end = l
+            .ckpt_slot_size
+            .checked_mul(2)
+            .and_then(|n| n.checked_add(l.ckpt_start));
+        let data_end = l
+            .segments
+            .checked_mul(l.segment_size)
+            .and_then(|n| n.checked_add(l.data_start));
+        if index.is_none_or(|n| l.ckpt_slot_size < n)
+            || l.ckpt_start < 2 * BLOCK
+            || ckpt_end.is_none_or(|end| l.data_start < end)
+            || l.max_batch
+                .checked_mul(2)
+                .is_none_or(|n| l.segment_size < n)
             || l.max_batch < BLOCK + self.page_size as u64
             || l.segments == 0
+            || data_end.is_none()
             || [
                 l.ckpt_start,
                 l.ckpt_slot_size,
@@ -350,6 +382,80 @@ mod tests {
             let usable = (l.segment_size - l.max_batch) * (l.segments - 2);
             assert!(usable >= cap * ps as u64, "{l:?}");
             assert_eq!(l.data_start % BLOCK, 0);
+        }
+    }
+
+    /// `block` with its crc recomputed (a crc-valid copy some writer could have made).
+    fn recrc(mut block: Vec<u8>) -> Vec<u8> {
+        let crc = crc32c::crc32c(&block[..CRC_AT]);
+        block[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        block
+    }
+
+    /// A block shorter than a header copy is corrupt (the reader panicked past its end).
+    #[test]
+    fn short_block_is_corrupt() {
+        let mut a = vec![0u8; 4096];
+        sample().encode(&mut a);
+        assert!(matches!(
+            DeviceHeader::decode(&a[..CRC_AT + 4]),
+            HeaderCopy::Valid(_)
+        ));
+        for len in [0, 12, 100, CRC_AT + 3] {
+            assert!(
+                matches!(DeviceHeader::decode(&a[..len]), HeaderCopy::Corrupt),
+                "{len} bytes"
+            );
+        }
+    }
+
+    /// Crc-valid copies that `encode` never writes are corrupt, not accepted with their
+    /// bytes silently changed: flags set, an owner that is not UTF-8 (it came back with
+    /// U+FFFD in it, so re-encoded differently), bytes after the owner.
+    #[test]
+    fn copies_that_do_not_re_encode_to_their_bytes_are_corrupt() {
+        let mut a = vec![0u8; 4096];
+        sample().encode(&mut a);
+        let owner_at = CRC_AT - 48 - MAX_HOST_ID;
+        let mut flags = a.clone();
+        flags[12] = 1;
+        let mut utf8 = a.clone();
+        utf8[owner_at] = 0xff;
+        let mut padding = a.clone();
+        padding[owner_at + 100] = b'x';
+        for (what, block) in [("flags", flags), ("utf-8", utf8), ("padding", padding)] {
+            assert!(
+                matches!(DeviceHeader::decode(&recrc(block)), HeaderCopy::Corrupt),
+                "{what}"
+            );
+        }
+    }
+
+    /// Layout fields whose sums or products overflow u64 made `validate` wrap (release) or
+    /// panic (debug): a checkpoint slot of 2^63 bytes "fitted" below a data area at 0.
+    #[test]
+    fn layouts_whose_arithmetic_overflows_are_invalid() {
+        let good = sample();
+        assert!(good.validate().is_ok());
+        let mut huge_cap = good.clone();
+        huge_cap.capacity_pages = 1 << 60;
+        let mut huge_slot = good.clone();
+        huge_slot.layout.ckpt_slot_size = 1 << 63;
+        let mut huge_batch = good.clone();
+        huge_batch.layout.max_batch = 1 << 63;
+        let mut huge_area = good.clone();
+        huge_area.layout.segments = u64::MAX / 4096;
+        let mut over_header = good.clone();
+        over_header.layout.ckpt_start = 0;
+        for (what, h) in [
+            ("capacity", huge_cap),
+            ("slot", huge_slot),
+            ("batch", huge_batch),
+            ("data area", huge_area),
+            ("checkpoint over the header copies", over_header),
+        ] {
+            let err = h.validate().unwrap_err().to_string();
+            assert!(err.contains("layout is inconsistent"), "{what}: {err}");
         }
     }
 }

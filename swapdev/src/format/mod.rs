@@ -19,7 +19,9 @@ pub mod header;
 pub(crate) mod wire;
 
 pub use checksum::ChecksumKind;
-pub use codec::{decode_lz4, encode_page, is_zero_page, lz4_scratch_len, Codec, CodecPolicy};
+pub use codec::{
+    decode_lz4, encode_page, is_zero_page, lz4_scratch_len, Codec, CodecPolicy, Lz4Error,
+};
 
 /// The unit of alignment of every structure and I/O.
 pub const BLOCK: u64 = 4096;

@@ -117,3 +117,27 @@ fn responses_round_trip() {
         assert_eq!(Response::decode(line.as_bytes()).unwrap().encode(), line);
     }
 }
+
+/// A float a client sends comes back as exactly the f64 it printed: fuzz target
+/// control_request found `cold_for_secs` 4444444444444444410133991.0 re-encoded as
+/// 4.444444444444445e24, which serde_json's default (fast, not exact) float parsing read as
+/// a neighbouring f64 (fixed with its `float_roundtrip` feature).
+#[test]
+fn float_fields_round_trip_exactly() {
+    let line =
+        br#"{"v":1,"op":"evict","vm":"a","goal":{"cold_for_secs":4444444444444444410133991.0}}"#;
+    let request = Request::decode(line).unwrap();
+    assert_eq!(
+        Request::decode(request.encode().as_bytes()).unwrap(),
+        request
+    );
+    for secs in [0.1, 2.5, 1e-300, 4.444444444444445e24, f64::MAX] {
+        let r = Request::Evict {
+            vm: "a".into(),
+            goal: EvictTarget::ColdForSecs(secs),
+            batch_pages: None,
+            wait: false,
+        };
+        assert_eq!(Request::decode(r.encode().as_bytes()).unwrap(), r, "{secs}");
+    }
+}

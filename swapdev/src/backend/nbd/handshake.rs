@@ -96,11 +96,17 @@ impl<S: Read + Write> Wire<'_, S> {
         Ok(u64::from_be_bytes(self.bytes(step)?))
     }
 
+    /// `len` bytes (at most [`MAX_OPTION_REPLY`]), allocated as they arrive: a server that
+    /// announces a long reply and sends less costs no more than it sent.
     fn vec(&mut self, len: usize, step: &str) -> Result<Vec<u8>, BackendError> {
-        let mut v = vec![0u8; len];
-        self.stream
-            .read_exact(&mut v)
+        let mut v = Vec::new();
+        let got = (&mut *self.stream)
+            .take(len as u64)
+            .read_to_end(&mut v)
             .map_err(|e| self.fail(step, e))?;
+        if got < len {
+            return Err(self.fail(step, io::ErrorKind::UnexpectedEof.into()));
+        }
         Ok(v)
     }
 

@@ -125,14 +125,21 @@ pub struct SimpleReply {
     pub cookie: u64,
 }
 
+/// A reply header that is not a simple reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error(
+        "NBD server sent a reply with bad magic {magic:#010x} (expected simple reply magic \
+         {SIMPLE_REPLY_MAGIC:#010x})"
+    )]
+    BadMagic { magic: u32 },
+}
+
 /// Decode a simple reply header; anything else (e.g. a structured reply) is a protocol error.
-pub fn decode_simple_reply(h: &[u8; SIMPLE_REPLY_LEN]) -> Result<SimpleReply, String> {
+pub fn decode_simple_reply(h: &[u8; SIMPLE_REPLY_LEN]) -> Result<SimpleReply, ReplyError> {
     let magic = u32::from_be_bytes(h[0..4].try_into().expect("4 bytes"));
     if magic != SIMPLE_REPLY_MAGIC {
-        return Err(format!(
-            "NBD server sent a reply with bad magic {magic:#010x} (expected simple reply \
-             magic {SIMPLE_REPLY_MAGIC:#010x})"
-        ));
+        return Err(ReplyError::BadMagic { magic });
     }
     Ok(SimpleReply {
         error: u32::from_be_bytes(h[4..8].try_into().expect("4 bytes")),
@@ -192,7 +199,8 @@ mod tests {
         // A structured reply (magic 0x668e33ef) is not something we negotiated.
         h[0..4].copy_from_slice(&0x668e_33efu32.to_be_bytes());
         let err = decode_simple_reply(&h).unwrap_err();
-        assert!(err.contains("bad magic 0x668e33ef"), "{err}");
+        assert_eq!(err, ReplyError::BadMagic { magic: 0x668e_33ef });
+        assert!(err.to_string().contains("bad magic 0x668e33ef"), "{err}");
     }
 
     #[test]

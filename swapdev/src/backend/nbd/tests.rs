@@ -328,6 +328,29 @@ fn option_reply(rep: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
+/// An option reply announcing the largest payload and sending 10 bytes of it fails as a
+/// closed connection. The client allocates the payload as it arrives (it allocated the
+/// announced 64 KiB first; the nbd_handshake fuzz target bounds the heap by what was sent).
+#[test]
+fn option_reply_shorter_than_announced_fails_as_closed() {
+    let mut says = greeting();
+    let mut m = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&REP_INFO.to_be_bytes());
+    m.extend_from_slice(&MAX_OPTION_REPLY.to_be_bytes());
+    m.extend_from_slice(&[0u8; 10]);
+    says.extend_from_slice(&m);
+    let mut server = FixedServer {
+        says: std::io::Cursor::new(says),
+    };
+    let err = handshake::negotiate(&mut server, "swap", "fixture").unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("fixture closed the connection while reading the NBD_OPT_GO reply"),
+        "{msg}"
+    );
+}
+
 proptest::proptest! {
     /// Whatever a server says after a valid greeting, negotiation returns (never panics), and
     /// any failure is a Protocol or Setup error naming the server.
