@@ -142,9 +142,12 @@ pub fn apply(page: &mut [u8], body: &[u8]) -> Result<(), DeltaError> {
                 page: page.len(),
             });
         }
-        let xor = body.get(at..at + len).ok_or(DeltaError::TruncatedRun {
-            missing: at + len - body.len(),
-        })?;
+        // Lazily: the shortfall is only defined when there is one.
+        let xor = body
+            .get(at..at + len)
+            .ok_or_else(|| DeltaError::TruncatedRun {
+                missing: at + len - body.len(),
+            })?;
         at += len;
         for (b, x) in page[pos + skip..end].iter_mut().zip(xor) {
             *b ^= x;
@@ -194,6 +197,15 @@ mod tests {
         assert!(encode(&old, &old, &mut out, PS));
         assert!(out.is_empty());
         assert!(!encode(&old, &page(2), &mut out, PS), "every byte changed");
+    }
+
+    /// Found by the xbzrle_apply fuzz target: the shortfall was computed for every run,
+    /// and underflowed (a panic with overflow checks) for one that fits.
+    #[test]
+    fn a_run_that_fits_computes_no_shortfall() {
+        let mut p = vec![0u8; 16];
+        apply(&mut p, &[1, 2, 7, 7, 3, 1, 9]).unwrap();
+        assert_eq!(&p[..7], &[0, 7, 7, 0, 0, 0, 9]);
     }
 
     #[test]
