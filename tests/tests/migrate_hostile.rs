@@ -12,7 +12,7 @@ use std::process::Command as Cmd;
 use std::time::{Duration, Instant};
 
 use agent::migrate::auth::Psk;
-use agent::migrate::frame::{Command, VERSION};
+use agent::migrate::frame::{Command, MIN_VERSION, VERSION};
 use pagewise_hostile as hostile;
 use pagewise_hostile::{End, Endpoint, Outcome};
 use qemu_lab::Proc;
@@ -189,7 +189,8 @@ fn a_peer_without_the_key_is_refused() {
 
 #[test]
 fn a_hello_with_no_common_version_is_refused() {
-    let reason = format!("no common protocol version: we speak 1..={VERSION}, the peer 99..=99");
+    let reason =
+        format!("no common protocol version: we speak {MIN_VERSION}..={VERSION}, the peer 99..=99");
     let (mut d, out) = refused_with(hostile::no_common_version, &reason, &reason);
     assert_eq!(out.commands(), [Command::Refuse], "{out}");
     let line = d.log_line(Some(out.local), &reason);
@@ -210,7 +211,7 @@ fn a_bad_magic_is_refused() {
 #[test]
 fn a_frame_of_a_future_version_is_refused() {
     let reason = format!(
-        "bad frame header: frame version 99 is not supported (this build speaks 1..={VERSION})"
+        "bad frame header: frame version 99 is not supported (this build speaks {MIN_VERSION}..={VERSION})"
     );
     let (mut d, out) = refused_with(hostile::future_frame_version, &reason, &reason);
     d.log_line(Some(out.local), &reason);
