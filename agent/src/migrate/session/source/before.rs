@@ -25,6 +25,16 @@ use crate::migrate::session::timeline::now_ms;
 /// How recent a write (or fault-in) must be for agile to leave the page to post-copy.
 const HOT_WINDOW: Duration = Duration::from_secs(10);
 
+/// A reader of the destination's answers on the bulk channel, waiting at most
+/// [`READY_TIMEOUT`] for each.
+fn answers(bulk: &Link) -> Result<Link, SourceError> {
+    let reader = bulk.try_clone().map_err(WireError::Io)?;
+    reader
+        .set_read_timeout(Some(READY_TIMEOUT))
+        .map_err(WireError::Io)?;
+    Ok(reader)
+}
+
 impl SourceRun {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn before_switchover(
@@ -227,10 +237,7 @@ impl SourceRun {
         writes: &Subscription,
         enc: &mut PageEncoder,
     ) -> Result<(), SourceError> {
-        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
-        reader
-            .set_read_timeout(Some(READY_TIMEOUT))
-            .map_err(WireError::Io)?;
+        let mut reader = answers(bulk)?;
         let mut acked = 0;
         while acked < count {
             match read_message(&mut reader, Some(version))? {
@@ -263,10 +270,7 @@ impl SourceRun {
         held: &Held,
         enc: &mut PageEncoder,
     ) -> Result<(), SourceError> {
-        let mut reader = bulk.try_clone().map_err(WireError::Io)?;
-        reader
-            .set_read_timeout(Some(READY_TIMEOUT))
-            .map_err(WireError::Io)?;
+        let mut reader = answers(bulk)?;
         let mut whole = PageEncoder::plain();
         loop {
             match read_message(&mut reader, Some(version))? {
