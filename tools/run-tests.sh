@@ -3,7 +3,7 @@
 # integration on real qemu-nbd, QEMU, KVM and namespaces), the lints and a smoke run of
 # every fuzz target.
 #   --long   also the long suites (tests marked `#[ignore = "long: ..."]`: 20 migrations
-#            in a row per mode, ~15 min more)
+#            in a row per mode, four guests on one daemon; ~20 min more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 long=0
@@ -23,4 +23,5 @@ cargo test --workspace --release -- --test-threads=2
 bash tools/fuzz.sh --ci 5
 if [ "$long" = 1 ]; then
   cargo test --release -p pagewise-tests --test migrate_repeat -- --ignored --test-threads=1
+  cargo test --release -p pagewise-tests --test load_four_vms -- --ignored --nocapture
 fi

@@ -14,6 +14,7 @@
 pub mod batch;
 pub mod control;
 pub mod faults;
+pub mod heap;
 pub mod sampler;
 pub mod service;
 pub mod store;

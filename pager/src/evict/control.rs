@@ -294,6 +294,8 @@ fn run_job(
     cancel: &AtomicBool,
 ) {
     let result = svc.evict(goal, batch, cancel, &mut |p| lock(job).progress = *p);
+    // What the batches staged is free now but would stay resident in this thread's arena.
+    super::heap::release_freed_memory();
     let mut j = lock(job);
     j.running = false;
     j.finished_ms = j.started.map(|t| t.elapsed().as_millis() as u64);

@@ -1,0 +1,64 @@
+//! Handing the memory an eviction staged back to the kernel when it ends.
+//!
+//! An eviction stages every batch in memory: the pages read from the guest's file, their
+//! encoded copies and the swap device's write buffer, a few MiB per batch, freed when the
+//! batch is stored. glibc's dynamic mmap threshold moves buffers of that size from mmap into
+//! the heap after the first one is freed, and each eviction runs on the thread of its
+//! request, which takes one of glibc's per-thread arenas. Freed pages inside an arena (not at
+//! its top) stay resident: measured with four VMs evicted over and over
+//! (`tests/tests/load_four_vms.rs`), the daemon held 115-130 MiB of anonymous memory that
+//! way, ten times what it uses. [`release_freed_memory`] after each eviction returns it.
+
+/// Return the heap's free pages to the kernel (`malloc_trim(0)`: every arena, and free
+/// pages in the middle of an arena too, not only its top). Cheap next to an eviction.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping under its arena locks and
+    // madvises free pages; it touches no memory the caller owns and has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process's RssAnon in KiB.
+    fn rss_anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn memory_freed_inside_an_arena_goes_back_to_the_kernel() {
+        // On a thread of its own (its own arena), as an eviction runs: 1 MiB staging buffers
+        // with small allocations that outlive them in between, so the freed buffers sit in
+        // the middle of the arena, where glibc's automatic trim (top only) cannot reach.
+        const BUFFERS: usize = 48;
+        let (before, after) = std::thread::spawn(|| {
+            // A 2 MiB buffer freed from mmap raises the dynamic mmap threshold above 1 MiB:
+            // from then on 1 MiB buffers come from the heap, as in the daemon.
+            drop(std::hint::black_box(vec![1u8; 2 << 20]));
+            let mut big = Vec::new();
+            let mut small = Vec::new();
+            for i in 0..BUFFERS {
+                big.push(std::hint::black_box(vec![i as u8 | 1; 1 << 20]));
+                small.push(std::hint::black_box(Box::new([i as u64; 8])));
+            }
+            drop(big);
+            let before = rss_anon_kib();
+            release_freed_memory();
+            let after = rss_anon_kib();
+            drop(small);
+            (before, after)
+        })
+        .join()
+        .unwrap();
+        // Other tests of this binary allocate meanwhile: ask for half of what was freed.
+        assert!(
+            before.saturating_sub(after) >= (BUFFERS as u64 / 2) << 10,
+            "RssAnon {before} KiB before the release, {after} KiB after"
+        );
+    }
+}
