@@ -14,6 +14,7 @@ pub mod prepare;
 pub mod protocol;
 pub mod provider;
 pub mod raw_snapshot;
+pub mod reattach;
 mod registry;
 pub mod tracking;
 
@@ -295,9 +296,9 @@ impl Daemon {
             bytes = attached.layout.span_bytes(), "attach request");
         let wants_reply = attached.wants_reply;
         match self.start_vm(attached, &stream) {
-            Ok(description) => {
+            Ok(started) => {
                 if wants_reply {
-                    reply(&stream, Ok(&description));
+                    reply(&stream, Ok((&started.description, started.reattach)));
                 }
             }
             Err(e) => {

@@ -130,6 +130,8 @@ fn pagewise_handshake_refused_when_regions_exceed_the_swap_device() {
         memory_file: false,
         uffd_features: Features::EVENT_REMOVE.bits(),
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     let conn = UnixStream::connect(&sock).unwrap();
     send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
@@ -230,6 +232,8 @@ fn shmem_guest_with_memory_file_served_while_bad_clients_are_refused() {
         memory_file: true,
         uffd_features: 0,
         modes: vec!["missing".into(), "wp".into()],
+        reattach: false,
+        served_by: None,
     };
     let conn = UnixStream::connect(&sock).unwrap();
     let started = Instant::now();
@@ -299,6 +303,8 @@ fn a_restarted_vmm_reattaches_at_once_under_the_same_name() {
             memory_file: false,
             uffd_features: Features::EVENT_REMOVE.bits(),
             modes: vec!["missing".into()],
+            reattach: false,
+            served_by: None,
         };
         send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
         let reply = recv_reply(&conn).unwrap();

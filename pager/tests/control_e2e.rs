@@ -131,6 +131,8 @@ fn attach(sock: &Path, vm: &str, guest: &Guest, size: usize) -> Result<UnixStrea
         memory_file: false,
         uffd_features: Features::EVENT_REMOVE.bits(),
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
     let reply = recv_reply(&conn).unwrap();

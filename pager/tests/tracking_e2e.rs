@@ -101,6 +101,8 @@ fn harvests_return_exactly_the_pages_written_since_the_last_one() {
         memory_file: false,
         uffd_features: (Features::EVENT_REMOVE | Features::PAGEFAULT_FLAG_WP).bits(),
         modes: vec!["missing".into(), "wp".into()],
+        reattach: false,
+        served_by: None,
     };
     send_request(&conn, &req, uffd.as_raw_fd(), None).unwrap();
     assert!(recv_reply(&conn).unwrap().ok);
@@ -183,6 +185,8 @@ fn a_served_vms_swap_device_is_released_for_another_host_while_the_daemon_runs()
         memory_file: false,
         uffd_features: Features::EVENT_REMOVE.bits(),
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     send_request(&conn, &req, guest.uffd.as_raw_fd(), None).unwrap();
     assert!(recv_reply(&conn).unwrap().ok);

@@ -33,6 +33,8 @@ fn attach(lab: &Lab, regions: Vec<GuestRegionUffdMapping>) -> protocol::AttachRe
         memory_file: false,
         uffd_features: 0,
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     let s = UnixStream::connect(lab.socket("m")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -158,6 +158,8 @@ fn malformed_handshakes_are_refused_and_the_daemon_keeps_serving() {
         memory_file: false,
         uffd_features: 0,
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     let good_body = serde_json::to_vec(&good).unwrap();
     let mut two_fds = good.clone();
@@ -228,6 +230,8 @@ fn an_fd_that_is_not_a_userfaultfd_is_refused() {
         memory_file: false,
         uffd_features: 0,
         modes: vec!["missing".into()],
+        reattach: false,
+        served_by: None,
     };
     let s = UnixStream::connect(lab.socket("m")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -74,6 +74,7 @@ pub fn serve_one(
                     ok: true,
                     error: None,
                     swapdev: Some("minipager".into()),
+                    reattach: false,
                 },
             )?;
             (uffd, request.regions, "pagewise")

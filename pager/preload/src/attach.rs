@@ -1,7 +1,7 @@
 //! What happens when the VMM maps the guest memory file: register a userfaultfd on the
 //! mapping and hand it, with the file, to the pager.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -51,11 +51,39 @@ fn page_size_of(fd: RawFd, path: &Path) -> Result<u64, String> {
     }
 }
 
+/// What attaching (and re-attaching) hands the pager: the registered uffd and a duplicate of
+/// the memory file's fd, both kept open by the library for the life of the process.
+pub struct Link {
+    uffd: RawFd,
+    memory_file: OwnedFd,
+    pub region: Region,
+    pub features: u64,
+}
+
+/// Why a handshake did not end in an accepted attach.
+#[derive(Debug)]
+pub enum HandshakeFailure {
+    /// Nobody listens on the socket (yet), or the exchange broke off (the pager went away
+    /// again): worth trying again while waiting for a restart.
+    Unreachable(String),
+    /// The pager answered and refused, or named another swap device: final.
+    Refused(String),
+}
+
+impl HandshakeFailure {
+    pub fn message(self) -> String {
+        match self {
+            Self::Unreachable(m) | Self::Refused(m) => m,
+        }
+    }
+}
+
 /// Register `[addr, addr+len)` (file offset `offset` of `fd`) and attach it to the pager.
 /// On success the uffd and the connection stay open for the life of the process: the pager
 /// sees the VMM's exit as a hang-up, and if the pager dies the guest can never read zero
 /// pages instead of its own (our uffd reference keeps the range registered); the watch
-/// thread (`watch.rs`) then ends the process, unless `PAGEWISE_ON_PAGER_EXIT=hang`.
+/// thread (`watch.rs`) then waits for a restarted pager and attaches again, or ends the
+/// process (see [`OnPagerExit`]).
 pub fn attach(
     cfg: &Config,
     fd: RawFd,
@@ -90,65 +118,99 @@ pub fn attach(
     })?;
     let memory_file =
         sys::dup_cloexec(fd).map_err(|e| format!("dup of the memory file fd: {e}"))?;
-    let mut stream = connect(cfg)?;
-    let region = Region {
-        host_addr: addr,
-        size: len,
-        file_offset: offset,
-        page_size,
+    let link = Link {
+        uffd: uffd.as_raw_fd(),
+        memory_file,
+        region: Region {
+            host_addr: addr,
+            size: len,
+            file_offset: offset,
+            page_size,
+        },
+        features: features.bits(),
     };
+    let (stream, swapdev, reattach) =
+        handshake(cfg, &link, None).map_err(HandshakeFailure::message)?;
+    // Kept open on purpose, see above.
+    let _ = uffd.into_raw();
+    let region = link.region;
+    match cfg.on_pager_exit {
+        OnPagerExit::Wait | OnPagerExit::Exit => crate::watch::start(
+            stream,
+            cfg.clone(),
+            link,
+            crate::watch::Served {
+                swapdev: swapdev.clone(),
+                reattach,
+            },
+            format!("VM {:?} ({})", cfg.vm, path.display()),
+        )?,
+        OnPagerExit::Hang => {
+            std::mem::forget(stream);
+            std::mem::forget(link);
+        }
+    }
+    Ok(Attached {
+        region,
+        swapdev,
+        features: features.bits(),
+    })
+}
+
+/// Connect, send the handshake with `[uffd, memory file]`, read the verdict. `again`: a
+/// re-attach, with the swap device the gone pager named (if it named one). Returns the
+/// connection, the swap device the pager named and whether it allows a re-attach.
+pub fn handshake(
+    cfg: &Config,
+    link: &Link,
+    again: Option<Option<&str>>,
+) -> Result<(UnixStream, Option<String>, bool), HandshakeFailure> {
+    let mut stream = connect(cfg).map_err(HandshakeFailure::Unreachable)?;
     let body = wire::request_body(&Request {
         vm: &cfg.vm,
-        region,
-        uffd_features: features.bits(),
+        region: link.region,
+        uffd_features: link.features,
         modes: &cfg.mode_names,
+        reattach: again.is_some(),
+        served_by: again.flatten(),
     });
     sys::send_with_fds(
         &stream,
         &wire::frame(body.as_bytes()),
-        &[uffd.as_raw_fd(), memory_file.as_raw_fd()],
+        &[link.uffd, link.memory_file.as_raw_fd()],
     )
     .map_err(|e| {
-        format!(
+        HandshakeFailure::Unreachable(format!(
             "sending the handshake to the pager at {}: {e}",
             cfg.socket.display()
-        )
+        ))
     })?;
-    drop(memory_file);
-    match wire::read_reply(&mut stream)? {
-        Verdict::Accepted { swapdev } => {
-            if let Some(expected) = &cfg.expected_swapdev {
-                match &swapdev {
-                    Some(got) if crate::config::same_swapdev(expected, got) => {}
-                    got => {
-                        return Err(format!(
-                            "the pager at {} serves VM {:?} from swap device {}, not {expected} \
-                             (PAGEWISE_SWAPDEV / --swapdev)",
-                            cfg.socket.display(),
-                            cfg.vm,
-                            got.as_deref().unwrap_or("(unnamed)")
-                        ))
-                    }
-                }
-            }
-            // Kept open on purpose, see above.
-            let _ = uffd.into_raw();
-            match cfg.on_pager_exit {
-                OnPagerExit::Exit => {
-                    crate::watch::start(stream, format!("VM {:?} ({})", cfg.vm, path.display()))?
-                }
-                OnPagerExit::Hang => std::mem::forget(stream),
-            }
-            Ok(Attached {
-                region,
-                swapdev,
-                features: features.bits(),
-            })
+    match wire::read_reply(&mut stream).map_err(HandshakeFailure::Unreachable)? {
+        Verdict::Accepted { swapdev, reattach } => {
+            check_swapdev(cfg, swapdev.as_deref()).map_err(HandshakeFailure::Refused)?;
+            Ok((stream, swapdev, reattach))
         }
-        Verdict::Refused { error } => Err(format!(
+        Verdict::Refused { error } => Err(HandshakeFailure::Refused(format!(
             "the pager at {} refused VM {:?}: {error}",
             cfg.socket.display(),
             cfg.vm
+        ))),
+    }
+}
+
+/// The swap device the pager answered with must be the one the operator named, if any.
+fn check_swapdev(cfg: &Config, swapdev: Option<&str>) -> Result<(), String> {
+    let Some(expected) = &cfg.expected_swapdev else {
+        return Ok(());
+    };
+    match swapdev {
+        Some(got) if crate::config::same_swapdev(expected, got) => Ok(()),
+        got => Err(format!(
+            "the pager at {} serves VM {:?} from swap device {}, not {expected} \
+             (PAGEWISE_SWAPDEV / --swapdev)",
+            cfg.socket.display(),
+            cfg.vm,
+            got.unwrap_or("(unnamed)")
         )),
     }
 }

@@ -7,7 +7,8 @@
 //! | `PAGEWISE_VM`       | VM name sent in the handshake; default: the memory file's name   |
 //! | `PAGEWISE_MODES`    | uffd registration modes, comma separated: `missing`, `wp`, `minor`; default `missing,wp` |
 //! | `PAGEWISE_TIMEOUT_SECS` | how long to wait for the pager's reply; default 30           |
-//! | `PAGEWISE_ON_PAGER_EXIT` | `exit` (default): end the VMM when the pager's connection ends; `hang`: let faults block |
+//! | `PAGEWISE_ON_PAGER_EXIT` | `wait` (default): when the pager's connection ends without a word, wait for a restarted pager and attach again (faulting threads wait meanwhile), ending the VMM after `PAGEWISE_PAGER_WAIT_SECS`; `exit`: end the VMM at once; `hang`: let faults block |
+//! | `PAGEWISE_PAGER_WAIT_SECS` | how long `wait` waits for the pager to come back; default 60 |
 //! | `PAGEWISE_SWAPDEV`  | optional: the swap device the pager must answer with; another one stops the VM |
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ pub const ENV_MODES: &str = "PAGEWISE_MODES";
 pub const ENV_TIMEOUT: &str = "PAGEWISE_TIMEOUT_SECS";
 pub const ENV_SWAPDEV: &str = "PAGEWISE_SWAPDEV";
 pub const ENV_ON_PAGER_EXIT: &str = "PAGEWISE_ON_PAGER_EXIT";
+pub const ENV_PAGER_WAIT: &str = "PAGEWISE_PAGER_WAIT_SECS";
+
+/// How long `wait` waits for a restarted pager unless `PAGEWISE_PAGER_WAIT_SECS` says.
+pub const DEFAULT_PAGER_WAIT: Duration = Duration::from_secs(60);
 
 /// What the library does, parsed and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,8 @@ pub struct Config {
     /// The swap device the pager must report for this VM, if the operator named one.
     pub expected_swapdev: Option<String>,
     pub on_pager_exit: OnPagerExit,
+    /// How long [`OnPagerExit::Wait`] waits for the pager to come back.
+    pub pager_wait: Duration,
 }
 
 /// Look up one variable; `None` when unset or empty.
@@ -74,17 +81,8 @@ pub fn from_env(get: Lookup<'_>) -> Result<Config, String> {
     }
     let modes_text = get(ENV_MODES).unwrap_or_else(|| "missing,wp".to_string());
     let (mode_names, modes) = parse_modes(&modes_text)?;
-    let timeout = match get(ENV_TIMEOUT) {
-        None => Duration::from_secs(30),
-        Some(t) => match t.parse::<u64>() {
-            Ok(secs) if secs > 0 => Duration::from_secs(secs),
-            _ => {
-                return Err(format!(
-                    "{ENV_TIMEOUT}={t:?} is not a positive number of seconds"
-                ))
-            }
-        },
-    };
+    let timeout = positive_secs(get, ENV_TIMEOUT, Duration::from_secs(30))?;
+    let pager_wait = positive_secs(get, ENV_PAGER_WAIT, DEFAULT_PAGER_WAIT)?;
     Ok(Config {
         mem_path,
         socket: PathBuf::from(socket),
@@ -94,7 +92,22 @@ pub fn from_env(get: Lookup<'_>) -> Result<Config, String> {
         timeout,
         expected_swapdev: get(ENV_SWAPDEV),
         on_pager_exit: OnPagerExit::parse(get(ENV_ON_PAGER_EXIT).as_deref())?,
+        pager_wait,
     })
+}
+
+/// A positive whole number of seconds from variable `name`, `default` when unset. At most a
+/// day: a bound, so that adding it to a clock cannot overflow.
+fn positive_secs(get: Lookup<'_>, name: &str, default: Duration) -> Result<Duration, String> {
+    match get(name) {
+        None => Ok(default),
+        Some(t) => match t.parse::<u64>() {
+            Ok(secs) if secs > 0 && secs <= 86_400 => Ok(Duration::from_secs(secs)),
+            _ => Err(format!(
+                "{name}={t:?} is not a number of seconds from 1 to 86400"
+            )),
+        },
+    }
 }
 
 /// The path as the kernel will report it for an open fd: absolute, directory canonicalized.
@@ -194,6 +207,8 @@ mod tests {
             RegisterMode::MISSING.bits() | RegisterMode::WP.bits()
         );
         assert_eq!(cfg.timeout, Duration::from_secs(30));
+        assert_eq!(cfg.on_pager_exit, OnPagerExit::Wait);
+        assert_eq!(cfg.pager_wait, DEFAULT_PAGER_WAIT);
     }
 
     #[test]
@@ -224,6 +239,15 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.contains(ENV_TIMEOUT), "{e}");
+        for bad in ["0", "-1", "86401", "soon"] {
+            let e = from_env(&env(&[
+                (ENV_MEM_PATH, "/dev/shm/x"),
+                (ENV_SOCKET, "/s"),
+                (ENV_PAGER_WAIT, bad),
+            ]))
+            .unwrap_err();
+            assert!(e.contains(ENV_PAGER_WAIT) && e.contains(bad), "{e}");
+        }
         let e = from_env(&env(&[
             (ENV_MEM_PATH, "/dev/shm/x"),
             (ENV_SOCKET, "/s"),

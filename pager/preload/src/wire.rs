@@ -1,7 +1,9 @@
 //! The pagewise attach handshake, client side, written by hand (no serde inside QEMU).
 //! Format (see `pager::attach::protocol`): `b"PWHS"`, `u32` LE version 1, `u32` LE body
 //! length, JSON `AttachRequest`; fds `[uffd, memory file]` as SCM_RIGHTS on the same sendmsg.
-//! Reply: `b"PWHR"`, version, length, JSON `AttachReply {ok, error, swapdev}`.
+//! Reply: `b"PWHR"`, version, length, JSON `AttachReply {ok, error, swapdev, reattach}`; later
+//! frames of the same kind on the same connection change `reattach`, or (`ok: false`) say
+//! why the pager tore the VM down.
 
 use std::io::Read;
 
@@ -28,6 +30,10 @@ pub struct Request<'a> {
     pub region: Region,
     pub uffd_features: u64,
     pub modes: &'a [String],
+    /// Attaching again after the pager went away (the same uffd and memory file).
+    pub reattach: bool,
+    /// On a re-attach: the swap device the gone pager named.
+    pub served_by: Option<&'a str>,
 }
 
 /// A JSON string literal with the escapes JSON requires.
@@ -49,14 +55,14 @@ pub fn json_string(text: &str) -> String {
     out
 }
 
-/// The JSON body of an `AttachRequest` with `memory_file: true`.
+/// The JSON body of an `AttachRequest` with `memory_file: true` (`reattach` only when set).
 pub fn request_body(req: &Request<'_>) -> String {
     let r = req.region;
     let modes: Vec<String> = req.modes.iter().map(|m| json_string(m)).collect();
     format!(
         "{{\"vm\":{},\"regions\":[{{\"base_host_virt_addr\":{},\"size\":{},\"offset\":{},\
          \"page_size\":{},\"page_size_kib\":{}}}],\"memory_file\":true,\"uffd_features\":{},\
-         \"modes\":[{}]}}",
+         \"modes\":[{}]{}}}",
         json_string(req.vm),
         r.host_addr,
         r.size,
@@ -64,7 +70,12 @@ pub fn request_body(req: &Request<'_>) -> String {
         r.page_size,
         r.page_size,
         req.uffd_features,
-        modes.join(",")
+        modes.join(","),
+        match (req.reattach, req.served_by) {
+            (false, _) => String::new(),
+            (true, None) => ",\"reattach\":true".to_string(),
+            (true, Some(dev)) => format!(",\"reattach\":true,\"served_by\":{}", json_string(dev)),
+        }
     )
 }
 
@@ -81,8 +92,14 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
 /// The pager's verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Accepted { swapdev: Option<String> },
-    Refused { error: String },
+    /// `reattach`: whether the VMM may attach again if the connection ends without a word.
+    Accepted {
+        swapdev: Option<String>,
+        reattach: bool,
+    },
+    Refused {
+        error: String,
+    },
 }
 
 /// Read and decode one reply frame.
@@ -117,6 +134,21 @@ pub fn read_reply(stream: &mut impl Read) -> Result<Verdict, String> {
     parse_reply(&text)
 }
 
+/// The next reply frame on a connection, or `None` when it ended cleanly before one began
+/// (the pager's later frames: a new `reattach`, or why it tore the VM down).
+pub fn read_next(stream: &mut impl Read) -> Result<Option<Verdict>, String> {
+    let mut first = [0u8; 1];
+    loop {
+        match stream.read(&mut first) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("connection failed: {e}")),
+        }
+    }
+    read_reply(&mut (&first[..]).chain(stream)).map(Some)
+}
+
 /// Decode the reply JSON: `ok` (bool), `error` and `swapdev` (string or null).
 pub fn parse_reply(text: &str) -> Result<Verdict, String> {
     let ok = match value_after_key(text, "ok") {
@@ -127,6 +159,7 @@ pub fn parse_reply(text: &str) -> Result<Verdict, String> {
     if ok {
         Ok(Verdict::Accepted {
             swapdev: value_after_key(text, "swapdev").and_then(string_literal),
+            reattach: value_after_key(text, "reattach").is_some_and(|v| v.starts_with("true")),
         })
     } else {
         let error = value_after_key(text, "error")
@@ -189,12 +222,33 @@ mod tests {
             },
             uffd_features: 0x3028,
             modes: &modes,
+            reattach: false,
+            served_by: None,
         });
         assert_eq!(
             body,
             "{\"vm\":\"vm \\\"1\\\"\",\"regions\":[{\"base_host_virt_addr\":139637976727552,\
              \"size\":1073741824,\"offset\":0,\"page_size\":4096,\"page_size_kib\":4096}],\
              \"memory_file\":true,\"uffd_features\":12328,\"modes\":[\"missing\",\"wp\"]}"
+        );
+        let again = request_body(&Request {
+            vm: "v",
+            region: Region {
+                host_addr: 0x1000,
+                size: 4096,
+                file_offset: 0,
+                page_size: 4096,
+            },
+            uffd_features: 1,
+            modes: &modes[..1],
+            reattach: true,
+            served_by: Some("swapdev /d/v.swap"),
+        });
+        assert_eq!(
+            again,
+            "{\"vm\":\"v\",\"regions\":[{\"base_host_virt_addr\":4096,\"size\":4096,\"offset\":0,\
+             \"page_size\":4096,\"page_size_kib\":4096}],\"memory_file\":true,\"uffd_features\":1,\
+             \"modes\":[\"missing\"],\"reattach\":true,\"served_by\":\"swapdev /d/v.swap\"}"
         );
         let framed = frame(body.as_bytes());
         assert_eq!(&framed[..4], b"PWHS");
@@ -209,7 +263,15 @@ mod tests {
         assert_eq!(
             parse_reply("{\"ok\":true,\"error\":null,\"swapdev\":\"/var/pw/vm1.swap\"}"),
             Ok(Verdict::Accepted {
-                swapdev: Some("/var/pw/vm1.swap".into())
+                swapdev: Some("/var/pw/vm1.swap".into()),
+                reattach: false,
+            })
+        );
+        assert_eq!(
+            parse_reply("{\"ok\":true,\"error\":null,\"swapdev\":null,\"reattach\":true}"),
+            Ok(Verdict::Accepted {
+                swapdev: None,
+                reattach: true,
             })
         );
         assert_eq!(
@@ -226,9 +288,32 @@ mod tests {
         framed.extend_from_slice(body);
         assert_eq!(
             read_reply(&mut &framed[..]),
-            Ok(Verdict::Accepted { swapdev: None })
+            Ok(Verdict::Accepted {
+                swapdev: None,
+                reattach: false
+            })
         );
         assert!(read_reply(&mut &b"HTTP/1.1 200 OK\r\n"[..]).is_err());
+        // Later frames on the connection, then its end.
+        let mut two = framed.clone();
+        let bye = b"{\"ok\":false,\"error\":\"detached\"}";
+        two.extend_from_slice(b"PWHR");
+        two.extend_from_slice(&1u32.to_le_bytes());
+        two.extend_from_slice(&(bye.len() as u32).to_le_bytes());
+        two.extend_from_slice(bye);
+        let mut rest = &two[..];
+        assert!(matches!(
+            read_next(&mut rest),
+            Ok(Some(Verdict::Accepted { .. }))
+        ));
+        assert_eq!(
+            read_next(&mut rest),
+            Ok(Some(Verdict::Refused {
+                error: "detached".into()
+            }))
+        );
+        assert_eq!(read_next(&mut rest), Ok(None));
+        assert!(read_next(&mut &framed[..5]).is_err());
         assert!(read_reply(&mut &framed[..14]).is_err());
     }
 }
@@ -249,6 +334,8 @@ mod against_pager {
             offset_page in 0u64..(1 << 20),
             features in any::<u64>(),
             modes in proptest::sample::subsequence(vec!["missing", "wp", "minor"], 1..=3),
+            reattach in any::<bool>(),
+            served_by in proptest::option::of(any::<String>()),
         ) {
             let modes: Vec<String> = modes.into_iter().map(String::from).collect();
             let region = Region {
@@ -257,7 +344,7 @@ mod against_pager {
                 file_offset: offset_page * 4096,
                 page_size: 4096,
             };
-            let body = request_body(&Request { vm: &vm, region, uffd_features: features, modes: &modes });
+            let body = request_body(&Request { vm: &vm, region, uffd_features: features, modes: &modes, reattach, served_by: served_by.as_deref() });
             let parsed: AttachRequest = serde_json::from_str(&body).expect("valid JSON");
             prop_assert_eq!(parsed, AttachRequest {
                 vm: vm.clone(),
@@ -271,17 +358,20 @@ mod against_pager {
                 memory_file: true,
                 uffd_features: features,
                 modes,
+                reattach,
+                served_by: served_by.filter(|_| reattach),
             });
         }
 
         #[test]
         fn pager_replies_decode(ok in any::<bool>(), error in proptest::option::of(any::<String>()),
-                                swapdev in proptest::option::of(any::<String>())) {
-            let reply = AttachReply { ok, error: error.clone(), swapdev: swapdev.clone() };
+                                swapdev in proptest::option::of(any::<String>()),
+                                reattach in any::<bool>()) {
+            let reply = AttachReply { ok, error: error.clone(), swapdev: swapdev.clone(), reattach };
             let text = serde_json::to_string(&reply).unwrap();
             let verdict = parse_reply(&text).unwrap();
             if ok {
-                prop_assert_eq!(verdict, Verdict::Accepted { swapdev });
+                prop_assert_eq!(verdict, Verdict::Accepted { swapdev, reattach });
             } else {
                 match (verdict, error) {
                     (Verdict::Refused { error: got }, Some(e)) => prop_assert_eq!(got, e),

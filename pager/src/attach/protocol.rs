@@ -55,6 +55,16 @@ pub struct AttachRequest {
     pub uffd_features: u64,
     /// Registration modes used: "missing", "wp", "minor".
     pub modes: Vec<String>,
+    /// The same VMM attaching the same uffd and memory file again after its pager went away
+    /// (killed, restarted): the pager rebuilds the pages' states from the memory file and the
+    /// swap device instead of starting from "nothing present", and wakes every fault the
+    /// gone pager had read but not answered.
+    #[serde(default)]
+    pub reattach: bool,
+    /// On a re-attach: the swap device the gone pager named in its reply. A pager that would
+    /// serve the VM from another one refuses (the pages stored there would read as missing).
+    #[serde(default)]
+    pub served_by: Option<String>,
 }
 
 /// The pager's answer.
@@ -67,6 +77,13 @@ pub struct AttachReply {
     /// On success: the swap device serving this VM.
     #[serde(default)]
     pub swapdev: Option<String>,
+    /// Whether the VMM may re-attach ([`AttachRequest::reattach`]) if this connection ends
+    /// without a word from the pager: true for a VM whose every page is in its memory file or
+    /// its swap device, false while some are elsewhere (a migration's other host). The pager
+    /// sends a new reply frame on the same connection when that changes, and a last one with
+    /// `ok: false` and the reason when it tears the VM down on purpose.
+    #[serde(default)]
+    pub reattach: bool,
 }
 
 /// Why a handshake was refused. The refusal reaches the VMM and the log as one line, so the
@@ -439,6 +456,8 @@ mod tests {
             memory_file: true,
             uffd_features: 0,
             modes: vec!["missing".into(), "wp".into()],
+            reattach: false,
+            served_by: None,
         };
         send_request(&a, &req, f1.as_raw_fd(), Some(f2.as_raw_fd())).unwrap();
         match recv_handshake(&b).unwrap() {
@@ -456,6 +475,7 @@ mod tests {
             ok: false,
             error: Some("no such vm".into()),
             swapdev: None,
+            reattach: false,
         };
         send_reply(&b, &reply).unwrap();
         assert_eq!(recv_reply(&a).unwrap(), reply);

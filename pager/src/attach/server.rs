@@ -39,6 +39,10 @@ pub struct AttachedVm {
     pub flavour: &'static str,
     /// True for pagewise clients, which expect an [`AttachReply`].
     pub wants_reply: bool,
+    /// The VMM attaches again after its pager went away ([`super::protocol::AttachRequest::reattach`]).
+    pub reattach: bool,
+    /// On a re-attach: the swap device the gone pager served it from.
+    pub served_by: Option<String>,
 }
 
 /// Why an attach was refused.
@@ -118,28 +122,33 @@ pub fn accept_vm(
 }
 
 fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<AttachedVm, AttachError> {
-    let (requested, regions, uffd, memory_file, modes, flavour) = match handshake {
-        Handshake::Firecracker { regions, uffd } => (
-            None,
-            regions,
-            uffd,
-            None::<OwnedFd>,
-            Vec::<String>::new(),
-            "firecracker",
-        ),
-        Handshake::Pagewise {
-            request,
-            uffd,
-            memory_file,
-        } => (
-            Some(request.vm),
-            request.regions,
-            uffd,
-            memory_file,
-            request.modes,
-            "pagewise",
-        ),
-    };
+    let (requested, regions, uffd, memory_file, modes, flavour, reattach, served_by) =
+        match handshake {
+            Handshake::Firecracker { regions, uffd } => (
+                None,
+                regions,
+                uffd,
+                None::<OwnedFd>,
+                Vec::<String>::new(),
+                "firecracker",
+                false,
+                None,
+            ),
+            Handshake::Pagewise {
+                request,
+                uffd,
+                memory_file,
+            } => (
+                Some(request.vm),
+                request.regions,
+                uffd,
+                memory_file,
+                request.modes,
+                "pagewise",
+                request.reattach,
+                request.served_by,
+            ),
+        };
     let name = match (naming, requested) {
         (Naming::Fixed(fixed), Some(req)) if !req.is_empty() && req != *fixed => {
             return Err(AttachError::WrongVm {
@@ -191,6 +200,8 @@ fn build(handshake: Handshake, naming: &Naming, peer: PeerInfo) -> Result<Attach
         wp_registered,
         flavour,
         wants_reply: flavour == "pagewise",
+        reattach,
+        served_by,
     })
 }
 
@@ -212,18 +223,21 @@ fn check_memory_file(file: &OwnedFd, layout: &GuestLayout) -> Result<(), AttachE
     Ok(())
 }
 
-/// Answer a pagewise client (logged, never fatal: the client may be gone).
-pub fn reply(stream: &UnixStream, result: Result<&str, &str>) {
+/// Answer a pagewise client (logged, never fatal: the client may be gone): the swap device
+/// and whether a re-attach could serve the VM, or the refusal.
+pub fn reply(stream: &UnixStream, result: Result<(&str, bool), &str>) {
     let reply = match result {
-        Ok(swapdev) => AttachReply {
+        Ok((swapdev, reattach)) => AttachReply {
             ok: true,
             error: None,
             swapdev: Some(swapdev.to_string()),
+            reattach,
         },
         Err(e) => AttachReply {
             ok: false,
             error: Some(e.to_string()),
             swapdev: None,
+            reattach: false,
         },
     };
     if let Err(e) = send_reply(stream, &reply) {
@@ -279,6 +293,8 @@ mod tests {
             memory_file: false,
             uffd_features: 0,
             modes: modes.iter().map(|s| s.to_string()).collect(),
+            reattach: false,
+            served_by: None,
         };
         let (a, b) = UnixStream::pair().unwrap();
         send_request(&a, &req("vm-2", &["missing", "wp"]), u.as_raw_fd(), None).unwrap();
@@ -308,6 +324,8 @@ mod tests {
             memory_file,
             uffd_features: 0,
             modes: vec!["missing".into()],
+            reattach: false,
+            served_by: None,
         };
         let zero = std::fs::File::open("/dev/zero").unwrap();
         let (a, b) = UnixStream::pair().unwrap();

@@ -124,6 +124,20 @@ pub enum StartError {
     ShuttingDown,
     #[error("spawning the fault-loop thread")]
     Spawn(#[source] std::io::Error),
+    #[error("VM {vm:?} is prepared for an incoming migration: a re-attach cannot take it (its pages are partly on the other host)")]
+    ReattachPrepared { vm: String },
+    #[error("re-attach of VM {vm:?}: its pager served it from {was}, this one would from {now} (the pages stored there would read as missing)")]
+    ReattachOtherStore {
+        vm: String,
+        was: String,
+        now: String,
+    },
+    #[error("re-attach of VM {vm:?}: rebuilding its page states")]
+    Rebuild {
+        vm: String,
+        #[source]
+        source: super::reattach::RebuildError,
+    },
 }
 
 /// Errors starting the daemon.

@@ -15,6 +15,7 @@ use super::error::{render_chain, StartError};
 use super::prepare::{check_layout_spec, check_ranges, PrepareError, PreparedVm};
 use super::protocol::{ListedVm, PrepareSpec, Response, VmStatus};
 use super::Daemon;
+use crate::attach::protocol::{send_reply, AttachReply};
 use crate::attach::server::{valid_vm_name, AttachedVm};
 use crate::fault_loop::FaultLoop;
 use crate::vm::Vm;
@@ -36,7 +37,26 @@ pub struct VmEntry {
     pub controller: crate::fault_loop::LoopController,
 }
 
+/// What [`Daemon::start_vm`] tells the attaching VMM.
+pub(super) struct Started {
+    /// The source's description (the attach reply's `swapdev`).
+    pub description: String,
+    /// Whether a re-attach could serve the VM (not while pages are routed to another host).
+    pub reattach: bool,
+}
+
 impl VmEntry {
+    /// Send a pagewise VMM a reply frame on its attach connection (its watch thread reads
+    /// them: a new `reattach`, or why the VM is torn down). Firecracker VMMs expect nothing.
+    fn tell(&self, reply: &AttachReply) {
+        if self.flavour != "pagewise" {
+            return;
+        }
+        if let Some(c) = &self.connection {
+            tell(c, &self.vm.name, reply);
+        }
+    }
+
     /// The VMM closed its attach connection (its fault loop may not have noticed yet).
     fn vmm_gone(&self) -> bool {
         let Some(c) = &self.connection else {
@@ -54,6 +74,23 @@ impl VmEntry {
     }
 }
 
+/// [`VmEntry::tell`] on a connection fd.
+fn tell(connection: &OwnedFd, vm: &str, reply: &AttachReply) {
+    if let Err(e) = send_reply(connection, reply) {
+        tracing::debug!(vm, %e, "could not tell the VMM (it may be gone)");
+    }
+}
+
+/// The frame telling a VMM why its VM was torn down (it then exits instead of waiting).
+fn goodbye(why: String) -> AttachReply {
+    AttachReply {
+        ok: false,
+        error: Some(why),
+        swapdev: None,
+        reattach: false,
+    }
+}
+
 /// The text of a panic payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -68,15 +105,19 @@ impl Daemon {
         self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Open the source, check sizes, register the VM and start its fault loop. Returns the
-    /// source's description (the attach reply).
+    /// Open the source, check sizes, register the VM and start its fault loop. A re-attach
+    /// (the VMM's pager went away) rebuilds the page states first and wakes every waiting
+    /// fault after (`reattach.rs`).
     pub(super) fn start_vm(
         self: &Arc<Self>,
         a: AttachedVm,
         stream: &UnixStream,
-    ) -> Result<String, StartError> {
+    ) -> Result<Started, StartError> {
         let name = a.name.clone();
         let prepared = self.prepared_lock().get(&name).cloned();
+        if a.reattach && prepared.is_some() {
+            return Err(StartError::ReattachPrepared { vm: name });
+        }
         if let Some(p) = &prepared {
             p.check_layout(&a.layout)
                 .map_err(|source| StartError::LayoutMismatch {
@@ -100,9 +141,22 @@ impl Daemon {
         a.layout
             .check_fits(&opened.description, src_bytes)
             .map_err(StartError::DoesNotFit)?;
+        if let Some(was) = a.served_by.as_ref().filter(|_| a.reattach) {
+            if *was != opened.description {
+                return Err(StartError::ReattachOtherStore {
+                    vm: name,
+                    was: was.clone(),
+                    now: opened.description,
+                });
+            }
+        }
         let prefetch = crate::prefetch::by_name(&self.config.prefetch, a.layout.pages())?;
         let connection: OwnedFd = stream.try_clone().map_err(StartError::DupSocket)?.into();
         let watch = connection.try_clone().ok();
+        // For the last word to a pagewise VMM whose loop fails (it then exits, not waits).
+        let last_word = (a.flavour == "pagewise")
+            .then(|| connection.try_clone().ok())
+            .flatten();
         let mut vm = Vm::new(name.clone(), a.uffd, a.layout, a.memory_file, a.peer);
         vm.wp_registered = a.wp_registered;
         vm.source_description = opened.description.clone();
@@ -113,6 +167,16 @@ impl Daemon {
                 vm: name.clone(),
                 source,
             })?;
+        }
+        if a.reattach {
+            let rebuilt =
+                super::reattach::rebuild_states(&vm).map_err(|source| StartError::Rebuild {
+                    vm: name.clone(),
+                    source,
+                })?;
+            tracing::info!(vm = %name, present = rebuilt.present, evicted = rebuilt.evicted,
+                zero = rebuilt.zero, missing = rebuilt.missing, holes_known = rebuilt.holes_known,
+                "re-attach: page states rebuilt from the memory file and the swap device");
         }
         let vm = Arc::new(vm);
         let stop = Arc::new(
@@ -156,14 +220,25 @@ impl Daemon {
                 // nor the VMM's connection open: it ends like any failed loop.
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| fault_loop.run()));
                 let vm_name = &thread_vm.name;
-                match outcome {
-                    Ok(Ok(exit)) => tracing::info!(vm = %vm_name, ?exit, "VM detached"),
-                    Ok(Err(e)) => {
-                        tracing::error!(vm = %vm_name, error = %render_chain(&e), "VM torn down")
+                let failure = match outcome {
+                    Ok(Ok(exit)) => {
+                        tracing::info!(vm = %vm_name, ?exit, "VM detached");
+                        None
                     }
-                    Err(payload) => tracing::error!(vm = %vm_name,
-                        panic = %panic_message(payload.as_ref()),
-                        "the VM's fault loop panicked; VM torn down"),
+                    Ok(Err(e)) => {
+                        let why = render_chain(&e);
+                        tracing::error!(vm = %vm_name, error = %why, "VM torn down");
+                        Some(why)
+                    }
+                    Err(payload) => {
+                        let why = panic_message(payload.as_ref());
+                        tracing::error!(vm = %vm_name, panic = %why,
+                            "the VM's fault loop panicked; VM torn down");
+                        Some(format!("its fault loop panicked: {why}"))
+                    }
+                };
+                if let (Some(why), Some(c)) = (failure, &last_word) {
+                    tell(c, vm_name, &goodbye(why));
                 }
                 Self::end_of_loop(&daemon, &thread_vm);
             })
@@ -174,6 +249,8 @@ impl Daemon {
                 pending.remove(&name);
             }
         }
+        let reattach = prepared.is_none();
+        let woken = a.reattach.then(|| vm.clone());
         vms.insert(
             name,
             VmEntry {
@@ -187,7 +264,36 @@ impl Daemon {
                 controller,
             },
         );
-        Ok(opened.description)
+        drop(vms);
+        if let Some(vm) = woken {
+            // The loop runs: every fault the gone pager read and never answered is delivered
+            // again (and reaches it) once its thread wakes and touches the page.
+            if let Err(e) = super::reattach::wake_all(&vm) {
+                tracing::warn!(vm = %vm.name, error = %crate::error_chain(&e),
+                    "re-attach: waking the waiting faults failed");
+            }
+        }
+        Ok(Started {
+            description: opened.description,
+            reattach,
+        })
+    }
+
+    /// Tell VM `name`'s VMM whether a re-attach could serve it if this pager went away
+    /// (false while some of its pages are on a migration's other host); false when no such
+    /// VM is attached.
+    pub fn set_reattach(&self, name: &str, allowed: bool) -> bool {
+        let vms = self.lock();
+        let Some(e) = vms.get(name) else {
+            return false;
+        };
+        e.tell(&AttachReply {
+            ok: true,
+            error: None,
+            swapdev: Some(e.vm.source_description.clone()),
+            reattach: allowed,
+        });
+        true
     }
 
     /// After a VM's loop ended (any way): flush its swap device, remove its entry (closing
@@ -265,11 +371,13 @@ impl Daemon {
         Ok(())
     }
 
-    /// Detach one VM: stop its fault loop and wait for it.
+    /// Detach one VM: tell its VMM (which then exits rather than wait for a pager), stop
+    /// its fault loop and wait for it.
     pub fn detach(&self, name: &str) -> bool {
         let entry = self.lock().remove(name);
         match entry {
             Some(e) => {
+                e.tell(&goodbye(format!("VM {name:?} was detached from the pager")));
                 Self::stop_entry(e);
                 true
             }

@@ -115,6 +115,7 @@ fn serve(
                         ok: refuse.is_none(),
                         error: refuse.clone(),
                         swapdev: refuse.is_none().then(|| "zero-pages (test)".to_string()),
+                        reattach: false,
                     };
                     if let Err(e) = protocol::send_reply(&stream, &reply) {
                         fail(counters, format!("send reply: {e}"));

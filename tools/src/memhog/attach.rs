@@ -170,6 +170,8 @@ fn send_handshake(
                 memory_file: mem.file().is_some(),
                 uffd_features: wanted_features(mem.backing(), wp).bits(),
                 modes,
+                reattach: false,
+                served_by: None,
             };
             protocol::send_request(
                 &socket,

@@ -182,8 +182,10 @@ impl Incoming {
             self.pages(),
             version,
         )?;
-        // Every page is here: the source's pages need no route any more.
+        // Every page is here: the source's pages need no route any more, and a pager
+        // restarted on this host could serve the VM (its QEMU may wait for one).
         let _ = controller.remove_source(Route::Remote);
+        self.daemon.set_reattach(&self.setup.vm, true);
         let report = self.report(received);
         write_message(bulk, &Message::Report(report.to_string()))?;
         self.job.update(|s| s.destination = Some(report));

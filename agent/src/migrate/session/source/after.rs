@@ -113,6 +113,8 @@ impl SourceRun {
         was_running: bool,
         why: &SourceError,
     ) {
+        // Every page is on this host again (nothing was punched before the switchover).
+        self.daemon.set_reattach(&self.request.vm, true);
         let _ = write_message(bulk, &Message::Abort(pager::error_chain(why)));
         let _ = bulk.flush();
         // The destination closes the connection once it removed what it made: wait for

@@ -85,6 +85,10 @@ impl SourceRun {
         *migrate_started = true;
         qmp.wait_status(&["pre-switchover"], QEMU_STEP_TIMEOUT)?;
         let paused = Instant::now();
+        // From the pause on, pages leave this host for good: should this daemon die, its
+        // QEMU must not attach to a restarted one that would take them as lost (it exits).
+        // A roll-back says otherwise again.
+        self.daemon.set_reattach(&self.request.vm, false);
         self.job.update(|s| {
             s.status = Phase::PreSwitchover;
             s.paused_at_ms = Some(now_ms());
