@@ -8,8 +8,9 @@
 //! (`PAGEWISE_SOCKET`), then waits for its answer. Every failure prints one line naming the
 //! problem on stderr and ends the process with status 1: a VM must never run with guest RAM
 //! that no pager serves. A load-time constructor checks the configuration and that the pager
-//! is reachable before the VMM's `main` runs. After an attach, a watch thread ends the process
-//! if the pager's connection ends (`watch.rs`). See `config.rs` for the variables.
+//! is reachable before the VMM's `main` runs. After an attach, a watch thread waits for a
+//! restarted pager and attaches again if the pager's connection ends without a word, or ends
+//! the process (`watch.rs`). See `config.rs` for the variables.
 
 // Unit tests build without the exported hooks and the constructor (they would take over the
 // test binary), which leaves the code only they call unused there.
