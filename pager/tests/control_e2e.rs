@@ -465,10 +465,21 @@ fn a_panicking_fault_loop_tears_down_only_its_vm_which_can_attach_again() {
         let _ = tx.send(b);
     });
     wait_until("the bad VM torn down", || daemon.vm("bad").is_none());
-    // The VMM's attach connection is closed: its side sees EOF.
+    // The VMM is told why (so it exits rather than wait for a restarted pager), then its
+    // attach connection is closed: its side sees EOF.
     bad_conn
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
+    let last_word = pager::attach::protocol::recv_reply(&bad_conn).expect("the last word");
+    assert!(!last_word.ok && !last_word.reattach, "{last_word:?}");
+    assert!(
+        last_word
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("panicked"),
+        "{last_word:?}"
+    );
     let mut byte = [0u8; 1];
     let n = std::io::Read::read(&mut &bad_conn, &mut byte).expect("EOF, not a timeout");
     assert_eq!(n, 0, "the daemon closed the attach connection");
