@@ -23,20 +23,7 @@ const RAM_MIB: u64 = 256;
 /// `pagewise serve` in `dir` (the same socket and swap devices each time), its log in
 /// `DIR/NAME.err`.
 fn serve(dir: &Path, name: &str) -> PagerDaemon {
-    let socket = dir.join("pager.sock");
-    let mut cmd = Command::new(pagewise_bin());
-    cmd.args(["serve", "-v", "--socket"])
-        .arg(&socket)
-        .arg("--swapdev-dir")
-        .arg(dir);
-    let mut proc = Proc::spawn(name, cmd, dir);
-    let err = proc.stderr_path.clone();
-    wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
-    PagerDaemon {
-        proc,
-        socket,
-        swapdev_dir: dir.to_path_buf(),
-    }
+    PagerDaemon::start_logged(dir, name)
 }
 
 /// SIGKILL, and reap it.

@@ -21,13 +21,19 @@ pub struct PagerDaemon {
 
 impl PagerDaemon {
     pub fn start(dir: &Path) -> Self {
+        Self::start_logged(dir, "pagewise-serve")
+    }
+
+    /// [`PagerDaemon::start`] with its log in `DIR/NAME.err` (a restarted daemon keeps the
+    /// dead one's log).
+    pub fn start_logged(dir: &Path, name: &str) -> Self {
         let socket = dir.join("pager.sock");
         let mut cmd = Command::new(pagewise_bin());
         cmd.args(["serve", "-v", "--socket"])
             .arg(&socket)
             .arg("--swapdev-dir")
             .arg(dir);
-        let mut proc = Proc::spawn("pagewise-serve", cmd, dir);
+        let mut proc = Proc::spawn(name, cmd, dir);
         let err = proc.stderr_path.clone();
         wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
         PagerDaemon {
