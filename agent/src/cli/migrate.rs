@@ -1,7 +1,9 @@
 //! `pagewise migrate --socket S --vm VM --to ADDR:PORT --mode precopy|postcopy|agile`: ask the
 //! source daemon to move a running VM to another host's daemon, show progress (pages sent and
 //! remaining, rate, phase) and end with a report (`--json`: QEMU's `query-migrate` names
-//! where they mean the same). `--cancel` stops a running migration before its switchover.
+//! where they mean the same). `--cancel` stops a running migration before its switchover;
+//! `--resume` makes a post-copy paused by a broken link reconnect now (it also does by
+//! itself, every second, until the daemon's `--recover-timeout`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +28,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     vm: String,
     /// The destination daemon's migration endpoint (its `--migrate-listen`).
-    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "cancel")]
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present_any = ["cancel", "resume"])]
     to: Option<String>,
     /// precopy, postcopy or agile.
     #[arg(long, default_value = "agile")]
@@ -65,6 +67,9 @@ pub struct MigrateArgs {
     /// Cancel the running migration of --vm (before its switchover) instead.
     #[arg(long)]
     cancel: bool,
+    /// Reconnect the post-copy of --vm paused by a broken link now, and follow it to its end.
+    #[arg(long, conflicts_with = "cancel")]
+    resume: bool,
 }
 
 fn rate(arg: &str) -> Result<u64> {
@@ -120,6 +125,20 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if args.resume {
+        let s = call(
+            &mut client,
+            &Request::MigrateResume {
+                vm: args.vm.clone(),
+            },
+        )?;
+        eprintln!(
+            "resuming the migration of {} (status {})",
+            args.vm,
+            text(&s, "status")
+        );
+        return follow(&mut client, &args);
+    }
     let request = MigrateRequest {
         vm: args.vm.clone(),
         to: args.to.clone().unwrap_or_default(),
@@ -136,6 +155,11 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
         order: Some(args.order.clone()),
     };
     call(&mut client, &Request::Migrate(request))?;
+    follow(&mut client, &args)
+}
+
+/// Show the migration of `args.vm` until it is over, then its report (and plot).
+fn follow(client: &mut ControlClient, args: &MigrateArgs) -> Result<ExitCode> {
     let bar = if args.json {
         ProgressBar::hidden()
     } else {
@@ -150,7 +174,7 @@ pub fn run(args: MigrateArgs) -> Result<ExitCode> {
     };
     let status = loop {
         let s = call(
-            &mut client,
+            client,
             &Request::MigrateStatus {
                 vm: args.vm.clone(),
             },
@@ -206,6 +230,14 @@ fn render(s: &Value) -> String {
     );
     if let Some(e) = s["error"].as_str() {
         out += &format!("  error: {e}\n");
+    }
+    if num(s, &["link_cuts"]) > 0 {
+        out += &format!(
+            "  link cut {} times after the switchover, recovered {} times, paused {} ms\n",
+            num(s, &["link_cuts"]),
+            num(s, &["recoveries"]),
+            num(s, &["paused_for_link_ms"]),
+        );
     }
     out += &format!(
         "  total {} ms, setup {} ms, downtime {} ms (QEMU's {} ms)\n",

@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// The attach library incoming QEMUs run under [default: next to the pagewise binary].
     #[arg(long)]
     preload: Option<PathBuf>,
+    /// How long a post-copy whose link broke tries to get it back, in seconds (the source
+    /// dials again every second, the destination waits), before it gives up.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    recover_timeout: u64,
 }
 
 /// Install the migration engine (with `--psk-file`) and its endpoint (`--migrate-listen`).
@@ -156,6 +160,7 @@ fn start_migration(
             swapdev_dir,
             host_id,
             qemu_start_timeout: Duration::from_secs(30),
+            recover_timeout: Duration::from_secs(args.recover_timeout),
         },
         daemon,
     );

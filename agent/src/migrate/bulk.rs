@@ -249,13 +249,26 @@ pub struct Received {
 
 /// Destination side: place every pushed page until the source says `Done`.
 pub fn receive_pages(
-    mut stream: impl Read,
+    stream: impl Read,
     control: &LoopController,
     page_size: usize,
     pages: u64,
     version: u16,
 ) -> Result<Received, BulkError> {
     let mut got = Received::default();
+    receive_pages_into(stream, control, page_size, pages, version, &mut got)?;
+    Ok(got)
+}
+
+/// [`receive_pages`], counting into `got` (what was placed before a failure counts too).
+pub fn receive_pages_into(
+    mut stream: impl Read,
+    control: &LoopController,
+    page_size: usize,
+    pages: u64,
+    version: u16,
+    got: &mut Received,
+) -> Result<(), BulkError> {
     let mut batch = Vec::with_capacity(PLACE_BATCH);
     let flush = |batch: &mut Vec<PushedPage>, got: &mut Received| -> Result<(), BulkError> {
         if !batch.is_empty() {
@@ -284,8 +297,8 @@ pub fn receive_pages(
                 (first, PageContent::Zero)
             }
             Message::Done => {
-                flush(&mut batch, &mut got)?;
-                return Ok(got);
+                flush(&mut batch, got)?;
+                return Ok(());
             }
             other => return Err(BulkError::Unexpected(other.command())),
         };
@@ -294,7 +307,7 @@ pub fn receive_pages(
         }
         batch.push(PushedPage { page, content });
         if batch.len() >= PLACE_BATCH {
-            flush(&mut batch, &mut got)?;
+            flush(&mut batch, got)?;
         }
     }
 }

@@ -16,16 +16,16 @@
 //!
 //! **Versions.** A change to any frame or payload layout bumps [`VERSION`]; a peer accepts
 //! [`MIN_VERSION`]..=[`VERSION`] and the two sides settle on one version in their hellos.
-//! Version 2 added `EncodedPage` and `Resend`. Every frame is stamped with this build's
+//! Version 2 added `EncodedPage` and `Resend`, version 3 `Resume`. Every frame is stamped with this build's
 //! [`VERSION`] (writers do not carry the agreed one), so a build accepts only its own
 //! version: an older peer is refused at the hellos with both version ranges named.
 
 /// The frame magic.
 pub const MAGIC: [u8; 4] = *b"PWMG";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest version this build still accepts.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// The largest guest page the wire carries (2 MiB huge pages).
@@ -92,10 +92,15 @@ pub enum Command {
     /// Destination -> source (bulk channel, before the switchover): an encoded page did not
     /// decode to its checksum here; send it whole. Version 2.
     Resend = 22,
+    /// Source -> destination (bulk channel, first frame): reconnect the post-copy of a
+    /// session whose link broke. The destination answers with `Ack` runs of every page it
+    /// holds, then `Ready` (or `Report` if it had finished, `Refuse` if it knows no such
+    /// paused migration). Version 3.
+    Resume = 23,
 }
 
 impl Command {
-    pub const ALL: [Command; 22] = [
+    pub const ALL: [Command; 23] = [
         Command::Hello,
         Command::AuthProof,
         Command::Refuse,
@@ -118,6 +123,7 @@ impl Command {
         Command::Released,
         Command::EncodedPage,
         Command::Resend,
+        Command::Resume,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -133,6 +139,7 @@ impl Command {
             Command::Report => 4 + MAX_REPORT,
             Command::Setup => 256 * 1024,
             Command::SetupOk => 8 + 2 + MAX_STR,
+            Command::Resume => 16 + 2 + MAX_STR,
             Command::Page => 12 + MAX_PAGE_SIZE,
             Command::EncodedPage => 16 + MAX_PAGE_SIZE,
             Command::ZeroPages
@@ -240,7 +247,7 @@ mod tests {
         let h = FrameHeader::new(Command::Page, 4108);
         assert_eq!(
             h.encode(),
-            [b'P', b'W', b'M', b'G', 2, 0, 6, 0, 0, 0, 0, 0, 0x0c, 0x10, 0, 0]
+            [b'P', b'W', b'M', b'G', 3, 0, 6, 0, 0, 0, 0, 0, 0x0c, 0x10, 0, 0]
         );
         assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
     }
@@ -248,9 +255,9 @@ mod tests {
     #[test]
     fn command_numbers_are_pinned_and_zero_is_invalid() {
         let numbers: Vec<u16> = Command::ALL.iter().map(|c| *c as u16).collect();
-        assert_eq!(numbers, (1..=22).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=23).collect::<Vec<u16>>());
         assert_eq!(Command::from_u16(0), None);
-        assert_eq!(Command::from_u16(23), None);
+        assert_eq!(Command::from_u16(24), None);
     }
 
     #[test]
@@ -262,7 +269,8 @@ mod tests {
             FrameHeader::decode(&b)
         };
         assert_eq!(with(0, b'X'), Err(FrameError::BadMagic { found: *b"XWMG" }));
-        assert_eq!(with(4, 3), Err(FrameError::UnsupportedVersion { found: 3 }));
+        assert_eq!(with(4, 4), Err(FrameError::UnsupportedVersion { found: 4 }));
+        assert_eq!(with(4, 2), Err(FrameError::UnsupportedVersion { found: 2 }));
         assert_eq!(with(4, 0), Err(FrameError::UnsupportedVersion { found: 0 }));
         assert_eq!(with(6, 0), Err(FrameError::UnknownCommand { found: 0 }));
         assert_eq!(with(7, 1), Err(FrameError::UnknownCommand { found: 265 }));

@@ -74,6 +74,22 @@ impl Link {
         self.tcp().set_nodelay(on)
     }
 
+    /// Notice a dead link within about `within`: TCP keepalive probes on an idle
+    /// connection, and `TCP_USER_TIMEOUT` for data left unacknowledged (a cut cable, a
+    /// peer host gone). Blocked reads and writes then fail, so post-copy can pause and
+    /// recover instead of waiting forever on a connection that no longer goes anywhere.
+    pub fn detect_dead_link(&self, within: Duration) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let secs = within.as_secs().clamp(2, 3600) as u32;
+        let fd = self.tcp();
+        let probe = |r: nix::Result<()>| r.map_err(io::Error::from);
+        probe(setsockopt(fd, sockopt::KeepAlive, &true))?;
+        probe(setsockopt(fd, sockopt::TcpKeepIdle, &(secs / 2).max(1)))?;
+        probe(setsockopt(fd, sockopt::TcpKeepInterval, &1))?;
+        probe(setsockopt(fd, sockopt::TcpKeepCount, &(secs / 2).max(1)))?;
+        probe(setsockopt(fd, sockopt::TcpUserTimeout, &(secs * 1000)))
+    }
+
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
         self.tcp().peer_addr()
     }

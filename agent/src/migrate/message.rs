@@ -116,6 +116,12 @@ pub enum Message {
     Resend {
         page: u64,
     },
+    /// Opens the bulk channel of a new pair of connections for a post-copy that lost its
+    /// link: the migration `session` (its first pair's) of VM `vm`.
+    Resume {
+        session: [u8; 16],
+        vm: String,
+    },
 }
 
 /// A message that cannot be read.
@@ -266,6 +272,7 @@ impl Message {
             Message::Released => Command::Released,
             Message::EncodedPage { .. } => Command::EncodedPage,
             Message::Resend { .. } => Command::Resend,
+            Message::Resume { .. } => Command::Resume,
         }
     }
 
@@ -300,6 +307,10 @@ impl Message {
                 for a in &s.qemu_argv {
                     put_str(&mut out, a);
                 }
+            }
+            Message::Resume { session, vm } => {
+                out.extend_from_slice(session);
+                put_str(&mut out, vm);
             }
             Message::SetupOk { qemu_pid, incoming } => {
                 out.extend_from_slice(&qemu_pid.to_le_bytes());
@@ -439,25 +450,23 @@ impl Message {
                 }
                 Message::Page { page, data }
             }
-            Command::ZeroPages => Message::ZeroPages {
-                first: f.u64()?,
-                count: f.u64()?,
-            },
-            Command::FreedPages => Message::FreedPages {
-                first: f.u64()?,
-                count: f.u64()?,
-            },
-            Command::Ack => Message::Ack {
-                first: f.u64()?,
-                count: f.u64()?,
-            },
-            Command::StalePages => Message::StalePages {
-                first: f.u64()?,
-                count: f.u64()?,
-            },
-            Command::StoredPages => Message::StoredPages {
-                first: f.u64()?,
-                count: f.u64()?,
+            Command::ZeroPages
+            | Command::FreedPages
+            | Command::Ack
+            | Command::StalePages
+            | Command::StoredPages => {
+                let (first, count) = (f.u64()?, f.u64()?);
+                match command {
+                    Command::ZeroPages => Message::ZeroPages { first, count },
+                    Command::FreedPages => Message::FreedPages { first, count },
+                    Command::Ack => Message::Ack { first, count },
+                    Command::StalePages => Message::StalePages { first, count },
+                    _ => Message::StoredPages { first, count },
+                }
+            }
+            Command::Resume => Message::Resume {
+                session: f.array()?,
+                vm: f.string()?,
             },
             Command::Ready => Message::Ready,
             Command::Released => Message::Released,

@@ -352,6 +352,7 @@ impl FaultLoop {
                 continue;
             }
             report.placed += 1;
+            self.sources.arrived(p.page);
             self.vm.dirty.forget_device_copy(p.page, 1);
             batch.push(PageCompletion {
                 page: p.page,

@@ -78,8 +78,13 @@ impl FaultLoop {
                                 result: Ok(content),
                             })
                         }
-                        // Settled: the page stays in flight for the copy on its way.
-                        Err(SourceError::Elsewhere { .. }) => {}
+                        // Settled: the page stays in flight for the copy on its way
+                        // (voided if this source is replaced before it comes).
+                        Err(SourceError::Elsewhere { .. }) => {
+                            if self.vm.states.get(c.page) == PageState::InFlight {
+                                self.sources.await_elsewhere(c.page, claim);
+                            }
+                        }
                         Err(e) => failed.push((c.page, claim, e)),
                     },
                     None => {

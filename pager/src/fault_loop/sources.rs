@@ -34,6 +34,10 @@ pub(super) struct Claim {
 pub(super) struct SourceSet {
     slots: [Option<Installed>; 4],
     claims: HashMap<u64, Claim>,
+    /// Pages whose source answered that their copy comes another way (a migration's bulk
+    /// channel): still in flight, with no read of ours out. If that source is replaced
+    /// (its connection broke), the copy may never come: they are voided with its claims.
+    elsewhere: HashMap<u64, Claim>,
 }
 
 impl SourceSet {
@@ -109,17 +113,34 @@ impl SourceSet {
         }
     }
 
-    /// Drop every claim whose read went to `route` (its source was replaced or removed).
+    /// `page`'s source said its copy comes another way; remember its claim until it does.
+    pub fn await_elsewhere(&mut self, page: u64, claim: Claim) {
+        self.elsewhere.insert(page, claim);
+    }
+
+    /// A copy of `page` arrived (pushed): it no longer waits for one from elsewhere.
+    pub fn arrived(&mut self, page: u64) {
+        if !self.elsewhere.is_empty() {
+            self.elsewhere.remove(&page);
+        }
+    }
+
+    /// Drop every claim whose read went to `route` (its source was replaced or removed),
+    /// and every page that source said comes another way.
     pub fn drop_claims_of(&mut self, route: Route) -> Vec<(u64, Claim)> {
-        let pages: Vec<u64> = self
-            .claims
-            .iter()
-            .filter(|(_, c)| c.route == route)
-            .map(|(p, _)| *p)
-            .collect();
-        pages
-            .into_iter()
-            .filter_map(|p| self.claims.remove(&p).map(|c| (p, c)))
-            .collect()
+        let mut out = Vec::new();
+        for map in [&mut self.claims, &mut self.elsewhere] {
+            let pages: Vec<u64> = map
+                .iter()
+                .filter(|(_, c)| c.route == route)
+                .map(|(p, _)| *p)
+                .collect();
+            out.extend(
+                pages
+                    .into_iter()
+                    .filter_map(|p| map.remove(&p).map(|c| (p, c))),
+            );
+        }
+        out
     }
 }

@@ -252,6 +252,75 @@ fn a_gone_host_parks_its_pages_and_a_new_source_resumes_them() {
 }
 
 #[test]
+fn a_page_promised_by_a_replaced_source_is_asked_of_the_new_one() {
+    // The source answers "it comes on the bulk channel"; its connection breaks before it
+    // does: the new source is asked for the page and the waiting fault is served.
+    let pages = 8;
+    let promised = ScriptedSource::new(2, Route::Remote, pages).with(5, Script::Elsewhere);
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Remote,
+        vec![Box::new(promised)],
+        "none",
+        &[],
+    );
+    let answer = g.touch_async(5);
+    eventually("the page waits for its promised copy", || {
+        g.vm.states.get(5) == PageState::InFlight && g.control.report().unwrap().in_flight == 0
+    });
+    assert!(answer.try_recv().is_err());
+    let next = ScriptedSource::new(3, Route::Remote, pages);
+    let asked = next.asked.clone();
+    g.control
+        .install_source(Route::Remote, Box::new(next))
+        .unwrap();
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(3, 5)[0]
+    );
+    assert_eq!(*asked.lock().unwrap(), vec![5]);
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+}
+
+#[test]
+fn a_promised_page_that_arrives_is_not_asked_again() {
+    let pages = 8;
+    let promised = ScriptedSource::new(2, Route::Remote, pages).with(5, Script::Elsewhere);
+    let mut g = Guest::start(
+        pages,
+        |_| Route::Remote,
+        vec![Box::new(promised)],
+        "none",
+        &[],
+    );
+    let answer = g.touch_async(5);
+    eventually("the page waits for its promised copy", || {
+        g.vm.states.get(5) == PageState::InFlight && g.control.report().unwrap().in_flight == 0
+    });
+    g.control
+        .place(vec![PushedPage {
+            page: 5,
+            content: PageContent::Data(buf_of(&page_bytes(7, 5))),
+        }])
+        .unwrap();
+    assert_eq!(
+        answer.recv_timeout(Duration::from_secs(5)).unwrap(),
+        page_bytes(7, 5)[0]
+    );
+    let next = ScriptedSource::new(3, Route::Remote, pages);
+    let asked = next.asked.clone();
+    g.control
+        .install_source(Route::Remote, Box::new(next))
+        .unwrap();
+    assert!(
+        asked.lock().unwrap().is_empty(),
+        "a page that arrived was asked again"
+    );
+    assert_eq!(g.page(5), &page_bytes(7, 5)[..]);
+    assert_eq!(g.stop().unwrap(), LoopExit::Stopped);
+}
+
+#[test]
 fn paused_faults_wait_and_are_served_on_resume() {
     let pages = 8;
     let mut g = Guest::start(

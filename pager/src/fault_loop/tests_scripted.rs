@@ -36,6 +36,8 @@ pub(super) enum Script {
     HostGone,
     /// Also answers page `page + 1000` (never asked for), then the page itself.
     AlsoUnrequested,
+    /// Answers that the page comes another way (a migration's bulk channel).
+    Elsewhere,
 }
 
 /// An in-memory source: page `i` is `page_bytes(salt, i)`, answered at once through an eventfd.
@@ -99,6 +101,7 @@ impl PageSource for ScriptedSource {
                     source: "connection reset".into(),
                 })
             }
+            Some(Script::Elsewhere) => Err(SourceError::Elsewhere { page }),
             Some(Script::AlsoUnrequested) => {
                 self.ready.push_back(PageCompletion {
                     page: page + 1000,

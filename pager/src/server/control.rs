@@ -252,6 +252,13 @@ fn answer(daemon: &Daemon, request: Request) -> Result<Response, CommandError> {
                     .map_err(|source| CommandError::Migration { vm, source })?,
             )
         }
+        Request::MigrateResume { vm } => {
+            let m = daemon.migration().ok_or(CommandError::NoMigration)?;
+            Response::Migration(
+                m.resume(&vm)
+                    .map_err(|source| CommandError::Migration { vm, source })?,
+            )
+        }
         Request::DirtyStop { vm, consumer } => {
             if !daemon.tracking().stop(&vm, &consumer) {
                 return Err(super::tracking::TrackingError::NotTracking { vm, consumer }.into());

@@ -50,6 +50,8 @@ pub trait MigrationService: Send + Sync {
     fn status(&self, vm: &str) -> Result<Value, BoxError>;
     /// Ask the running migration of `vm` to stop (only before switchover).
     fn cancel(&self, vm: &str) -> Result<Value, BoxError>;
+    /// Make the paused post-copy of `vm` (its link broke) try to reconnect now.
+    fn resume(&self, vm: &str) -> Result<Value, BoxError>;
     /// Whether `vm` is being migrated (to or from this host).
     fn is_migrating(&self, vm: &str) -> bool;
     /// Every migration this daemon knows, for `stats`.

@@ -136,6 +136,8 @@ pub enum Request {
     MigrateStatus { vm: String },
     /// Stop a migration before its switchover: [`Response::Migration`].
     MigrateCancel { vm: String },
+    /// Reconnect a post-copy that lost its link now: [`Response::Migration`].
+    MigrateResume { vm: String },
 }
 
 impl Request {
@@ -161,6 +163,7 @@ impl Request {
         "migrate",
         "migrate_status",
         "migrate_cancel",
+        "migrate_resume",
     ];
 }
 

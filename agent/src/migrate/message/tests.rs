@@ -75,6 +75,10 @@ fn sample_messages() -> Vec<Message> {
             body: vec![2, 1, 0xff],
         },
         Message::Resend { page: 0x77 },
+        Message::Resume {
+            session: [0x22; 16],
+            vm: "vm1".into(),
+        },
     ]
 }
 
@@ -123,6 +127,8 @@ fn payload_bytes_are_pinned() {
         // EncodedPage: index, crc32c of the decoded page, encoding, 3 reserved, body
         "0900000000000000 efbeadde 01 000000 0201ff".into(),
         "7700000000000000".into(),
+        // Resume: the paused session's id, the VM's name
+        format!("{} 0300 {}", "22".repeat(16), a("vm1")),
     ];
     assert_eq!(
         pinned.len(),
@@ -150,7 +156,7 @@ fn a_whole_frame_is_header_then_payload() {
     let bytes = Message::PageRequest { page: 1 }.encode();
     assert_eq!(
         hex(&bytes),
-        "50574d470200090000000000080000000100000000000000"
+        "50574d470300090000000000080000000100000000000000"
     );
 }
 

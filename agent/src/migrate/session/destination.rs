@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::{Engine, Job};
 use super::incoming::{Incoming, IncomingError};
+use super::recovery::{Offer, LINK_DEAD_AFTER};
 use super::status::{Phase, Role};
 use crate::migrate::auth::open_server;
 use crate::migrate::link::Link;
@@ -84,6 +85,9 @@ fn handle_connection(engine: &Arc<Engine>, tcp: TcpStream) {
             }
         },
     };
+    if let Err(e) = stream.detect_dead_link(LINK_DEAD_AFTER) {
+        tracing::warn!(%peer, %e, "migration connection: cannot set its keepalive");
+    }
     let opened = match open_server(&mut stream, &engine.config.psk) {
         Ok(o) => o,
         Err(e) => {
@@ -134,13 +138,28 @@ fn handle_connection(engine: &Arc<Engine>, tcp: TcpStream) {
         tracing::warn!(%peer, "refused migration peer {peer}: its two connections speak versions {} and {}", other.version, opened.version);
         return;
     }
-    run_session(engine, urgent, bulk, opened.version, peer);
+    run_session(engine, urgent, bulk, opened.version, opened.session, peer);
 }
 
-fn run_session(engine: &Arc<Engine>, urgent: Link, mut bulk: Link, version: u16, peer: String) {
+fn run_session(
+    engine: &Arc<Engine>,
+    urgent: Link,
+    mut bulk: Link,
+    version: u16,
+    session: [u8; 16],
+    peer: String,
+) {
     let _ = bulk.set_read_timeout(Some(Duration::from_secs(30)));
     let setup = match read_message(&mut bulk, Some(version)) {
         Ok(Message::Setup(s)) => s,
+        Ok(Message::Resume { session, vm }) => {
+            let offer = Offer {
+                urgent,
+                bulk,
+                version,
+            };
+            return resume_session(engine, offer, session, &vm, &peer);
+        }
         Ok(other) => {
             let e = IncomingError::OutOfOrder {
                 got: other.command(),
@@ -161,6 +180,7 @@ fn run_session(engine: &Arc<Engine>, urgent: Link, mut bulk: Link, version: u16,
         return;
     };
     let job = Job::new(&setup.vm, Role::Destination, Some(setup.mode), peer.clone());
+    job.recovery.set_session(session);
     if let Err(e) = engine.claim(&setup.vm, job.clone()) {
         let _ = write_message(&mut bulk, &Message::Refuse(pager::error_chain(&e)));
         return;
@@ -189,5 +209,43 @@ fn run_session(engine: &Arc<Engine>, urgent: Link, mut bulk: Link, version: u16,
             }
             job.finish(Phase::Failed, Some(text));
         }
+    }
+}
+
+/// A source reconnecting the post-copy of `session` (VM `vm`) after its link broke: the new
+/// connections go to the paused migration, which answers on them. A migration that ended
+/// meanwhile answers with its report (the source lost it with the link); one this host does
+/// not know is refused.
+fn resume_session(engine: &Arc<Engine>, mut offer: Offer, session: [u8; 16], vm: &str, peer: &str) {
+    let job = engine.job(vm).ok().filter(|j| {
+        j.snapshot().role == Role::Destination && j.recovery.session() == Some(session)
+    });
+    let refuse = |offer: &mut Offer, why: String| {
+        tracing::warn!(%peer, vm, "refused to resume a migration: {why}");
+        let _ = write_message(&mut offer.bulk, &Message::Refuse(why));
+    };
+    let Some(job) = job else {
+        return refuse(
+            &mut offer,
+            format!("no migration of VM {vm:?} with this session is known here"),
+        );
+    };
+    match job.phase() {
+        Phase::PostcopyActive | Phase::PostcopyPaused | Phase::PostcopyRecover => {
+            tracing::info!(%peer, vm, "the source reconnected: resuming post-copy");
+            let _ = offer.bulk.set_read_timeout(None);
+            job.recovery.offer(offer);
+        }
+        Phase::Completed => {
+            let report = job.snapshot().destination.unwrap_or_default();
+            let _ = write_message(&mut offer.bulk, &Message::Report(report.to_string()));
+        }
+        phase => refuse(
+            &mut offer,
+            format!(
+                "the migration of VM {vm:?} is {}: nothing to resume",
+                phase.name()
+            ),
+        ),
     }
 }

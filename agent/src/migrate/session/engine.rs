@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub host_id: String,
     /// Longest wait for a destination QEMU to attach and answer QMP.
     pub qemu_start_timeout: Duration,
+    /// How long a post-copy whose link broke tries to get it back (the source dialling,
+    /// the destination waiting) before it gives up.
+    pub recover_timeout: Duration,
 }
 
 /// One migration of one VM.
@@ -60,6 +63,8 @@ pub struct Job {
     /// Guest pages, and how many the destination holds a current copy of.
     pub pages: AtomicU64,
     pub held: Arc<AtomicU64>,
+    /// Where a post-copy that lost its link and its way back meet.
+    pub recovery: super::recovery::Recovery,
 }
 
 impl Job {
@@ -85,6 +90,7 @@ impl Job {
             dirty_probe: Default::default(),
             pages: AtomicU64::new(0),
             held: Arc::new(AtomicU64::new(0)),
+            recovery: Default::default(),
         })
     }
 
@@ -166,6 +172,8 @@ pub enum StartError {
     Unknown(String),
     #[error("the daemon is shutting down")]
     Gone,
+    #[error("the migration of VM {vm:?} is {phase}: only a paused post-copy resumes")]
+    NotPaused { vm: String, phase: String },
     #[error("starting the migration thread")]
     Thread(#[source] std::io::Error),
 }
@@ -255,7 +263,7 @@ impl Engine {
         Ok(())
     }
 
-    fn job(&self, vm: &str) -> Result<Arc<Job>, StartError> {
+    pub(super) fn job(&self, vm: &str) -> Result<Arc<Job>, StartError> {
         self.jobs()
             .get(vm)
             .cloned()
@@ -336,6 +344,20 @@ impl MigrationService for Engine {
     fn cancel(&self, vm: &str) -> Result<Value, BoxError> {
         let job = self.job(vm)?;
         job.cancel.store(true, Ordering::Release);
+        Ok(status_json(&job))
+    }
+
+    fn resume(&self, vm: &str) -> Result<Value, BoxError> {
+        let job = self.job(vm)?;
+        let phase = job.phase();
+        if !matches!(phase, Phase::PostcopyPaused | Phase::PostcopyRecover) {
+            return Err(StartError::NotPaused {
+                vm: vm.into(),
+                phase: phase.name().into(),
+            }
+            .into());
+        }
+        job.recovery.nudge();
         Ok(status_json(&job))
     }
 

@@ -15,13 +15,14 @@ use serde_json::{json, Value};
 use super::dest_qemu::{DestQemu, DestQemuError};
 use super::engine::{Engine, Job};
 use super::status::Phase;
-use crate::migrate::bulk::{receive_pages, BulkError, Received};
+use crate::migrate::bulk::{BulkError, Received};
 use crate::migrate::frame::Command;
 use crate::migrate::link::Link;
 use crate::migrate::message::{write_message, Message, Mode, Setup, WireError};
 use crate::migrate::remote::{RemoteError, RemoteSource};
 
 mod receive;
+mod recover;
 
 /// Longest silence on the bulk channel before the switchover.
 const PRECOPY_IDLE: Duration = Duration::from_secs(300);
@@ -109,6 +110,15 @@ pub enum IncomingError {
     Push(#[from] BulkError),
     #[error("the VM left the daemon")]
     Gone,
+    #[error(
+        "the link to the source broke and it did not come back within {waited_s} s: {missing} \
+         pages only the source holds are lost (the first: {first:?})"
+    )]
+    SourceLost {
+        waited_s: u64,
+        missing: u64,
+        first: Vec<u64>,
+    },
 }
 
 /// One incoming VM.
@@ -175,13 +185,7 @@ impl Incoming {
             .daemon
             .controller(&self.setup.vm)
             .ok_or(IncomingError::Gone)?;
-        let received = receive_pages(
-            &mut *bulk,
-            &controller,
-            self.page_size(),
-            self.pages(),
-            version,
-        )?;
+        let received = self.receive_pushed(bulk, version, &controller)?;
         // Every page is here: the source's pages need no route any more, and a pager
         // restarted on this host could serve the VM (its QEMU may wait for one).
         let _ = controller.remove_source(Route::Remote);

@@ -27,13 +27,22 @@
 //! ```
 //! Either side may send `Abort(why)` before the switchover; the source guest keeps running
 //! and the destination removes what it made. After the switchover the source keeps every
-//! page until the destination's report (surviving failures there is the reliability work).
+//! page until the destination's report; a link that breaks then is recovered
+//! ([`recovery`]):
+//!
+//! ```text
+//!   (link broken: both sides postcopy-paused; faults on source pages wait)
+//!   new pair, bulk: Resume{session, vm}   ->  cut the old pair, take the new one
+//!                                         <-  Ack{first, count} ... (pages it holds), Ready
+//!   push: the pages not acked ... Done    ->  waiting faults asked again on the new urgent
+//! ```
 
 mod dest_qemu;
 pub mod destination;
 pub mod engine;
 mod incoming;
 mod pages;
+pub mod recovery;
 pub mod source;
 mod status;
 mod throttle;

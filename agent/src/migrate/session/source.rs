@@ -34,6 +34,7 @@ use crate::migrate::tls::{server_name, TlsError};
 
 mod after;
 mod before;
+mod resume;
 
 /// Longest wait for the destination's answer to `Switchover`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,6 +107,14 @@ pub enum SourceError {
     Release(#[source] swapdev::SwapError),
     #[error("{CANCELLED}")]
     Cancelled,
+    #[error(
+        "the link to the destination broke after the switchover and {attempts} attempts over \
+         {waited_s} s did not get it back; every page the destination lacks is still here \
+         (the source QEMU is kept paused)"
+    )]
+    LinkLost { attempts: u64, waited_s: u64 },
+    #[error("the destination says it holds pages {first}+{count}, outside the VM's {pages} pages")]
+    AckOutOfRange { first: u64, count: u64, pages: u64 },
 }
 
 pub(super) struct SourceRun {
@@ -174,7 +183,10 @@ fn connect(config: &EngineConfig, to: &str, addr: SocketAddr) -> Result<Link, So
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|source| SourceError::Connect { addr, source })?;
     let Some(tls) = &config.tls else {
-        return Ok(Link::plain(tcp));
+        let link = Link::plain(tcp);
+        link.detect_dead_link(super::recovery::LINK_DEAD_AFTER)
+            .map_err(|source| SourceError::Connect { addr, source })?;
+        return Ok(link);
     };
     let failed = |source| SourceError::Tls {
         to: to.into(),
@@ -186,6 +198,8 @@ fn connect(config: &EngineConfig, to: &str, addr: SocketAddr) -> Result<Link, So
         .map_err(io)?;
     let link = Link::connect_tls(tcp, tls, name).map_err(failed)?;
     link.set_read_timeout(None).map_err(io)?;
+    link.detect_dead_link(super::recovery::LINK_DEAD_AFTER)
+        .map_err(io)?;
     Ok(link)
 }
 
@@ -332,7 +346,7 @@ impl SourceRun {
             self.roll_back(&mut qmp, &mut bulk, migrate_started, was_running, &e);
             return Err(e);
         }
-        self.after_switchover(urgent, bulk, version, source, held)?;
+        self.after_switchover(urgent, bulk, version, session, source, held)?;
         // The source keeps nothing of the VM: its RAM file goes, its QEMU quits.
         let _ = qmp.execute("quit", json!({}));
         let _ = std::fs::remove_file(&ram.mem_path);

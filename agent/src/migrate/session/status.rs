@@ -31,6 +31,11 @@ pub enum Phase {
     PreSwitchover,
     /// The guest runs on the destination; the rest of its pages follow.
     PostcopyActive,
+    /// Post-copy lost its link: faults on pages still on the source wait, the rest of the
+    /// guest runs; the source dials again (QEMU's name).
+    PostcopyPaused,
+    /// A new link is being set up for a paused post-copy (QEMU's name).
+    PostcopyRecover,
     Completed,
     Failed,
     Cancelled,
@@ -39,6 +44,21 @@ pub enum Phase {
 impl Phase {
     pub fn is_over(self) -> bool {
         matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
+    }
+
+    /// The name the status shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Setup => "setup",
+            Phase::Active => "active",
+            Phase::PreSwitchover => "pre-switchover",
+            Phase::PostcopyActive => "postcopy-active",
+            Phase::PostcopyPaused => "postcopy-paused",
+            Phase::PostcopyRecover => "postcopy-recover",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
     }
 }
 
@@ -119,6 +139,11 @@ pub struct MigrationStatus {
     pub compression: Option<crate::migrate::delta::CompressionStats>,
     /// Pages the destination could not decode and that were sent again whole.
     pub pages_resent: u64,
+    /// Times post-copy lost its link, and times it got it back.
+    pub link_cuts: u64,
+    pub recoveries: u64,
+    /// Milliseconds post-copy spent paused for want of a link.
+    pub paused_for_link_ms: u64,
     /// The VM's pages when the migration began, by where their copy was.
     pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.

@@ -18,24 +18,85 @@ use crate::migrate::qmp::Qmp;
 use crate::migrate::session::pages::SourcePages;
 
 impl SourceRun {
+    /// Push what the destination lacks while answering its demand requests, until its
+    /// report; a link that breaks meanwhile is dialled again ([`super::resume`]) and the
+    /// push goes on with what the destination says it lacks.
     pub(super) fn after_switchover(
         &self,
         urgent: Link,
         bulk: Link,
         version: u16,
+        session: [u8; 16],
         source: Arc<SourcePages>,
         held: Arc<Held>,
     ) -> Result<(), SourceError> {
         let pages = self.vm.layout.pages();
         let ps = self.vm.layout.page_size();
-        let sent = Arc::new(SentPages::new(pages));
+        let mut links = (urgent, bulk);
+        // Before any cut: what the pre-copy left current there; after one: what the
+        // destination says it holds.
+        let mut resumed: Option<Arc<SentPages>> = None;
+        let report = loop {
+            let first = resumed.is_none();
+            let sent = resumed
+                .take()
+                .unwrap_or_else(|| Arc::new(SentPages::new(pages)));
+            let (urgent, bulk) = links;
+            match self.serve_and_push(urgent, bulk, version, &source, &held, sent, first) {
+                Ok(report) => break report,
+                Err(e) if e.link_broke() => match self.reconnect(session, version, &e, &held)? {
+                    super::resume::Reconnected::Links { urgent, bulk, sent } => {
+                        links = (urgent, bulk);
+                        resumed = Some(sent);
+                    }
+                    super::resume::Reconnected::Finished(report) => break report,
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        // Every page is on the destination: drop the source's copy.
+        crate::migrate::precopy::punch(source.memory(), 0, pages * ps as u64)
+            .map_err(SourceError::Memory)?;
+        let released = self.job.started.elapsed().as_millis() as u64;
+        self.job.update(|s| {
+            s.source_released_ms = Some(released);
+            if let Some(paths) = report.get("dest_paths").and_then(Value::as_object) {
+                s.dest_paths = paths
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect();
+            }
+            s.destination = Some(report);
+        });
+        Ok(())
+    }
+
+    /// One pair of connections: answer demand requests on `urgent`, push every page `sent`
+    /// does not hold on `bulk` (and, on the first pair, none the pre-copy left current
+    /// there), then read the destination's report.
+    #[allow(clippy::too_many_arguments)]
+    fn serve_and_push(
+        &self,
+        urgent: Link,
+        bulk: Link,
+        version: u16,
+        source: &Arc<SourcePages>,
+        held: &Arc<Held>,
+        sent: Arc<SentPages>,
+        first: bool,
+    ) -> Result<Value, SourceError> {
+        let pages = self.vm.layout.pages();
+        let ps = self.vm.layout.page_size();
         let (faults_tx, faults_rx) = crossbeam_channel::unbounded();
+        let urgent_handle = urgent.try_clone().map_err(WireError::Io)?;
         let server = {
             let (sent, source, job) = (sent.clone(), source.clone(), self.job.clone());
+            // A broken urgent channel breaks the pair: the push stops too.
+            let bulk = bulk.try_clone().map_err(WireError::Io)?;
             std::thread::Builder::new()
                 .name(format!("migrate-{}-urgent", self.request.vm))
                 .spawn(move || {
-                    serve_page_requests_with(
+                    let served = serve_page_requests_with(
                         urgent,
                         ps,
                         pages,
@@ -52,56 +113,66 @@ impl SourceRun {
                                 Ok(())
                             }
                         },
-                    )
+                    );
+                    if served.is_err() {
+                        let _ = bulk.shutdown(std::net::Shutdown::Both);
+                    }
+                    served
                 })
                 .map_err(|e| SourceError::Memory(std::io::Error::other(e)))?
         };
-        let never = Arc::new(AtomicBool::new(false));
-        let mut order = {
-            let held = held.clone();
-            PushOrder::new(sent, move |p| held.get(p))
-        };
-        let out = self.throttled(&bulk, never.clone())?;
-        let (data, zero) = push_pages(out, &mut order, ps, &faults_rx, &never, |p, buf| {
-            source.read(p, buf, false)
-        })?;
-        self.job.update(|s| s.pages_pushed = data + zero);
-        let mut reader = bulk;
-        reader
-            .set_read_timeout(Some(REPORT_TIMEOUT))
-            .map_err(WireError::Io)?;
-        let report = match read_message(&mut reader, Some(version))? {
-            Message::Report(text) => serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
-            Message::Abort(r) => return Err(SourceError::Aborted(r)),
-            other => {
-                return Err(SourceError::Unexpected {
+        let pushed_and_reported = (|| -> Result<Value, SourceError> {
+            let never = Arc::new(AtomicBool::new(false));
+            let mut order = {
+                let held = held.clone();
+                PushOrder::new(sent, move |p| first && held.get(p))
+            };
+            let out = self.throttled(&bulk, never.clone())?;
+            let (data, zero) = push_pages(out, &mut order, ps, &faults_rx, &never, |p, buf| {
+                source.read(p, buf, false)
+            })?;
+            self.job
+                .update(|s| s.pages_pushed = s.pages_pushed.saturating_add(data + zero));
+            let mut reader = &bulk;
+            reader
+                .set_read_timeout(Some(REPORT_TIMEOUT))
+                .map_err(WireError::Io)?;
+            match read_message(&mut reader, Some(version))? {
+                Message::Report(text) => {
+                    Ok(serde_json::from_str::<Value>(&text).unwrap_or(Value::Null))
+                }
+                Message::Abort(r) => Err(SourceError::Aborted(r)),
+                other => Err(SourceError::Unexpected {
                     got: other.command(),
                     expected: "Report",
-                })
+                }),
             }
-        };
-        drop(reader);
+        })();
+        if pushed_and_reported.is_err() {
+            // The urgent channel's thread ends with the pair.
+            let _ = urgent_handle.shutdown(std::net::Shutdown::Both);
+        }
+        drop(bulk);
         let served = server
             .join()
             .map_err(|_| SourceError::Aborted("the urgent channel's thread panicked".into()))?;
-        if let Err(e) = served {
-            tracing::warn!(vm = %self.request.vm, "urgent channel: {}", pager::error_chain(&e));
-        }
-        // Every page is on the destination: drop the source's copy.
-        crate::migrate::precopy::punch(source.memory(), 0, pages * ps as u64)
-            .map_err(SourceError::Memory)?;
-        let released = self.job.started.elapsed().as_millis() as u64;
-        self.job.update(|s| {
-            s.source_released_ms = Some(released);
-            if let Some(paths) = report.get("dest_paths").and_then(Value::as_object) {
-                s.dest_paths = paths
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                    .collect();
+        match (pushed_and_reported, served) {
+            (Ok(report), Err(e)) => {
+                tracing::warn!(vm = %self.request.vm, "urgent channel: {}", pager::error_chain(&e));
+                Ok(report)
             }
-            s.destination = Some(report);
-        });
-        Ok(())
+            (Ok(report), Ok(_)) => Ok(report),
+            (Err(pushing), Err(serving)) => {
+                // A peer that broke the protocol on the urgent channel is the failure to name.
+                let serving = SourceError::PageServer(serving);
+                Err(if serving.link_broke() {
+                    pushing
+                } else {
+                    serving
+                })
+            }
+            (Err(e), Ok(_)) => Err(e),
+        }
     }
 
     /// Undo a migration that failed before the switchover: the guest runs on here.
