@@ -300,6 +300,25 @@ fn a_page_before_the_setup_is_refused() {
 }
 
 #[test]
+fn a_resume_of_a_migration_nobody_paused_is_refused() {
+    let reason = "no migration of VM \"vm1\" with this session is known here";
+    let (mut d, out) = refused_with(
+        hostile::resume_unknown,
+        reason,
+        &format!("refused to resume a migration: {reason}"),
+    );
+    assert_eq!(
+        out.commands(),
+        [Command::Hello, Command::AuthProof, Command::Refuse],
+        "{out}"
+    );
+    d.log_line(
+        Some(out.local),
+        &format!("migration from {}: refused to resume", out.local),
+    );
+}
+
+#[test]
 fn a_setup_over_its_cap_is_refused() {
     let reason = "bad frame header: Setup frame of 262145 bytes exceeds its cap of 262144 bytes";
     let (mut d, out) = refused_with(hostile::oversized_setup, reason, reason);

@@ -114,8 +114,9 @@ pub struct ServeArgs {
     #[arg(long)]
     preload: Option<PathBuf>,
     /// How long a post-copy whose link broke tries to get it back, in seconds (the source
-    /// dials again every second, the destination waits), before it gives up.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    /// dials again every second, the destination waits), before it gives up (1..=86400).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     recover_timeout: u64,
 }
 

@@ -33,6 +33,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("missing-qemu", missing_qemu),
     ("lone-channel", lone_channel),
     ("two-urgent", two_urgent),
+    ("resume-unknown", resume_unknown),
 ];
 
 /// A complete, valid handshake on a fresh connection (proof that the endpoint still serves).
@@ -135,6 +136,19 @@ pub fn page_before_setup(ep: &Endpoint) -> Result<Outcome, HostileError> {
     bulk.send(&Message::Page {
         page: 0,
         data: vec![0xa5; 4096],
+    });
+    let out = bulk.finish(t);
+    drop(urgent);
+    Ok(out)
+}
+
+/// A valid session whose first bulk frame asks to resume a post-copy nobody paused.
+pub fn resume_unknown(ep: &Endpoint) -> Result<Outcome, HostileError> {
+    let (urgent, mut bulk) = session_pair(ep)?;
+    let t = Instant::now();
+    bulk.send(&Message::Resume {
+        session: session(),
+        vm: "vm1".into(),
     });
     let out = bulk.finish(t);
     drop(urgent);

@@ -221,7 +221,7 @@ fn resume_session(engine: &Arc<Engine>, mut offer: Offer, session: [u8; 16], vm:
         j.snapshot().role == Role::Destination && j.recovery.session() == Some(session)
     });
     let refuse = |offer: &mut Offer, why: String| {
-        tracing::warn!(%peer, vm, "refused to resume a migration: {why}");
+        tracing::warn!("migration from {peer}: refused to resume a migration: {why}");
         let _ = write_message(&mut offer.bulk, &Message::Refuse(why));
     };
     let Some(job) = job else {
