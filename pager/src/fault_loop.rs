@@ -49,6 +49,8 @@ pub struct FaultLoopConfig {
     pub prefetch_per_fault: usize,
     /// Attempts for one page read before giving up on it.
     pub read_attempts: u64,
+    /// What a damaged page a guest thread waits on does to the VM.
+    pub on_damaged: crate::damage::DamagePolicy,
 }
 
 impl Default for FaultLoopConfig {
@@ -57,6 +59,7 @@ impl Default for FaultLoopConfig {
             max_inflight: 64,
             prefetch_per_fault: 16,
             read_attempts: 3,
+            on_damaged: crate::damage::DamagePolicy::default(),
         }
     }
 }
@@ -590,6 +593,8 @@ enum Fetch {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_damage;
 #[cfg(test)]
 mod tests_device_copy;
 #[cfg(test)]

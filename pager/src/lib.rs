@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod conventions;
+pub mod damage;
 pub mod dirty;
 pub mod evict;
 pub mod fault_loop;

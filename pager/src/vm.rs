@@ -44,6 +44,8 @@ pub struct Vm {
     /// served). `None` when the source is not a swap device.
     pub swapdev: Option<Arc<Mutex<swapdev::SwapDevice>>>,
     pub attached_at: SystemTime,
+    /// The first damaged page a guest thread waited on (see [`crate::damage`]).
+    pub damage: crate::damage::DamageRecord,
 }
 
 impl Vm {
@@ -70,6 +72,7 @@ impl Vm {
             source_description: String::new(),
             swapdev: None,
             attached_at: SystemTime::now(),
+            damage: Default::default(),
         }
     }
 

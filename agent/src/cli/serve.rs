@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// Most pages prefetched per demand fault.
     #[arg(long, default_value_t = 64)]
     prefetch_per_fault: usize,
+    /// A guest thread faulted on a page whose checksum fails: pause (SIGSTOP the VMM; the
+    /// page is never placed and the thread waits), hold (only that thread waits) or
+    /// tear-down (end the VM, naming the page).
+    #[arg(long, default_value = "pause", value_parser = ["pause", "hold", "tear-down"])]
+    on_damaged_page: String,
     /// Control/stats socket (default: SOCKET.stats).
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -344,6 +349,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             fault_loop: FaultLoopConfig {
                 max_inflight: args.max_inflight,
                 prefetch_per_fault: args.prefetch_per_fault,
+                on_damaged: pager::damage::DamagePolicy::by_name(&args.on_damaged_page)
+                    .context("--on-damaged-page")?,
                 ..Default::default()
             },
             prefetch: args.prefetch.clone(),

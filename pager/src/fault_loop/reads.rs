@@ -171,6 +171,27 @@ impl FaultLoop {
             tracing::error!(vm = %self.vm.name, page, error = %crate::error_chain(&error),
                 "page is damaged; it is never placed");
         }
+        if damaged && self.config.on_damaged != crate::damage::DamagePolicy::TearDown {
+            if let Some(waiters) = self.waiters.remove(&page) {
+                // Never woken: the page is never placed, the thread waits (see
+                // crate::damage); the VMM is paused on the first.
+                let why = crate::error_chain(&error);
+                for _ in &waiters {
+                    self.vm.damage.fault_held(
+                        page,
+                        why.clone(),
+                        self.config.on_damaged,
+                        self.vm.peer.pid,
+                    );
+                }
+                let record = self.vm.damage.get();
+                tracing::error!(vm = %self.vm.name, page, error = %why,
+                    paused_pid = ?record.as_ref().and_then(|r| r.paused_pid),
+                    not_paused = ?record.as_ref().and_then(|r| r.not_paused.clone()),
+                    "a guest thread waits on a damaged page: held, never placed");
+                return Ok(());
+            }
+        }
         if self.waiters.contains_key(&page) {
             return Err(if damaged {
                 FaultLoopError::Damaged {

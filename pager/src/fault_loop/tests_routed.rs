@@ -21,7 +21,7 @@ use crate::vm::{GuestLayout, PeerInfo, Vm};
 pub(super) const PAGE: usize = 4096;
 
 pub(super) struct Guest {
-    map: MmapMut,
+    pub(super) map: MmapMut,
     pub(super) vm: Arc<Vm>,
     stop: Arc<EventFd>,
     control: LoopController,
@@ -49,6 +49,27 @@ impl Guest {
         policy: &str,
         states: &[(std::ops::Range<u64>, PageState)],
         wp: bool,
+    ) -> Self {
+        Self::start_configured(
+            pages,
+            route_of,
+            sources,
+            policy,
+            states,
+            wp,
+            FaultLoopConfig::default(),
+        )
+    }
+
+    /// [`start_with`](Self::start_with) under `config`.
+    pub(super) fn start_configured(
+        pages: u64,
+        route_of: impl Fn(u64) -> Route,
+        sources: Vec<Box<dyn PageSource>>,
+        policy: &str,
+        states: &[(std::ops::Range<u64>, PageState)],
+        wp: bool,
+        config: FaultLoopConfig,
     ) -> Self {
         let uffd = Uffd::new(UffdFlags {
             nonblocking: true,
@@ -89,7 +110,7 @@ impl Guest {
             vm.clone(),
             sources,
             prefetch::by_name(policy, pages).unwrap(),
-            FaultLoopConfig::default(),
+            config,
             stop.clone(),
             None,
         )
@@ -128,7 +149,7 @@ impl Guest {
         self.thread.take().unwrap().join().unwrap()
     }
 
-    fn wait_exit(&mut self) -> Result<LoopExit, FaultLoopError> {
+    pub(super) fn wait_exit(&mut self) -> Result<LoopExit, FaultLoopError> {
         self.thread.take().unwrap().join().unwrap()
     }
 }
@@ -434,36 +455,6 @@ fn an_io_error_is_retried_and_the_page_served() {
     assert_eq!(g.page(2), &page_bytes(1, 2)[..]);
     g.stop().unwrap();
     assert_eq!(g.vm.metrics.snapshot().read_errors, 2);
-}
-
-#[test]
-fn a_damaged_page_a_thread_waits_on_fails_at_once_and_is_never_placed() {
-    let pages = 8;
-    let source = ScriptedSource::new(1, Route::Local, pages).with(3, Script::Damaged);
-    let asked = source.asked.clone();
-    let mut g = Guest::start(pages, |_| Route::Local, vec![Box::new(source)], "none", &[]);
-    let answer = g.touch_async(3);
-    let exit = g.wait_exit();
-    match exit {
-        Err(FaultLoopError::Damaged { page: 3, .. }) => {}
-        other => panic!("expected a damaged-page error naming page 3, got {other:?}"),
-    }
-    assert_eq!(
-        crate::error_chain(&exit.unwrap_err()),
-        "page 3 is damaged and a guest thread waits on it; it is never placed: \
-         page 3 from scripted is damaged: checksum mismatch"
-    );
-    assert_eq!(
-        *asked.lock().unwrap(),
-        vec![3],
-        "a damaged page was retried"
-    );
-    assert_ne!(g.vm.states.get(3), PageState::Present);
-    // Closing the uffd releases the blocked thread (the kernel then fills the page itself).
-    let Guest { map, vm, .. } = g;
-    drop(vm);
-    answer.recv_timeout(Duration::from_secs(5)).unwrap();
-    drop(map);
 }
 
 #[test]

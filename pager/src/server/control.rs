@@ -95,6 +95,7 @@ pub fn vm_stats(vm: &Vm, flavour: &str, prefetch: &str) -> VmStats {
         fault_latency_mean_us: m.fault_latency.mean_us(),
         metrics: m,
         eviction: None,
+        damaged: vm.damage.get(),
     }
 }
 

@@ -474,6 +474,9 @@ pub struct VmStats {
     /// Eviction and working-set figures, for VMs being tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eviction: Option<EvictStats>,
+    /// The first damaged page a guest thread of the VM waited on (the VM is paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<crate::damage::DamagedPage>,
 }
 
 /// The current or last eviction of a VM.
