@@ -336,6 +336,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| default_stats_socket(&args.socket));
     let control_listener = bind_unix_with(&stats_path, &access)?;
 
+    // Before any thread starts too: staging buffers go back to the kernel when freed.
+    if !pager::evict::heap::keep_large_buffers_out_of_the_heap() {
+        tracing::warn!("glibc refused the daemon's malloc settings (mmap threshold, arenas)");
+    }
     // Block SIGINT/SIGTERM before any thread starts, so every thread inherits the mask and
     // the signals arrive only through the signalfd below.
     let mut signals = SigSet::empty();

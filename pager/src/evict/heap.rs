@@ -19,6 +19,27 @@ pub fn release_freed_memory() {
     }
 }
 
+/// The mmap threshold [`keep_large_buffers_out_of_the_heap`] pins (glibc's own default).
+pub const MMAP_THRESHOLD: usize = 128 << 10;
+/// The most malloc arenas the daemon's threads share.
+pub const ARENA_MAX: i32 = 4;
+
+/// For a long-running daemon, at start before its threads: buffers of
+/// [`MMAP_THRESHOLD`] and more always come from mmap and go back to the kernel when freed
+/// (a fixed threshold turns glibc's dynamic one off, which otherwise moves the eviction's,
+/// the migration's and the prefetch's MiB-sized staging buffers into the heap after the
+/// first one is freed), and the threads share at most [`ARENA_MAX`] arenas instead of 8
+/// per core, each of which keeps its own free memory. Returns whether glibc took both.
+pub fn keep_large_buffers_out_of_the_heap() -> bool {
+    let threshold = libc::c_int::try_from(MMAP_THRESHOLD).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets glibc allocator parameters (integers, checked by glibc,
+    // which returns 0 on a value it refuses); it touches no memory of the caller.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, threshold) == 1
+            && libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX) == 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,29 +57,37 @@ mod tests {
         // with small allocations that outlive them in between, so the freed buffers sit in
         // the middle of the arena, where glibc's automatic trim (top only) cannot reach.
         const BUFFERS: usize = 48;
-        let (before, after) = std::thread::spawn(|| {
-            // A 2 MiB buffer freed from mmap raises the dynamic mmap threshold above 1 MiB:
-            // from then on 1 MiB buffers come from the heap, as in the daemon.
-            drop(std::hint::black_box(vec![1u8; 2 << 20]));
-            let mut big = Vec::new();
-            let mut small = Vec::new();
-            for i in 0..BUFFERS {
-                big.push(std::hint::black_box(vec![i as u8 | 1; 1 << 20]));
-                small.push(std::hint::black_box(Box::new([i as u64; 8])));
+        let attempt = || {
+            std::thread::spawn(|| {
+                // A 2 MiB buffer freed from mmap raises the dynamic mmap threshold above
+                // 1 MiB: from then on 1 MiB buffers come from the heap, as in the daemon.
+                drop(std::hint::black_box(vec![1u8; 2 << 20]));
+                let mut big = Vec::new();
+                let mut small = Vec::new();
+                for i in 0..BUFFERS {
+                    big.push(std::hint::black_box(vec![i as u8 | 1; 1 << 20]));
+                    small.push(std::hint::black_box(Box::new([i as u64; 8])));
+                }
+                drop(big);
+                let before = rss_anon_kib();
+                release_freed_memory();
+                let after = rss_anon_kib();
+                drop(small);
+                (before, after)
+            })
+            .join()
+            .unwrap()
+        };
+        // RssAnon is the whole process's: other tests of this binary allocate meanwhile, so
+        // ask for half of what was freed, in one of three attempts.
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let (before, after) = attempt();
+            if before.saturating_sub(after) >= (BUFFERS as u64 / 2) << 10 {
+                return;
             }
-            drop(big);
-            let before = rss_anon_kib();
-            release_freed_memory();
-            let after = rss_anon_kib();
-            drop(small);
-            (before, after)
-        })
-        .join()
-        .unwrap();
-        // Other tests of this binary allocate meanwhile: ask for half of what was freed.
-        assert!(
-            before.saturating_sub(after) >= (BUFFERS as u64 / 2) << 10,
-            "RssAnon {before} KiB before the release, {after} KiB after"
-        );
+            seen.push((before, after));
+        }
+        panic!("RssAnon KiB (before the release, after it), three attempts: {seen:?}");
     }
 }
