@@ -19,6 +19,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::status::Phase;
 use crate::migrate::link::Link;
 use crate::migrate::message::WireError;
 
@@ -147,6 +148,28 @@ impl Recovery {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+impl super::engine::Job {
+    /// The link broke after the switchover: count the cut, show the job paused.
+    pub(super) fn link_cut(&self) {
+        self.update(|s| {
+            s.status = Phase::PostcopyPaused;
+            s.link_cuts += 1;
+        });
+    }
+
+    /// The link is back after a pause that began at `paused`: count the recovery and the
+    /// time paused, show the job active; the milliseconds paused.
+    pub(super) fn link_recovered(&self, paused: Instant) -> u64 {
+        let ms = u64::try_from(paused.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.update(|s| {
+            s.status = Phase::PostcopyActive;
+            s.recoveries += 1;
+            s.paused_for_link_ms = s.paused_for_link_ms.saturating_add(ms);
+        });
+        ms
     }
 }
 

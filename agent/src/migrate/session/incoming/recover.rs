@@ -69,10 +69,7 @@ impl Incoming {
         let _ = bulk.shutdown(std::net::Shutdown::Both);
         // Faults on the source's pages park until a new remote source is installed.
         controller.remove_source(Route::Remote)?;
-        self.job.update(|s| {
-            s.status = Phase::PostcopyPaused;
-            s.link_cuts += 1;
-        });
+        self.job.link_cut();
         let timeout = self.engine.config.recover_timeout;
         tracing::warn!(vm = %self.setup.vm, "post-copy paused: the link to the source broke ({}); \
             faults on pages still on the source wait; waiting up to {} s for it to reconnect",
@@ -85,12 +82,7 @@ impl Incoming {
             self.job.update(|s| s.status = Phase::PostcopyRecover);
             match self.take_offer(offer, version, controller) {
                 Ok(bulk) => {
-                    let ms = paused.elapsed().as_millis() as u64;
-                    self.job.update(|s| {
-                        s.status = Phase::PostcopyActive;
-                        s.recoveries += 1;
-                        s.paused_for_link_ms += ms;
-                    });
+                    let ms = self.job.link_recovered(paused);
                     tracing::info!(vm = %self.setup.vm, paused_ms = ms, "post-copy resumed");
                     return Ok(bulk);
                 }

@@ -64,10 +64,7 @@ impl SourceRun {
     ) -> Result<Reconnected, SourceError> {
         let paused = Instant::now();
         let timeout = self.config.recover_timeout;
-        self.job.update(|s| {
-            s.status = Phase::PostcopyPaused;
-            s.link_cuts += 1;
-        });
+        self.job.link_cut();
         tracing::warn!(vm = %self.request.vm, "post-copy paused: the link to the destination \
             broke ({}); every page stays here; reconnecting for up to {} s (`pagewise migrate \
             --resume` tries at once)", pager::error_chain(why), timeout.as_secs());
@@ -88,12 +85,7 @@ impl SourceRun {
             self.job.update(|s| s.status = Phase::PostcopyRecover);
             match self.try_resume(session, version, held) {
                 Ok(r) => {
-                    let ms = paused.elapsed().as_millis() as u64;
-                    self.job.update(|s| {
-                        s.status = Phase::PostcopyActive;
-                        s.recoveries += 1;
-                        s.paused_for_link_ms += ms;
-                    });
+                    let ms = self.job.link_recovered(paused);
                     tracing::info!(vm = %self.request.vm, attempts, paused_ms = ms, "post-copy resumed");
                     return Ok(r);
                 }
