@@ -155,24 +155,31 @@ impl MigrationLab {
     }
 
     pub fn up(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, false, &[])
+        Self::build(prefix, rate, None, false, &[], &[])
+    }
+
+    /// The lab with the destination daemon started with extra `serve` arguments.
+    #[allow(dead_code)] // used by some of the test binaries that include this module
+    pub fn with_destination_args(prefix: &str, rate: &str, args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::build(prefix, rate, None, false, &[], &args)
     }
 
     /// The lab with the destination daemon started with `env` (test hooks).
     pub fn with_destination_env(prefix: &str, rate: &str, env: &[(&str, &str)]) -> Self {
-        Self::build(prefix, rate, None, false, env)
+        Self::build(prefix, rate, None, false, env, &[])
     }
 
     /// The lab with TLS on the migration link: each daemon a certificate for its address
     /// from one CA made here (`serve --tls-cert/--tls-key/--tls-ca`).
     pub fn with_tls(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, true, &[])
+        Self::build(prefix, rate, None, true, &[], &[])
     }
 
     /// The lab with VM `vm`'s swap device (`ram_mib` of capacity) on an NBD export of the
     /// store host, which both hosts reach (agile migration).
     pub fn with_shared_device(prefix: &str, rate: &str, vm: &str, ram_mib: u64) -> Self {
-        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[])
+        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[], &[])
     }
 
     fn build(
@@ -181,6 +188,7 @@ impl MigrationLab {
         shared: Option<(&str, u64)>,
         tls: bool,
         dst_env: &[(&str, &str)],
+        dst_args: &[String],
     ) -> Self {
         let lab = TwoHost::up(prefix, rate);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -202,7 +210,7 @@ impl MigrationLab {
                 format!("{vm}={}:{spec}", vm_socket.display()),
             ];
         }
-        let mut dst_extra = Vec::new();
+        let mut dst_extra = dst_args.to_vec();
         if tls {
             let pki = pki::Pki::new("migration lab CA");
             extra.extend(pki.host(dir.path(), "src", &[SRC_IP]).args());

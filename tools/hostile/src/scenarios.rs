@@ -244,6 +244,10 @@ pub fn two_urgent(ep: &Endpoint) -> Result<Outcome, HostileError> {
     let id = session();
     let mut first = Conn::connect(ep)?;
     first.open(&ep.key, Channel::Urgent, id)?;
+    // The endpoint files the first half once it has checked the proof, after `open` has
+    // returned here: give it the time, so that the second is the one refused (otherwise the
+    // two race, and on a busy machine the first may be filed second).
+    std::thread::sleep(Duration::from_millis(500));
     let mut second = Conn::connect(ep)?;
     let t = Instant::now();
     let _ = second.open(&ep.key, Channel::Urgent, id);

@@ -144,6 +144,10 @@ pub struct MigrationStatus {
     pub recoveries: u64,
     /// Milliseconds post-copy spent paused for want of a link.
     pub paused_for_link_ms: u64,
+    /// On a destination that gave up waiting for its source: every page only the source
+    /// held, as runs `[first, count]` (lost unless the source host comes back).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pages_lost: Vec<[u64; 2]>,
     /// The VM's pages when the migration began, by where their copy was.
     pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.

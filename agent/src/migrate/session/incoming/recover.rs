@@ -166,6 +166,14 @@ impl Incoming {
             Some(vm) => (0..self.pages()).filter(|p| !self.holds(&vm, *p)).collect(),
             None => Vec::new(),
         };
+        let mut runs: Vec<[u64; 2]> = Vec::new();
+        for &p in &missing {
+            match runs.last_mut() {
+                Some([first, count]) if *first + *count == p => *count += 1,
+                _ => runs.push([p, 1]),
+            }
+        }
+        self.job.update(|s| s.pages_lost = runs);
         IncomingError::SourceLost {
             waited_s: paused.elapsed().as_secs(),
             missing: missing.len() as u64,

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{Held, SourceError, SourceRun, REPORT_TIMEOUT};
+
+/// Pages pushed between two updates of the status's `pages_pushed`.
+const PUSHED_STEP: u64 = 256;
 use crate::migrate::bulk::{push_pages, PushOrder, SentPages, SourcePage};
 use crate::migrate::link::Link;
 use crate::migrate::message::{read_message, write_message, Message, WireError};
@@ -128,11 +131,20 @@ impl SourceRun {
                 PushOrder::new(sent, move |p| first && held.get(p))
             };
             let out = self.throttled(&bulk, never.clone())?;
+            // The status shows the push as it goes, a step of pages at a time.
+            let job = &self.job;
+            let (mut read, mut reported) = (0u64, 0u64);
             let (data, zero) = push_pages(out, &mut order, ps, &faults_rx, &never, |p, buf| {
+                read += 1;
+                if read % PUSHED_STEP == 0 {
+                    job.update(|s| s.pages_pushed = s.pages_pushed.saturating_add(PUSHED_STEP));
+                    reported += PUSHED_STEP;
+                }
                 source.read(p, buf, false)
             })?;
+            let rest = (data + zero).saturating_sub(reported);
             self.job
-                .update(|s| s.pages_pushed = s.pages_pushed.saturating_add(data + zero));
+                .update(|s| s.pages_pushed = s.pages_pushed.saturating_add(rest));
             let mut reader = &bulk;
             reader
                 .set_read_timeout(Some(REPORT_TIMEOUT))
