@@ -11,60 +11,14 @@ mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migration_lab::{dest_path, in_ns, MigrationLab};
-use pager::conventions::default_stats_socket;
-use pager::server::protocol::{Request, Response};
-use pager::server::ControlClient;
+use migration_lab::{dest_path, in_ns, migration_status as status, wait_status, MigrationLab};
 use qemu_lab::{assert_memverify_passed, pagewise_bin};
 use serde_json::Value;
 
 const RAM_MIB: u64 = 256;
-
-/// `vm`'s migration status from the daemon whose socket is `socket` (Null if it has none).
-fn status(socket: &Path, vm: &str) -> Value {
-    let Ok(mut client) = ControlClient::connect(&default_stats_socket(socket)) else {
-        return Value::Null;
-    };
-    match client.call(&Request::MigrateStatus { vm: vm.into() }) {
-        Ok(Response::Migration(v)) => v,
-        _ => Value::Null,
-    }
-}
-
-/// Poll `vm`'s status on `socket` until `done` says so (its last status), or panic after
-/// `limit` naming `what`.
-fn wait_status(
-    socket: &Path,
-    what: &str,
-    limit: Duration,
-    logs: impl Fn() -> String,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let start = Instant::now();
-    loop {
-        let s = status(socket, "vm1");
-        if done(&s) {
-            eprintln!(
-                "{what} after {:.1}s: status {} link_cuts {} recoveries {}",
-                start.elapsed().as_secs_f64(),
-                s["status"],
-                s["link_cuts"],
-                s["recoveries"]
-            );
-            return s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "not {what} within {limit:?}: {s}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Set the lab's migration link `up` or down on `host`'s end of the veth pair.
 fn link(lab: &MigrationLab, host: &str, up: bool) {

@@ -7,39 +7,11 @@ mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
-use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use migration_lab::MigrationLab;
-use pager::conventions::default_stats_socket;
-use pager::server::protocol::{Request, Response};
-use pager::server::ControlClient;
+use migration_lab::{wait_status, MigrationLab};
 use qemu_lab::wait_for_text;
-use serde_json::Value;
-
-fn status(socket: &Path) -> Value {
-    let Ok(mut client) = ControlClient::connect(&default_stats_socket(socket)) else {
-        return Value::Null;
-    };
-    match client.call(&Request::MigrateStatus { vm: "vm1".into() }) {
-        Ok(Response::Migration(v)) => v,
-        _ => Value::Null,
-    }
-}
-
-fn wait_status(socket: &Path, what: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let s = status(socket);
-        if done(&s) {
-            eprintln!("{what} after {:.1}s", start.elapsed().as_secs_f64());
-            return s;
-        }
-        assert!(start.elapsed() < limit, "not {what} within {limit:?}: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn a_source_gone_for_good_leaves_a_report_of_exactly_the_pages_it_held() {
@@ -65,9 +37,13 @@ fn a_source_gone_for_good_leaves_a_report_of_exactly_the_pages_it_held() {
         .spawn()
         .expect("spawn pagewise migrate");
     let (src, dst) = (lab.src.socket.clone(), lab.dst.socket.clone());
-    wait_status(&src, "pushing", Duration::from_secs(120), |s| {
-        s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > 1000
-    });
+    wait_status(
+        &src,
+        "pushing",
+        Duration::from_secs(120),
+        || lab.logs(),
+        |s| s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > 1000,
+    );
 
     // kill -9 of the source daemon, for good.
     // (`ip netns exec` execs `pagewise serve`: the child is the daemon.)
@@ -77,13 +53,21 @@ fn a_source_gone_for_good_leaves_a_report_of_exactly_the_pages_it_held() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill -9 the source daemon");
-    let paused = wait_status(&dst, "destination paused", Duration::from_secs(30), |s| {
-        s["status"] == "postcopy-paused"
-    });
+    let paused = wait_status(
+        &dst,
+        "destination paused",
+        Duration::from_secs(30),
+        || lab.logs(),
+        |s| s["status"] == "postcopy-paused",
+    );
     assert_eq!(paused["link_cuts"], 1, "{paused}");
-    let failed = wait_status(&dst, "destination gave up", Duration::from_secs(60), |s| {
-        s["status"] == "failed"
-    });
+    let failed = wait_status(
+        &dst,
+        "destination gave up",
+        Duration::from_secs(60),
+        || lab.logs(),
+        |s| s["status"] == "failed",
+    );
     let error = failed["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("pages only the source holds are lost"),
