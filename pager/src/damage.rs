@@ -66,12 +66,19 @@ impl DamageRecord {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A fault is held on damaged page `page`. The first one is recorded and, under
-    /// [`DamagePolicy::Pause`], pauses the VMM `vmm_pid`; later ones are counted.
-    pub fn fault_held(&self, page: u64, error: String, policy: DamagePolicy, vmm_pid: i32) {
+    /// `faults` faults are held on damaged page `page`. The first damaged page is recorded
+    /// and, under [`DamagePolicy::Pause`], pauses the VMM `vmm_pid`; later ones are counted.
+    pub fn faults_held(
+        &self,
+        page: u64,
+        error: String,
+        faults: u64,
+        policy: DamagePolicy,
+        vmm_pid: i32,
+    ) {
         let mut record = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = record.as_mut() {
-            r.faults_held += 1;
+            r.faults_held = r.faults_held.saturating_add(faults);
             return;
         }
         let (paused_pid, not_paused) = match policy {
@@ -91,7 +98,7 @@ impl DamageRecord {
             at_secs,
             paused_pid,
             not_paused,
-            faults_held: 1,
+            faults_held: faults,
         });
     }
 }
@@ -115,12 +122,12 @@ mod tests {
     fn the_first_damaged_page_is_kept_and_later_faults_counted() {
         let r = DamageRecord::default();
         assert_eq!(r.get(), None);
-        r.fault_held(7, "bad".into(), DamagePolicy::Hold, 1234);
-        r.fault_held(9, "worse".into(), DamagePolicy::Pause, 1234);
+        r.faults_held(7, "bad".into(), 1, DamagePolicy::Hold, 1234);
+        r.faults_held(9, "worse".into(), 2, DamagePolicy::Pause, 1234);
         let got = r.get().unwrap();
         assert_eq!(
             (got.page, got.error.as_str(), got.faults_held),
-            (7, "bad", 2)
+            (7, "bad", 3)
         );
         assert_eq!(got.paused_pid, None);
     }
@@ -129,7 +136,7 @@ mod tests {
     fn the_pager_never_pauses_itself_nor_an_unknown_pid() {
         for pid in [0, -1, std::process::id() as i32] {
             let r = DamageRecord::default();
-            r.fault_held(1, "bad".into(), DamagePolicy::Pause, pid);
+            r.faults_held(1, "bad".into(), 1, DamagePolicy::Pause, pid);
             let got = r.get().unwrap();
             assert_eq!(got.paused_pid, None, "pid {pid}");
             assert!(got.not_paused.is_some(), "pid {pid}");
@@ -144,7 +151,7 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let r = DamageRecord::default();
-        r.fault_held(1, "bad".into(), DamagePolicy::Pause, pid);
+        r.faults_held(1, "bad".into(), 1, DamagePolicy::Pause, pid);
         assert_eq!(r.get().unwrap().paused_pid, Some(pid));
         let state = || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -176,14 +176,13 @@ impl FaultLoop {
                 // Never woken: the page is never placed, the thread waits (see
                 // crate::damage); the VMM is paused on the first.
                 let why = crate::error_chain(&error);
-                for _ in &waiters {
-                    self.vm.damage.fault_held(
-                        page,
-                        why.clone(),
-                        self.config.on_damaged,
-                        self.vm.peer.pid,
-                    );
-                }
+                self.vm.damage.faults_held(
+                    page,
+                    why.clone(),
+                    waiters.len() as u64,
+                    self.config.on_damaged,
+                    self.vm.peer.pid,
+                );
                 let record = self.vm.damage.get();
                 tracing::error!(vm = %self.vm.name, page, error = %why,
                     paused_pid = ?record.as_ref().and_then(|r| r.paused_pid),
