@@ -34,7 +34,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::attach::protocol::HandshakeError;
-use crate::attach::server::{accept_vm, reply, AttachError, Naming};
+use crate::attach::server::{accept_vm, reply, AttachError, Naming, Refusal};
 use crate::evict::control::EvictRegistry;
 use crate::fault_loop::FaultLoopConfig;
 use crate::source::PageSource;
@@ -286,7 +286,13 @@ impl Daemon {
                 let why = render_chain(&e);
                 tracing::warn!(pid = peer.pid, uid = peer.uid, error = %why, "attach refused");
                 if wants_reply {
-                    reply(&stream, Err(&why));
+                    reply(
+                        &stream,
+                        Err(Refusal {
+                            why: &why,
+                            retry: false,
+                        }),
+                    );
                 }
                 return;
             }
@@ -295,6 +301,7 @@ impl Daemon {
             uid = attached.peer.uid, regions = attached.layout.regions().len(),
             bytes = attached.layout.span_bytes(), "attach request");
         let wants_reply = attached.wants_reply;
+        let reattach = attached.reattach;
         match self.start_vm(attached, &stream) {
             Ok(started) => {
                 if wants_reply {
@@ -303,9 +310,11 @@ impl Daemon {
             }
             Err(e) => {
                 let why = render_chain(&e);
-                tracing::warn!(error = %why, "attach refused");
+                // A re-attach of a VM whose device another host holds waits for it.
+                let retry = reattach && e.may_pass();
+                tracing::warn!(error = %why, retry, "attach refused");
                 if wants_reply {
-                    reply(&stream, Err(&why));
+                    reply(&stream, Err(Refusal { why: &why, retry }));
                 }
             }
         }

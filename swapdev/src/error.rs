@@ -89,6 +89,19 @@ pub enum SwapError {
          it is read-only here until acquired again"
     )]
     Released { host: String, generation: u64 },
+    #[error("this host ({host}) did not release the swap device through this handle: nothing to take back")]
+    NotReleased { host: String },
+    #[error(
+        "the swap device changed after this host released it at generation {released_at} \
+         (now generation {generation}, owner {owner}): {detail}; it stays released here \
+         (reopen it to use what it holds now)"
+    )]
+    ChangedWhileReleased {
+        owner: String,
+        generation: u64,
+        released_at: u64,
+        detail: String,
+    },
     #[error("device was opened read-only")]
     ReadOnly,
     #[error("device is unusable after an earlier write failure; reopen it to recover")]

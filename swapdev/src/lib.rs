@@ -17,7 +17,7 @@ mod image;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use device::{
     Access, CreateOptions, EncodedPages, FsckReport, OpenOptions, PageData, PageEncoder, PageRead,
-    PageState, RunRead, Stats, SwapDevice, WriteTicket, DEFAULT_FENCE_INTERVAL,
+    PageState, Reclaimed, RunRead, Stats, SwapDevice, WriteTicket, DEFAULT_FENCE_INTERVAL,
 };
 pub use error::{error_chain, Result, SwapError};
 pub use format::{is_zero_page, ChecksumKind, CodecPolicy};

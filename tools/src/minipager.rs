@@ -75,6 +75,7 @@ pub fn serve_one(
                     error: None,
                     swapdev: Some("minipager".into()),
                     reattach: false,
+                    retry: false,
                 },
             )?;
             (uffd, request.regions, "pagewise")

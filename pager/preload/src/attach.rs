@@ -68,12 +68,15 @@ pub enum HandshakeFailure {
     Unreachable(String),
     /// The pager answered and refused, or named another swap device: final.
     Refused(String),
+    /// The pager refused for now and said it may pass (another host holds the VM's swap
+    /// device and may hand it back): worth trying again while waiting.
+    NotYet(String),
 }
 
 impl HandshakeFailure {
     pub fn message(self) -> String {
         match self {
-            Self::Unreachable(m) | Self::Refused(m) => m,
+            Self::Unreachable(m) | Self::Refused(m) | Self::NotYet(m) => m,
         }
     }
 }
@@ -190,11 +193,18 @@ pub fn handshake(
             check_swapdev(cfg, swapdev.as_deref()).map_err(HandshakeFailure::Refused)?;
             Ok((stream, swapdev, reattach))
         }
-        Verdict::Refused { error } => Err(HandshakeFailure::Refused(format!(
-            "the pager at {} refused VM {:?}: {error}",
-            cfg.socket.display(),
-            cfg.vm
-        ))),
+        Verdict::Refused { error, retry } => {
+            let why = format!(
+                "the pager at {} refused VM {:?}: {error}",
+                cfg.socket.display(),
+                cfg.vm
+            );
+            Err(if retry {
+                HandshakeFailure::NotYet(why)
+            } else {
+                HandshakeFailure::Refused(why)
+            })
+        }
     }
 }
 

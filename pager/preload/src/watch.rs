@@ -91,7 +91,7 @@ fn watch(mut stream: UnixStream, cfg: &Config, link: &Link, mut served: Served, 
                 Ok(Some(Verdict::Accepted { swapdev, reattach })) => {
                     served = Served { swapdev, reattach }
                 }
-                Ok(Some(Verdict::Refused { error })) => {
+                Ok(Some(Verdict::Refused { error, .. })) => {
                     crate::die(&format!("the pager serving {what} tore it down: {error}"))
                 }
                 Ok(None) => break "closed the connection".to_string(),
@@ -130,6 +130,7 @@ fn wait_for_pager(
         cfg.socket.display()
     ));
     let began = Instant::now();
+    let mut told_not_yet = false;
     loop {
         match handshake(cfg, link, Some(served.swapdev.as_deref())) {
             Ok((stream, swapdev, allowed)) => {
@@ -157,6 +158,23 @@ fn wait_for_pager(
             }
             Err(HandshakeFailure::Refused(e)) => {
                 crate::die(&format!("{gone}; attaching again was refused: {e}"))
+            }
+            Err(HandshakeFailure::NotYet(why)) => {
+                if !told_not_yet {
+                    sys::write_stderr(&format!(
+                        "pagewise-preload: {what}: the pager is back but cannot take it yet \
+                         ({why}); trying again\n"
+                    ));
+                    told_not_yet = true;
+                }
+                if began.elapsed() >= limit {
+                    crate::die(&format!(
+                        "{gone}, and it could not take the VM back within {} s ({}; last \
+                         try: {why})",
+                        limit.as_secs(),
+                        crate::config::ENV_PAGER_WAIT
+                    ));
+                }
             }
             Err(HandshakeFailure::Unreachable(last)) => {
                 if began.elapsed() >= limit {

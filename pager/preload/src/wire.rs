@@ -1,7 +1,7 @@
 //! The pagewise attach handshake, client side, written by hand (no serde inside QEMU).
 //! Format (see `pager::attach::protocol`): `b"PWHS"`, `u32` LE version 1, `u32` LE body
 //! length, JSON `AttachRequest`; fds `[uffd, memory file]` as SCM_RIGHTS on the same sendmsg.
-//! Reply: `b"PWHR"`, version, length, JSON `AttachReply {ok, error, swapdev, reattach}`; later
+//! Reply: `b"PWHR"`, version, length, JSON `AttachReply {ok, error, swapdev, reattach, retry}`; later
 //! frames of the same kind on the same connection change `reattach`, or (`ok: false`) say
 //! why the pager tore the VM down.
 
@@ -99,6 +99,8 @@ pub enum Verdict {
     },
     Refused {
         error: String,
+        /// The pager said the refusal may pass (`"retry": true`): try again while waiting.
+        retry: bool,
     },
 }
 
@@ -165,7 +167,8 @@ pub fn parse_reply(text: &str) -> Result<Verdict, String> {
         let error = value_after_key(text, "error")
             .and_then(string_literal)
             .unwrap_or_else(|| format!("(no reason given: {text})"));
-        Ok(Verdict::Refused { error })
+        let retry = value_after_key(text, "retry").is_some_and(|v| v.starts_with("true"));
+        Ok(Verdict::Refused { error, retry })
     }
 }
 
@@ -277,7 +280,15 @@ mod tests {
         assert_eq!(
             parse_reply("{ \"ok\" : false, \"error\": \"region \\\"0\\\" beyond capacity\\n\" }"),
             Ok(Verdict::Refused {
-                error: "region \"0\" beyond capacity\n".into()
+                error: "region \"0\" beyond capacity\n".into(),
+                retry: false,
+            })
+        );
+        assert_eq!(
+            parse_reply("{\"ok\":false,\"error\":\"owned by host dst\",\"retry\":true}"),
+            Ok(Verdict::Refused {
+                error: "owned by host dst".into(),
+                retry: true,
             })
         );
         assert!(parse_reply("{\"okay\":true}").is_err());
@@ -309,7 +320,8 @@ mod tests {
         assert_eq!(
             read_next(&mut rest),
             Ok(Some(Verdict::Refused {
-                error: "detached".into()
+                error: "detached".into(),
+                retry: false,
             }))
         );
         assert_eq!(read_next(&mut rest), Ok(None));
@@ -366,16 +378,19 @@ mod against_pager {
         #[test]
         fn pager_replies_decode(ok in any::<bool>(), error in proptest::option::of(any::<String>()),
                                 swapdev in proptest::option::of(any::<String>()),
-                                reattach in any::<bool>()) {
-            let reply = AttachReply { ok, error: error.clone(), swapdev: swapdev.clone(), reattach };
+                                reattach in any::<bool>(), retry in any::<bool>()) {
+            let reply = AttachReply { ok, error: error.clone(), swapdev: swapdev.clone(), reattach, retry };
             let text = serde_json::to_string(&reply).unwrap();
             let verdict = parse_reply(&text).unwrap();
             if ok {
                 prop_assert_eq!(verdict, Verdict::Accepted { swapdev, reattach });
             } else {
                 match (verdict, error) {
-                    (Verdict::Refused { error: got }, Some(e)) => prop_assert_eq!(got, e),
-                    (Verdict::Refused { .. }, None) => {}
+                    (Verdict::Refused { error: got, retry: r }, Some(e)) => {
+                        prop_assert_eq!(got, e);
+                        prop_assert_eq!(r, retry);
+                    }
+                    (Verdict::Refused { retry: r, .. }, None) => prop_assert_eq!(r, retry),
                     (v, _) => prop_assert!(false, "unexpected {:?}", v),
                 }
             }

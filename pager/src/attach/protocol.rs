@@ -84,6 +84,11 @@ pub struct AttachReply {
     /// `ok: false` and the reason when it tears the VM down on purpose.
     #[serde(default)]
     pub reattach: bool,
+    /// On a refused re-attach: the refusal may pass (the VM's swap device is owned by
+    /// another host that may hand it back, e.g. a migration's destination rolling back), so
+    /// the VMM tries again while it waits. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 /// Why a handshake was refused. The refusal reaches the VMM and the log as one line, so the
@@ -476,6 +481,7 @@ mod tests {
             error: Some("no such vm".into()),
             swapdev: None,
             reattach: false,
+            retry: true,
         };
         send_reply(&b, &reply).unwrap();
         assert_eq!(recv_reply(&a).unwrap(), reply);
@@ -508,6 +514,40 @@ mod tests {
         .unwrap();
         drop(a);
         assert!(matches!(recv_handshake(&b), Err(HandshakeError::Json(_))));
+    }
+
+    #[test]
+    fn reply_frames_pinned() {
+        let refused = AttachReply {
+            ok: false,
+            error: Some("owned by dst".into()),
+            swapdev: None,
+            reattach: false,
+            retry: true,
+        };
+        let body =
+            br#"{"ok":false,"error":"owned by dst","swapdev":null,"reattach":false,"retry":true}"#;
+        let mut want = b"PWHR\x01\x00\x00\x00".to_vec();
+        want.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        want.extend_from_slice(body);
+        assert_eq!(
+            frame(REPLY_MAGIC, &serde_json::to_vec(&refused).unwrap()),
+            want
+        );
+        // `retry` is left out when false: the bytes older pagers sent.
+        let accepted = AttachReply {
+            ok: true,
+            error: None,
+            swapdev: Some("swapdev /d".into()),
+            reattach: true,
+            retry: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&accepted).unwrap(),
+            r#"{"ok":true,"error":null,"swapdev":"swapdev /d","reattach":true}"#
+        );
+        let old: AttachReply = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
+        assert!(!old.retry && !old.reattach);
     }
 
     #[test]

@@ -223,21 +223,30 @@ fn check_memory_file(file: &OwnedFd, layout: &GuestLayout) -> Result<(), AttachE
     Ok(())
 }
 
+/// Why an attach was refused, and whether trying again may pass ([`AttachReply::retry`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal<'a> {
+    pub why: &'a str,
+    pub retry: bool,
+}
+
 /// Answer a pagewise client (logged, never fatal: the client may be gone): the swap device
 /// and whether a re-attach could serve the VM, or the refusal.
-pub fn reply(stream: &UnixStream, result: Result<(&str, bool), &str>) {
+pub fn reply(stream: &UnixStream, result: Result<(&str, bool), Refusal<'_>>) {
     let reply = match result {
         Ok((swapdev, reattach)) => AttachReply {
             ok: true,
             error: None,
             swapdev: Some(swapdev.to_string()),
             reattach,
+            retry: false,
         },
-        Err(e) => AttachReply {
+        Err(r) => AttachReply {
             ok: false,
-            error: Some(e.to_string()),
+            error: Some(r.why.to_string()),
             swapdev: None,
             reattach: false,
+            retry: r.retry,
         },
     };
     if let Err(e) = send_reply(stream, &reply) {

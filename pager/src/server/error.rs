@@ -140,6 +140,21 @@ pub enum StartError {
     },
 }
 
+impl StartError {
+    /// Whether the same attach may pass later without anyone fixing anything here: the VM's
+    /// swap device is owned by another host, which hands it back when the migration it was
+    /// handed over for rolls back.
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            Self::Provider(ProviderError::Device {
+                source: swapdev::SwapError::OwnedByOther { .. },
+                ..
+            })
+        )
+    }
+}
+
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -56,4 +56,7 @@ pub trait MigrationService: Send + Sync {
     fn is_migrating(&self, vm: &str) -> bool;
     /// Every migration this daemon knows, for `stats`.
     fn overview(&self) -> Vec<Value>;
+    /// VM `vm`'s VMM (pid `vmm_pid`) attached again after its pager went away: settle what
+    /// a migration the gone daemon was running left behind in it (in the background).
+    fn reattached(&self, vm: &str, vmm_pid: i32);
 }

@@ -88,6 +88,7 @@ fn goodbye(why: String) -> AttachReply {
         error: Some(why),
         swapdev: None,
         reattach: false,
+        retry: false,
     }
 }
 
@@ -272,6 +273,9 @@ impl Daemon {
                 tracing::warn!(vm = %vm.name, error = %crate::error_chain(&e),
                     "re-attach: waking the waiting faults failed");
             }
+            if let Some(m) = self.migration.get() {
+                m.reattached(&vm.name, vm.peer.pid);
+            }
         }
         Ok(Started {
             description: opened.description,
@@ -292,6 +296,7 @@ impl Daemon {
             error: None,
             swapdev: Some(e.vm.source_description.clone()),
             reattach: allowed,
+            retry: false,
         });
         true
     }

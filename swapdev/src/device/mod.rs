@@ -26,6 +26,7 @@ use crate::AlignedBuf;
 pub use check::{FsckReport, Stats};
 pub use encode::{EncodedPages, PageEncoder};
 pub use job::WriteTicket;
+pub use owner::Reclaimed;
 pub use read::{PageData, PageRead, RunRead};
 use space::SpaceMap;
 

@@ -9,6 +9,15 @@ use crate::format::header::DeviceHeader;
 use crate::format::BLOCK;
 use crate::AlignedBuf;
 
+/// What [`SwapDevice::reclaim`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The generation this host owns the device at now.
+    pub generation: u64,
+    /// The host it was taken from (it had acquired it and written nothing), if not unowned.
+    pub taken_from: Option<String>,
+}
+
 impl SwapDevice {
     pub(super) fn read_header_now(&mut self) -> Result<DeviceHeader> {
         let b = self.read_sync(0, 2 * BLOCK)?;
@@ -100,6 +109,93 @@ impl SwapDevice {
         self.released = true;
         tracing::info!(host = %self.host_id, generation = self.hdr.generation, "swap device released");
         Ok(())
+    }
+
+    /// Take back a device this handle released, when the hand-off it was released for did
+    /// not happen after all (a migration rolled back before its switchover). `fresh` is a
+    /// second handle on the same store: the device is loaded from it as any host would open
+    /// it (checkpoint checked, log replayed), and reclaimed only if it holds exactly the
+    /// pages this handle knows (same index, same log head): nobody wrote to it meanwhile, so
+    /// reads in flight and the callers' page states stay true.
+    ///
+    /// Unowned, it is acquired. Owned by another host at exactly the generation after this
+    /// handle's release (the one host that acquired it since: the hand-off's receiver, which
+    /// did not take the VM), it is taken over and that host is fenced off. Anything else is
+    /// refused and the handle stays released.
+    pub fn reclaim(&mut self, fresh: Box<dyn crate::backend::Backend>) -> Result<Reclaimed> {
+        if !self.released {
+            return Err(SwapError::NotReleased {
+                host: self.host_id.clone(),
+            });
+        }
+        let now = super::recover::load(fresh, &self.host_id, None)?;
+        let cur = now.hdr.clone();
+        let released_at = self.hdr.generation;
+        let changed = |detail: String| SwapError::ChangedWhileReleased {
+            owner: cur.owner.clone(),
+            generation: cur.generation,
+            released_at,
+            detail,
+        };
+        if cur.vm_uuid != self.hdr.vm_uuid || cur.layout != self.hdr.layout {
+            return Err(changed(
+                "it is another device now (VM uuid or layout)".into(),
+            ));
+        }
+        let taken_from = match (cur.owned, cur.owner == self.host_id) {
+            (false, _) => None,
+            (true, true) => {
+                return Err(changed(
+                    "this host acquired it through another handle".into(),
+                ))
+            }
+            (true, false) if cur.generation == released_at + 1 => Some(cur.owner.clone()),
+            (true, false) => {
+                return Err(SwapError::OwnedByOther {
+                    owner: cur.owner,
+                    generation: cur.generation,
+                })
+            }
+        };
+        if (now.log.head, now.log.next_seq, now.log.last_crc)
+            != (self.log.head, self.log.next_seq, self.log.last_crc)
+        {
+            return Err(changed(format!(
+                "its log moved on from batch {} to {}",
+                self.log.next_seq, now.log.next_seq
+            )));
+        }
+        let differ = self
+            .index
+            .iter()
+            .zip(&now.index)
+            .filter(|(a, b)| a != b)
+            .count();
+        if differ > 0 || self.index.len() != now.index.len() {
+            return Err(changed(format!("{differ} index entries differ")));
+        }
+        if let Some(other) = &taken_from {
+            tracing::warn!(owner = %other, generation = cur.generation,
+                "taking back a released swap device from the host that acquired it and wrote nothing");
+        }
+        // Continue from the header as it is now (its checkpoint slot and sequence).
+        self.hdr = cur;
+        self.hdr_copy = now.hdr_copy;
+        drop(now);
+        let mut h = self.hdr.clone();
+        h.owner = self.host_id.clone();
+        h.owned = true;
+        h.generation += 1;
+        self.write_header(h)?;
+        self.released = false;
+        self.writable = true;
+        self.last_fence_check = std::time::Instant::now();
+        self.checkpoint()?;
+        tracing::info!(host = %self.host_id, generation = self.hdr.generation, "released swap device taken back");
+        Ok(Reclaimed {
+            generation: self.hdr.generation,
+            taken_from,
+        })
     }
 
     /// Whether this handle released the device ([`SwapDevice::release_ownership`]).

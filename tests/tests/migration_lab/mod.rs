@@ -33,6 +33,19 @@ pub struct HostDaemon {
     pub socket: PathBuf,
     pub dir: PathBuf,
     pub incoming: PathBuf,
+    /// How it was started, for [`HostDaemon::restart`].
+    started: Started,
+}
+
+#[derive(Clone)]
+struct Started {
+    ns: String,
+    name: String,
+    listen: String,
+    key: PathBuf,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+    runs: u32,
 }
 
 impl HostDaemon {
@@ -50,12 +63,54 @@ impl HostDaemon {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Self {
-        let socket = dir.join("pager.sock");
         let incoming = PathBuf::from(format!(
             "/dev/shm/pagewise-test-in-{name}-{}-{}",
             std::process::id(),
             rand::random::<u32>()
         ));
+        let started = Started {
+            ns: ns.into(),
+            name: name.into(),
+            listen: listen.into(),
+            key: key.into(),
+            extra: extra.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            runs: 0,
+        };
+        let (proc, socket) = Self::spawn(dir, &incoming, &started);
+        HostDaemon {
+            proc,
+            socket,
+            dir: dir.to_path_buf(),
+            incoming,
+            started,
+        }
+    }
+
+    /// kill -9 of the daemon (`ip netns exec` execs `pagewise serve`: the child is it).
+    pub fn kill9(&mut self) {
+        let pid = i32::try_from(self.proc.child.id()).expect("pid");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the daemon");
+        let _ = self.proc.child.wait();
+    }
+
+    /// Start the daemon again as it was started (a new log file), after [`Self::kill9`].
+    pub fn restart(&mut self) {
+        self.started.runs += 1;
+        let (proc, _) = Self::spawn(&self.dir, &self.incoming, &self.started);
+        self.proc = proc;
+    }
+
+    fn spawn(dir: &Path, incoming: &Path, s: &Started) -> (Proc, PathBuf) {
+        let (ns, name, listen, key, extra) = (&s.ns, &s.name, &s.listen, &s.key, &s.extra);
+        let socket = dir.join("pager.sock");
         let mut cmd = in_ns(ns, &pagewise_bin());
         cmd.args(["serve", "-v", "--socket"])
             .arg(&socket)
@@ -66,23 +121,22 @@ impl HostDaemon {
             .arg("--psk-file")
             .arg(key)
             .arg("--migrate-dir")
-            .arg(&incoming)
+            .arg(incoming)
             .arg("--host-id")
             .arg(name)
             .args(extra)
             .env("PAGEWISE_PRELOAD", crate::qemu_lab::preload_lib());
-        for (k, v) in env {
+        for (k, v) in &s.env {
             cmd.env(k, v);
         }
-        let mut proc = Proc::spawn(&format!("serve-{name}"), cmd, dir);
+        let log = match s.runs {
+            0 => format!("serve-{name}"),
+            n => format!("serve-{name}-{}", n + 1),
+        };
+        let mut proc = Proc::spawn(&log, cmd, dir);
         let err = proc.stderr_path.clone();
         wait_for_text(&err, "listening on", Duration::from_secs(20), &mut proc);
-        HostDaemon {
-            proc,
-            socket,
-            dir: dir.to_path_buf(),
-            incoming,
-        }
+        (proc, socket)
     }
 }
 
@@ -96,6 +150,8 @@ impl Drop for HostDaemon {
 pub struct MigrationLab {
     /// qemu-nbd on the store host serving the shared swap device (agile), if any.
     pub nbd: Option<Proc>,
+    /// The shared swap device's spec (agile), if any.
+    pub shared_spec: Option<String>,
     /// The source VM's attach socket (its own socket when it uses the shared device).
     pub vm_socket: PathBuf,
     pub dir: tempfile::TempDir,
@@ -131,57 +187,107 @@ impl MigrationLab {
         } else {
             Self::up(prefix, rate)
         };
-        let mut guest = lab.start_guest("vm1", ram_mib, append);
+        let guest =
+            lab.start_verifying_guest(ram_mib, append, (mode == "agile").then_some(agile_rss));
+        (lab, guest)
+    }
+
+    /// The verifying guest "vm1" under the source daemon, through its first memverify
+    /// pass, then evicted to `evict_to` if given.
+    pub fn start_verifying_guest(
+        &self,
+        ram_mib: u64,
+        append: &str,
+        evict_to: Option<&str>,
+    ) -> SourceGuest {
+        let mut guest = self.start_guest("vm1", ram_mib, append);
         wait_for_text(
             &guest.serial,
             "memverify: pass 1 ",
             Duration::from_secs(180),
             &mut guest.qemu,
         );
-        if mode == "agile" {
-            let out = crate::qemu_lab::pagewise_ok(&[
-                "evict",
-                "--socket",
-                lab.src.socket.to_str().unwrap(),
-                "--vm",
-                "vm1",
-                "--target-rss",
-                agile_rss,
-                "--json",
-            ]);
-            eprintln!("evicted before the migration: {out}");
+        if let Some(rss) = evict_to {
+            eprintln!("evicted before the migration: {}", self.evict("vm1", rss));
         }
-        (lab, guest)
+        guest
+    }
+
+    /// `pagewise evict --target-rss RSS --json` of `vm` through the source daemon.
+    pub fn evict(&self, vm: &str, rss: &str) -> String {
+        crate::qemu_lab::pagewise_ok(&[
+            "evict",
+            "--socket",
+            self.src.socket.to_str().unwrap(),
+            "--vm",
+            vm,
+            "--target-rss",
+            rss,
+            "--json",
+        ])
+    }
+
+    /// `pagewise swapdev SUBCOMMAND SPEC --json` of the shared swap device, from the
+    /// source host: (exit success, its JSON).
+    pub fn shared_device_json(&self, subcommand: &str) -> (bool, serde_json::Value) {
+        let spec = self
+            .shared_spec
+            .as_deref()
+            .expect("a lab with a shared device");
+        let out = in_ns(&self.lab.ns("src"), &pagewise_bin())
+            .args(["swapdev", subcommand, spec, "--json"])
+            .output()
+            .expect("run pagewise swapdev");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "swapdev {subcommand} {spec}: {e}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), json)
     }
 
     pub fn up(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, false, &[], &[])
+        Self::build(prefix, rate, None, false, &[], &[], &[])
     }
 
     /// The lab with the destination daemon started with extra `serve` arguments.
     #[allow(dead_code)] // used by some of the test binaries that include this module
     pub fn with_destination_args(prefix: &str, rate: &str, args: &[&str]) -> Self {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Self::build(prefix, rate, None, false, &[], &args)
+        Self::build(prefix, rate, None, false, &[], &args, &[])
     }
 
     /// The lab with the destination daemon started with `env` (test hooks).
     pub fn with_destination_env(prefix: &str, rate: &str, env: &[(&str, &str)]) -> Self {
-        Self::build(prefix, rate, None, false, env, &[])
+        Self::build(prefix, rate, None, false, env, &[], &[])
     }
 
     /// The lab with TLS on the migration link: each daemon a certificate for its address
     /// from one CA made here (`serve --tls-cert/--tls-key/--tls-ca`).
     pub fn with_tls(prefix: &str, rate: &str) -> Self {
-        Self::build(prefix, rate, None, true, &[], &[])
+        Self::build(prefix, rate, None, true, &[], &[], &[])
     }
 
     /// The lab with VM `vm`'s swap device (`ram_mib` of capacity) on an NBD export of the
     /// store host, which both hosts reach (agile migration).
     pub fn with_shared_device(prefix: &str, rate: &str, vm: &str, ram_mib: u64) -> Self {
-        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[], &[])
+        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[], &[], &[])
     }
 
+    /// [`Self::with_shared_device`] with the source daemon started with `src_env`.
+    pub fn with_shared_device_and_source_env(
+        prefix: &str,
+        rate: &str,
+        vm: &str,
+        ram_mib: u64,
+        src_env: &[(&str, &str)],
+    ) -> Self {
+        Self::build(prefix, rate, Some((vm, ram_mib)), false, &[], &[], src_env)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn build(
         prefix: &str,
         rate: &str,
@@ -189,6 +295,7 @@ impl MigrationLab {
         tls: bool,
         dst_env: &[(&str, &str)],
         dst_args: &[String],
+        src_env: &[(&str, &str)],
     ) -> Self {
         let lab = TwoHost::up(prefix, rate);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -200,6 +307,7 @@ impl MigrationLab {
         std::fs::create_dir_all(&dst_dir).unwrap();
         let mut extra = Vec::new();
         let mut nbd = None;
+        let mut shared_spec = None;
         let mut vm_socket = src_dir.join("pager.sock");
         if let Some((vm, ram_mib)) = shared {
             let (proc, spec) = shared_device(&lab, dir.path(), vm, ram_mib);
@@ -209,6 +317,7 @@ impl MigrationLab {
                 "--vm".into(),
                 format!("{vm}={}:{spec}", vm_socket.display()),
             ];
+            shared_spec = Some(spec);
         }
         let mut dst_extra = dst_args.to_vec();
         if tls {
@@ -216,7 +325,15 @@ impl MigrationLab {
             extra.extend(pki.host(dir.path(), "src", &[SRC_IP]).args());
             dst_extra.extend(pki.host(dir.path(), "dst", &[DST_IP]).args());
         }
-        let src = HostDaemon::start(&lab.ns("src"), "src", &src_dir, SRC_IP, &key, &extra);
+        let src = HostDaemon::start_on(
+            &lab.ns("src"),
+            "src",
+            &src_dir,
+            &format!("{SRC_IP}:{PORT}"),
+            &key,
+            &extra,
+            src_env,
+        );
         let dst = HostDaemon::start_on(
             &lab.ns("dst"),
             "dst",
@@ -228,6 +345,7 @@ impl MigrationLab {
         );
         MigrationLab {
             nbd,
+            shared_spec,
             vm_socket,
             dir,
             src,

@@ -116,6 +116,7 @@ fn serve(
                         error: refuse.clone(),
                         swapdev: refuse.is_none().then(|| "zero-pages (test)".to_string()),
                         reattach: false,
+                        retry: false,
                     };
                     if let Err(e) = protocol::send_reply(&stream, &reply) {
                         fail(counters, format!("send reply: {e}"));

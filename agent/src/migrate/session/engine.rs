@@ -365,6 +365,10 @@ impl MigrationService for Engine {
         self.jobs().get(vm).is_some_and(|j| !j.phase().is_over())
     }
 
+    fn reattached(&self, vm: &str, vmm_pid: i32) {
+        super::interrupted::settle_in_background(vm.to_string(), vmm_pid);
+    }
+
     fn overview(&self) -> Vec<Value> {
         let mut jobs: Vec<_> = self.jobs().values().cloned().collect();
         jobs.sort_by_key(|j| j.started);

@@ -41,6 +41,7 @@ mod dest_qemu;
 pub mod destination;
 pub mod engine;
 mod incoming;
+pub mod interrupted;
 mod pages;
 pub mod recovery;
 pub mod source;

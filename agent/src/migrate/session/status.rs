@@ -148,6 +148,10 @@ pub struct MigrationStatus {
     /// held, as runs `[first, count]` (lost unless the source host comes back).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pages_lost: Vec<[u64; 2]>,
+    /// Agile rolled back after handing the shared swap device over: whether this host
+    /// took it back (it owns it again) or not (it only reads it; the log says why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swapdev_reclaimed: Option<bool>,
     /// The VM's pages when the migration began, by where their copy was.
     pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.

@@ -84,3 +84,103 @@ fn release_ownership_keeps_reads_refuses_writes_and_lets_another_host_acquire() 
     assert_eq!(b.read_page(1).unwrap().to_vec(PS).unwrap(), page(2, 200));
     assert!(b.fsck().unwrap().is_clean());
 }
+
+fn fresh(store: &MemStore) -> Box<dyn crate::backend::Backend> {
+    Box::new(crate::backend::mem::MemBackend::new(store.clone()))
+}
+
+/// A released device written to with 8 pages; the generation it was released at.
+fn released_with_pages(store: &MemStore) -> (crate::SwapDevice, u64) {
+    let mut a = create(store, 32, CodecPolicy::Lz4);
+    for p in 0..8 {
+        a.write_pages(&[(p, &page((p % 3) as u8, p))]).unwrap();
+    }
+    a.release_ownership().unwrap();
+    let g = a.generation();
+    (a, g)
+}
+
+#[test]
+fn reclaim_of_an_unowned_device_nobody_wrote_to_makes_it_writable_again() {
+    let store = MemStore::new();
+    let (mut a, released_at) = released_with_pages(&store);
+    // A hand-off that happened and was undone: the receiver acquired it and released it.
+    let b = open_rw(&store, "host-b").unwrap();
+    b.release().unwrap();
+    let got = a.reclaim(fresh(&store)).unwrap();
+    assert_eq!(got.taken_from, None);
+    assert_eq!(got.generation, released_at + 3);
+    assert_eq!(a.owner(), ("host-a", true));
+    assert!(!a.is_released());
+    a.write_pages(&[(20, &page(2, 20))]).unwrap();
+    a.close().unwrap();
+    let mut a = open_rw(&store, "host-a").unwrap();
+    for p in 0..8 {
+        assert_eq!(
+            a.read_page(p).unwrap().to_vec(PS).unwrap(),
+            page((p % 3) as u8, p)
+        );
+    }
+    assert_eq!(a.read_page(20).unwrap().to_vec(PS).unwrap(), page(2, 20));
+    assert!(a.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn reclaim_takes_it_from_the_one_host_that_acquired_it_and_fences_that_host() {
+    let store = MemStore::new();
+    let (mut a, released_at) = released_with_pages(&store);
+    // The receiver acquired it and died (or gave up) without releasing it.
+    let mut b = open_rw(&store, "host-b").unwrap();
+    let got = a.reclaim(fresh(&store)).unwrap();
+    assert_eq!(got.taken_from.as_deref(), Some("host-b"));
+    assert_eq!(got.generation, released_at + 2);
+    // The receiver's ownership is stale: what re-reads the header refuses.
+    assert!(matches!(b.checkpoint(), Err(SwapError::Fenced { .. })));
+    assert!(
+        b.release().is_err(),
+        "a fenced host cannot release what it lost"
+    );
+    a.write_pages(&[(3, &page(1, 300))]).unwrap();
+    a.close().unwrap();
+    let mut a = open_rw(&store, "host-a").unwrap();
+    assert_eq!(a.read_page(3).unwrap().to_vec(PS).unwrap(), page(1, 300));
+    assert_eq!(a.read_page(4).unwrap().to_vec(PS).unwrap(), page(1, 4));
+    assert!(a.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn reclaim_refuses_a_device_written_to_or_passed_on_since_and_stays_released() {
+    // Another host wrote a page: the handle's index would be wrong.
+    let store = MemStore::new();
+    let (mut a, _) = released_with_pages(&store);
+    let mut b = open_rw(&store, "host-b").unwrap();
+    b.write_pages(&[(1, &page(2, 100))]).unwrap();
+    b.release().unwrap();
+    let err = a.reclaim(fresh(&store)).unwrap_err();
+    assert!(
+        matches!(err, SwapError::ChangedWhileReleased { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("log moved on"), "{err}");
+    assert!(a.is_released());
+    assert!(matches!(
+        a.write_pages(&[(2, &page(1, 2))]),
+        Err(SwapError::Released { .. })
+    ));
+    // Owned by a host that is not the one acquire after the release: refused.
+    let store = MemStore::new();
+    let (mut a, _) = released_with_pages(&store);
+    open_rw(&store, "host-b").unwrap().release().unwrap();
+    let _c = open_rw(&store, "host-c").unwrap();
+    let err = a.reclaim(fresh(&store)).unwrap_err();
+    assert!(
+        matches!(&err, SwapError::OwnedByOther { owner, .. } if owner == "host-c"),
+        "{err}"
+    );
+    assert!(a.is_released());
+    // Only a released handle reclaims.
+    let store = MemStore::new();
+    let mut a = create(&store, 32, CodecPolicy::Lz4);
+    let err = a.reclaim(fresh(&store)).unwrap_err();
+    assert!(matches!(err, SwapError::NotReleased { .. }), "{err}");
+}

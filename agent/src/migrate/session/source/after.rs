@@ -223,15 +223,43 @@ impl SourceRun {
         if was_running && running == Some(false) {
             let _ = qmp.execute("cont", json!({}));
         }
-        let released = self
-            .shared_device()
-            .is_ok_and(|d| d.lock().unwrap_or_else(|e| e.into_inner()).is_released());
-        if released {
-            tracing::warn!(
-                vm = %self.request.vm,
-                "the guest runs on here, reading its released swap device: evictions of it \
-                 are refused until the VM is attached again (nothing is lost)"
-            );
+        self.take_back_shared_device();
+    }
+
+    /// Agile rolled back after the hand-off: the shared swap device was released to the
+    /// destination, which (having removed what it made) released it again, or acquired it
+    /// and died. Take it back so this host, where the guest runs, owns it again (its
+    /// evictions go on); if that is refused the guest still runs, reading it as it was.
+    fn take_back_shared_device(&self) {
+        let Ok(dev) = self.shared_device() else {
+            return;
+        };
+        let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+        if !dev.is_released() {
+            return;
+        }
+        let taken = self
+            .shared_spec()
+            .map_err(|e| pager::error_chain(&e))
+            .and_then(|spec| {
+                let fresh = swapdev::backend::spec::open_backend(&spec, &Default::default())
+                    .map_err(|e| format!("opening {spec} again: {}", pager::error_chain(&e)))?;
+                dev.reclaim(fresh).map_err(|e| pager::error_chain(&e))
+            });
+        match taken {
+            Ok(r) => {
+                tracing::info!(vm = %self.request.vm, generation = r.generation,
+                    taken_from = r.taken_from.as_deref().unwrap_or("(nobody: it was unowned)"),
+                    "the migration rolled back: this host owns the shared swap device again");
+                self.job.update(|s| s.swapdev_reclaimed = Some(true));
+            }
+            Err(why) => {
+                tracing::warn!(vm = %self.request.vm, %why,
+                    "the guest runs on here, reading its released swap device: taking it back \
+                     failed, evictions of it are refused until the VM is attached again \
+                     (nothing is lost)");
+                self.job.update(|s| s.swapdev_reclaimed = Some(false));
+            }
         }
     }
 }

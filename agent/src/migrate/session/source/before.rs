@@ -22,6 +22,28 @@ use crate::migrate::session::pages::SourcePages;
 use crate::migrate::session::status::{Census, Phase};
 use crate::migrate::session::timeline::now_ms;
 
+/// Test hook: `STAGE:MS` holds the source for MS milliseconds (at most 10 minutes) at
+/// STAGE, so a test can kill a daemon there: `released` (agile released the shared swap
+/// device and said so) or `paused` (QEMU paused the guest at pre-switchover). Never set in
+/// production.
+pub const HOLD_ENV: &str = "PAGEWISE_TEST_HOLD";
+
+/// Sleep as [`HOLD_ENV`] asks at `stage`, if it does.
+fn hold_at(stage: &str, vm: &str) {
+    let Ok(spec) = std::env::var(HOLD_ENV) else {
+        return;
+    };
+    let Some(ms) = spec
+        .split_once(':')
+        .filter(|(s, _)| *s == stage)
+        .and_then(|(_, ms)| ms.parse::<u64>().ok())
+    else {
+        return;
+    };
+    tracing::warn!(vm, ms, "test hook: holding at {stage} ({HOLD_ENV})");
+    std::thread::sleep(Duration::from_millis(ms.min(600_000)));
+}
+
 /// How recent a write (or fault-in) must be for agile to leave the page to post-copy.
 const HOT_WINDOW: Duration = Duration::from_secs(10);
 
@@ -73,6 +95,8 @@ impl SourceRun {
                 .release_ownership()
                 .map_err(SourceError::Release)?;
             write_message(&mut out, &Message::Released)?;
+            out.flush().map_err(WireError::Io)?;
+            hold_at("released", &self.request.vm);
         }
         out.flush().map_err(WireError::Io)?;
         let acks = syncs + u64::from(self.mode == Mode::Agile);
@@ -85,14 +109,11 @@ impl SourceRun {
         *migrate_started = true;
         qmp.wait_status(&["pre-switchover"], QEMU_STEP_TIMEOUT)?;
         let paused = Instant::now();
-        // From the pause on, pages leave this host for good: should this daemon die, its
-        // QEMU must not attach to a restarted one that would take them as lost (it exits).
-        // A roll-back says otherwise again.
-        self.daemon.set_reattach(&self.request.vm, false);
         self.job.update(|s| {
             s.status = Phase::PreSwitchover;
             s.paused_at_ms = Some(now_ms());
         });
+        hold_at("paused", &self.request.vm);
         // Placements already under way land (and count as written) before the last harvest.
         let settle = Instant::now();
         while source.in_flight() > 0 && settle.elapsed() < Duration::from_secs(2) {
@@ -130,7 +151,12 @@ impl SourceRun {
         self.record_encoding(&enc);
         ready?;
         let ready = paused.elapsed();
-        // From here on the destination runs the guest: no roll-back.
+        // From here on the destination runs the guest (no roll-back) and pages leave this
+        // host for good: should this daemon die, its QEMU must not attach to a restarted one
+        // that would take them as lost (it exits). Until now every page was still here, and
+        // a restarted daemon cancels the QEMU migration left waiting at pre-switchover
+        // (`interrupted.rs`).
+        self.daemon.set_reattach(&self.request.vm, false);
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
         let info = qmp.wait_status(&["completed"], QEMU_STEP_TIMEOUT)?;
         let downtime = paused.elapsed().as_millis() as u64;
