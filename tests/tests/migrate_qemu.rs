@@ -82,3 +82,39 @@ fn agile_moves_a_verifying_qemu_guest_leaving_cold_pages_in_the_shared_device_an
     assert!(r["pages_stored"].as_u64().unwrap() > 8192, "{r}");
     assert!(r["ram"]["transferred"].as_u64().unwrap() < 100 << 20, "{r}");
 }
+
+#[test]
+fn a_postcopy_goes_on_when_its_migrate_client_is_killed() {
+    let (lab, guest) =
+        MigrationLab::with_verifying_guest("pwmcli", "240mbit", "postcopy", RAM_MIB, GUEST, "");
+    let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
+    let mut client = lab
+        .migrate_command(&to, "vm1", "postcopy", &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn pagewise migrate");
+    migration_lab::wait_status(
+        &lab.src.socket,
+        "migrating",
+        Duration::from_secs(60),
+        || lab.logs(),
+        |s| s["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20,
+    );
+    // kill -9 of `pagewise migrate` (`ip netns exec` execs it): the migration runs in the
+    // daemons, not in the client, and finishes without it.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(client.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = client.wait();
+    let done = migration_lab::wait_status(
+        &lab.src.socket,
+        "completed without its client",
+        Duration::from_secs(180),
+        || lab.logs(),
+        |s| s["status"] == "completed" || s["status"] == "failed",
+    );
+    assert_eq!(done["status"], "completed", "{done}\n{}", lab.logs());
+    let serial = dest_path(&done, &guest.serial);
+    let text = migration_lab::wait_done(&serial, Duration::from_secs(240), || lab.logs());
+    assert_memverify_passed(&text);
+}
