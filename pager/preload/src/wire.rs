@@ -197,9 +197,27 @@ fn string_literal(text: &str) -> Option<String> {
                 'n' => out.push('\n'),
                 't' => out.push('\t'),
                 'r' => out.push('\r'),
+                'b' => out.push('\u{8}'),
+                'f' => out.push('\u{c}'),
                 'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                    let unit = hex4(&mut chars)?;
+                    let code = if (0xd800..0xdc00).contains(&unit) {
+                        // A surrogate pair: the low half must follow as `\uDC00`-`\uDFFF`.
+                        let rest = chars.as_str();
+                        match rest.strip_prefix("\\u").map(|r| r.chars()) {
+                            Some(mut after) => match hex4(&mut after) {
+                                Some(low) if (0xdc00..0xe000).contains(&low) => {
+                                    chars = after;
+                                    0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00)
+                                }
+                                _ => unit,
+                            },
+                            None => unit,
+                        }
+                    } else {
+                        unit
+                    };
+                    out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
                 }
                 other => out.push(other),
             },
@@ -208,9 +226,36 @@ fn string_literal(text: &str) -> Option<String> {
     }
 }
 
+/// Four hex digits of a `\u` escape.
+fn hex4(chars: &mut std::str::Chars<'_>) -> Option<u32> {
+    let hex: String = chars.by_ref().take(4).collect();
+    if hex.len() != 4 {
+        return None;
+    }
+    u32::from_str_radix(&hex, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_escapes_as_serde_prints_them() {
+        for text in [
+            "form\u{c}feed\u{8}back",
+            "tab\tnl\nq\"bs\\",
+            "\u{1}\u{1f}",
+            "é😀",
+            "",
+        ] {
+            let json = serde_json::to_string(text).unwrap();
+            assert_eq!(string_literal(&json).as_deref(), Some(text), "{json}");
+        }
+        // Escaped surrogate pairs (serde prints the character itself, others may not).
+        assert_eq!(string_literal(r#""\ud83d\ude00""#).as_deref(), Some("😀"));
+        assert_eq!(string_literal(r#""\ud83dx""#).as_deref(), Some("\u{fffd}x"));
+        assert_eq!(string_literal(r#""\u12""#), None);
+    }
 
     #[test]
     fn request_is_the_json_the_pager_expects() {
