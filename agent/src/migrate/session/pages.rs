@@ -16,6 +16,9 @@ use swapdev::{PageData, SwapDevice};
 
 use crate::migrate::bulk::SourcePage;
 
+/// Longest wait for an in-flight placement before a page is read ([`SourcePages::read`]).
+const PLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub type SharedDevice = Arc<Mutex<SwapDevice>>;
 
 pub(super) struct SourcePages {
@@ -112,11 +115,12 @@ impl SourcePages {
     /// device the destination reads is answered [`SourcePage::Stored`] without reading it.
     pub fn read(&self, p: u64, buf: &mut [u8], stored_ok: bool) -> std::io::Result<SourcePage> {
         let offset = p * self.page_size() as u64;
-        let state = self.vm.states.get(p);
+        let state = self.settled_state(p)?;
         match state {
             PageState::Present if stored_ok && self.device_copy_shared(p) => {
                 return Ok(SourcePage::Stored);
             }
+            // (`settled_state` never answers InFlight.)
             PageState::Present | PageState::InFlight | PageState::Evicting => {
                 self.memory.read_exact_at(buf, offset)?;
             }
@@ -143,6 +147,33 @@ impl SourcePages {
         } else {
             SourcePage::Data
         })
+    }
+
+    /// Page `p`'s state once no placement of it is in flight: an in-flight page's bytes are
+    /// not in the memory file yet (a hole there reads as zeros), so it is read once they
+    /// landed. A placement that takes longer than [`PLACEMENT_WAIT`] fails the read (the
+    /// migration fails) rather than send a page that is not the guest's.
+    fn settled_state(&self, p: u64) -> std::io::Result<PageState> {
+        let mut state = self.vm.states.get(p);
+        if state != PageState::InFlight {
+            return Ok(state);
+        }
+        let start = std::time::Instant::now();
+        while state == PageState::InFlight {
+            if start.elapsed() > PLACEMENT_WAIT {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "page {p}'s placement has been in flight for more than {} s; not \
+                         sending what its memory holds before it lands",
+                        PLACEMENT_WAIT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            state = self.vm.states.get(p);
+        }
+        Ok(state)
     }
 
     /// Pages whose placement is in flight (their bytes are not in the file yet).
