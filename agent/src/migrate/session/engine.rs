@@ -210,6 +210,7 @@ impl Engine {
             handed_over: Mutex::new(HashMap::new()),
         });
         daemon.set_migration(engine.clone());
+        super::source::resume_journaled(&engine);
         engine
     }
 

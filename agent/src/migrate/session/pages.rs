@@ -14,6 +14,7 @@ use pager::route::Route;
 use pager::vm::Vm;
 use swapdev::{PageData, SwapDevice};
 
+use super::source::journal::Where;
 use crate::migrate::bulk::SourcePage;
 
 /// Longest wait for an in-flight placement before a page is read ([`SourcePages::read`]).
@@ -65,10 +66,6 @@ impl SourcePages {
 
     pub fn page_size(&self) -> usize {
         self.vm.layout.page_size()
-    }
-
-    pub fn memory(&self) -> &File {
-        &self.memory
     }
 
     /// The store holding absent page `p`'s current copy, if any.
@@ -179,5 +176,54 @@ impl SourcePages {
     /// Pages whose placement is in flight (their bytes are not in the file yet).
     pub fn in_flight(&self) -> usize {
         self.vm.states.count(PageState::InFlight)
+    }
+
+    /// Where each page's current copy is, one [`Where`] byte per page: what a restarted
+    /// source reads them from (`journal.rs`). Taken with the guest paused for good (after
+    /// the last harvest): no page moves between the stores any more.
+    pub fn snapshot_map(&self) -> std::io::Result<Vec<u8>> {
+        let pages = self.vm.layout.pages();
+        let mut map = Vec::with_capacity(usize::try_from(pages).unwrap_or(0));
+        for p in 0..pages {
+            let place = match self.settled_state(p)? {
+                PageState::Present | PageState::InFlight | PageState::Evicting => Where::Memory,
+                PageState::Removed => Where::Freed,
+                state @ (PageState::Missing | PageState::Evicted | PageState::Zero) => {
+                    match self.store_of(p, state) {
+                        Some(store) if !lock(store).contains(p) => Where::Zero,
+                        Some(store)
+                            if self.shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, store)) =>
+                        {
+                            Where::Shared
+                        }
+                        Some(store) if self.own.as_ref().is_some_and(|o| Arc::ptr_eq(o, store)) => {
+                            Where::OwnDevice
+                        }
+                        Some(_) => Where::HandedOver,
+                        None => Where::Zero,
+                    }
+                }
+            };
+            map.push(place as u8);
+        }
+        Ok(map)
+    }
+}
+
+/// What the push after the switchover reads pages from: the live VM's stores
+/// ([`SourcePages`]), or what a restarted source found of them (`source/restarted.rs`).
+pub(super) trait PushSource: Send + Sync {
+    /// Read page `p` into `buf` for the destination.
+    fn read_for_push(&self, p: u64, buf: &mut [u8]) -> std::io::Result<SourcePage>;
+    /// The guest's RAM file (punched once the destination holds every page).
+    fn memory(&self) -> &File;
+}
+
+impl PushSource for SourcePages {
+    fn read_for_push(&self, p: u64, buf: &mut [u8]) -> std::io::Result<SourcePage> {
+        self.read(p, buf, false)
+    }
+    fn memory(&self) -> &File {
+        &self.memory
     }
 }

@@ -34,6 +34,11 @@ use crate::migrate::tls::{server_name, TlsError};
 
 mod after;
 mod before;
+pub mod journal;
+mod push;
+mod restarted;
+
+pub(super) use restarted::resume_journaled;
 mod resume;
 
 /// Longest wait for the destination's answer to `Switchover`.
@@ -113,6 +118,8 @@ pub enum SourceError {
          (the source QEMU is kept paused)"
     )]
     LinkLost { attempts: u64, waited_s: u64 },
+    #[error("writing the journal a restarted source would resume the migration from")]
+    Journal(#[source] journal::JournalError),
     #[error("the destination says it holds pages {first}+{count}, outside the VM's {pages} pages")]
     AckOutOfRange { first: u64, count: u64, pages: u64 },
 }
@@ -212,6 +219,18 @@ fn cmdline_of(pid: i32) -> Result<Vec<String>, SourceError> {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect())
+}
+
+/// `path` as process `pid` names it, absolute (a relative one is under its working
+/// directory).
+fn absolute_in(pid: i32, path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        Ok(cwd) => cwd.join(path),
+        Err(_) => path.to_path_buf(),
+    }
 }
 
 /// Runs of consecutive pages in sorted `pages`.
@@ -330,6 +349,10 @@ impl SourceRun {
             .map_err(SourceError::Memory)?,
         );
         let mut migrate_started = false;
+        let mem_path = absolute_in(self.vm.peer.pid, &ram.mem_path);
+        let journal = |source: &SourcePages| {
+            self.write_journal(session, version, source, &mem_path, &qmp_path)
+        };
         let before = self.before_switchover(
             &mut qmp,
             &bulk,
@@ -338,15 +361,22 @@ impl SourceRun {
             &source,
             &held,
             &mut migrate_started,
+            &journal,
         );
         // The write tracking ends with the pre-copy: the timeline must not keep it alive.
         self.job.dirty_probe.set(None);
         if let Err(e) = before {
             let e = self.cancelled(e);
             self.roll_back(&mut qmp, &mut bulk, migrate_started, was_running, &e);
+            self.remove_journal();
             return Err(e);
         }
-        self.after_switchover(urgent, bulk, version, session, source, held)?;
+        let after = self.after_switchover(urgent, bulk, version, session, source, held);
+        if !matches!(after, Err(SourceError::LinkLost { .. })) {
+            // (A destination still waiting can be resumed by a restart of this daemon.)
+            self.remove_journal();
+        }
+        after?;
         // The source keeps nothing of the VM: its RAM file goes, its QEMU quits.
         let _ = qmp.execute("quit", json!({}));
         let _ = std::fs::remove_file(&ram.mem_path);
@@ -388,13 +418,11 @@ impl SourceRun {
         bulk: &Link,
         cancel: Arc<AtomicBool>,
     ) -> Result<Throttle<Link>, SourceError> {
-        let counter = self.job.transferred.clone();
-        let stream = bulk.try_clone().map_err(WireError::Io)?;
-        Ok(Throttle::new(
-            stream,
+        push::throttled(
+            &self.job,
+            bulk,
             self.request.max_bandwidth.unwrap_or(0),
             cancel,
-            counter,
-        ))
+        )
     }
 }

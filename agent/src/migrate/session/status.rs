@@ -152,6 +152,10 @@ pub struct MigrationStatus {
     /// took it back (it owns it again) or not (it only reads it; the log says why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swapdev_reclaimed: Option<bool>,
+    /// A source daemon restarted after the switchover runs this migration on from its
+    /// journal (the one that began it died).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub restarted: bool,
     /// The VM's pages when the migration began, by where their copy was.
     pub census: Option<Census>,
     /// Milliseconds from the start until the source held none of the VM's RAM.

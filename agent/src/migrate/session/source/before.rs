@@ -68,6 +68,7 @@ impl SourceRun {
         source: &Arc<SourcePages>,
         held: &Arc<Held>,
         migrate_started: &mut bool,
+        journal: &dyn Fn(&SourcePages) -> Result<(), SourceError>,
     ) -> Result<(), SourceError> {
         qmp.set_capabilities(&[("x-ignore-shared", true), ("pause-before-switchover", true)])?;
         let writes = Arc::new(self.vm.dirty.subscribe(SubscribeOptions {
@@ -155,7 +156,9 @@ impl SourceRun {
         // host for good: should this daemon die, its QEMU must not attach to a restarted one
         // that would take them as lost (it exits). Until now every page was still here, and
         // a restarted daemon cancels the QEMU migration left waiting at pre-switchover
-        // (`interrupted.rs`).
+        // (`interrupted.rs`). Where each page is goes to disk first: a daemon restarted after
+        // the switchover resumes the push from it (`restarted.rs`).
+        journal(source)?;
         self.daemon.set_reattach(&self.request.vm, false);
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
         let info = qmp.wait_status(&["completed"], QEMU_STEP_TIMEOUT)?;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{connect, Held, SourceError, SourceRun};
+use super::push::Pusher;
+use super::{connect, Held, SourceError};
 use crate::migrate::auth::open_client;
 use crate::migrate::bulk::{BulkError, SentPages};
 use crate::migrate::link::Link;
@@ -53,27 +54,27 @@ impl SourceError {
     }
 }
 
-impl SourceRun {
+impl Pusher {
     /// Get a new pair of connections to the destination after `why` broke the last one.
     pub(super) fn reconnect(
         &self,
         session: [u8; 16],
         version: u16,
-        why: &SourceError,
+        why: &str,
         held: &Held,
     ) -> Result<Reconnected, SourceError> {
         let paused = Instant::now();
         let timeout = self.config.recover_timeout;
         self.job.link_cut();
-        tracing::warn!(vm = %self.request.vm, "post-copy paused: the link to the destination \
-            broke ({}); every page stays here; reconnecting for up to {} s (`pagewise migrate \
-            --resume` tries at once)", pager::error_chain(why), timeout.as_secs());
+        tracing::warn!(vm = %self.vm, "post-copy paused: the link to the destination \
+            broke ({why}); every page stays here; reconnecting for up to {} s (`pagewise migrate \
+            --resume` tries at once)", timeout.as_secs());
         let mut deadline = paused + timeout;
         let mut attempts = 0u64;
         loop {
             if self.job.recovery.wait_nudge(RETRY_EVERY) {
                 deadline = Instant::now() + timeout;
-                tracing::info!(vm = %self.request.vm, "resume asked for: reconnecting now");
+                tracing::info!(vm = %self.vm, "resume asked for: reconnecting now");
             }
             if Instant::now() > deadline {
                 return Err(SourceError::LinkLost {
@@ -86,12 +87,12 @@ impl SourceRun {
             match self.try_resume(session, version, held) {
                 Ok(r) => {
                     let ms = self.job.link_recovered(paused);
-                    tracing::info!(vm = %self.request.vm, attempts, paused_ms = ms, "post-copy resumed");
+                    tracing::info!(vm = %self.vm, attempts, paused_ms = ms, "post-copy resumed");
                     return Ok(r);
                 }
                 Err(e) if e.worth_retrying() => {
                     self.job.update(|s| s.status = Phase::PostcopyPaused);
-                    tracing::debug!(vm = %self.request.vm, attempts, "reconnecting: {}", pager::error_chain(&e));
+                    tracing::debug!(vm = %self.vm, attempts, "reconnecting: {}", pager::error_chain(&e));
                 }
                 Err(e) => return Err(e),
             }
@@ -106,9 +107,9 @@ impl SourceRun {
         held: &Held,
     ) -> Result<Reconnected, SourceError> {
         let pair: [u8; 16] = rand::random();
-        let addr = self.to;
+        let addr = self.addr;
         let open = |channel| -> Result<(Link, u16), SourceError> {
-            let mut link = connect(&self.config, &self.request.to, addr)?;
+            let mut link = connect(&self.config, &self.to, addr)?;
             let opened = open_client(&mut link, &self.config.psk, channel, pair)
                 .map_err(|source| SourceError::Auth { addr, source })?;
             Ok((link, opened.version))
@@ -124,12 +125,12 @@ impl SourceRun {
             &mut bulk,
             &Message::Resume {
                 session,
-                vm: self.request.vm.clone(),
+                vm: self.vm.clone(),
             },
         )?;
         bulk.set_read_timeout(Some(RESUME_ANSWER_TIMEOUT))
             .map_err(WireError::Io)?;
-        let pages = self.vm.layout.pages();
+        let pages = self.pages;
         let sent = Arc::new(SentPages::new(pages));
         loop {
             match read_message(&mut bulk, Some(version))? {
