@@ -4,26 +4,33 @@
 //! source), learns which pages it holds, pushes the rest from the guest's RAM file and the
 //! swap device, and the migration completes. The guest must finish verifying on the
 //! destination with 0 bad pages; the source host then keeps nothing of it.
+//!
+//! And the narrow window before it: killed with the journal written but `migrate-continue`
+//! not sent, the restarted daemon finds the source QEMU alive and not switched over: the
+//! journal goes, nothing else is touched, and the guest runs on at the source.
 
 mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use migration_lab::{dest_path, migration_status, wait_status, MigrationLab};
 use qemu_lab::assert_memverify_passed;
 
+/// One lab at a time: two TCG guests on two cores would starve the timing these rely on.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mibs=4 \
+                     memverify.verify_secs=4 memverify.duration_secs=150";
+
 #[test]
 fn a_source_daemon_restarted_after_the_switchover_finishes_the_migration() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = MigrationLab::up("pwmrst", "20mbit");
-    let mut guest = lab.start_verifying_guest(
-        256,
-        "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mibs=4 \
-         memverify.verify_secs=4 memverify.duration_secs=150",
-        Some("64M"),
-    );
+    let mut guest = lab.start_verifying_guest(256, GUEST, Some("64M"));
     let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
     let mut migrate = lab
         .migrate_command(&to, "vm1", "postcopy", &[])
@@ -99,6 +106,75 @@ fn a_source_daemon_restarted_after_the_switchover_finishes_the_migration() {
     assert!(!journal.exists(), "the journal is still there");
     assert_eq!(migration_status(&src, "vm1")["status"], "completed");
     // `pagewise migrate` lost the daemon it asked: it ends with an error.
+    let exit = migrate.wait().expect("wait for pagewise migrate");
+    assert!(
+        !exit.success(),
+        "pagewise migrate succeeded without its daemon"
+    );
+}
+
+fn wait_for_log(lab: &MigrationLab, needle: &str) {
+    let start = Instant::now();
+    while !lab.src.proc.output().contains(needle) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no {needle:?} in the source log:\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_source_daemon_killed_between_its_journal_and_the_switchover_keeps_the_guest() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = MigrationLab::with_source_env_and_destination_args(
+        "pwmrsj",
+        "200mbit",
+        &[("PAGEWISE_TEST_HOLD", "journaled:60000")],
+        &["--recover-timeout", "15"],
+    );
+    let guest = lab.start_verifying_guest(256, GUEST, None);
+    let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
+    let mut migrate = lab
+        .migrate_command(&to, "vm1", "postcopy", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pagewise migrate");
+    wait_for_log(&lab, "holding at journaled");
+    let journal = lab.src.dir.join("journal").join("vm1.journal");
+    assert!(journal.exists(), "no journal at {}", journal.display());
+    lab.src.kill9();
+    lab.src.restart();
+    // The QEMU, never told to go on, attaches again; its migration is cancelled.
+    wait_for_log(&lab, "was cancelled at pre-switchover");
+    let failed = wait_status(
+        &lab.src.socket,
+        "the journal refused",
+        Duration::from_secs(60),
+        || lab.logs(),
+        |s| s["status"] == "failed",
+    );
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the switchover never happened"), "{failed}");
+    assert_eq!(failed["restarted"], true, "{failed}");
+    assert!(!journal.exists(), "the journal is still there");
+    assert!(guest.mem.0.exists(), "the source RAM file is gone");
+    // memverify finishing on the source proves the guest runs on there, whole.
+    let text = migration_lab::wait_done(&guest.serial, Duration::from_secs(240), || lab.logs());
+    assert_memverify_passed(&text);
+    if let Some(line) = text.lines().find(|l| l.contains("memverify: DONE")) {
+        eprintln!("source guest: {line}");
+    }
+    // The destination, which never got the guest's devices, gives up.
+    wait_status(
+        &lab.dst.socket,
+        "destination gave up",
+        Duration::from_secs(120),
+        || lab.logs(),
+        |s| s["status"] == "failed",
+    );
     let exit = migrate.wait().expect("wait for pagewise migrate");
     assert!(
         !exit.success(),

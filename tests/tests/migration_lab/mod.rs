@@ -287,6 +287,19 @@ impl MigrationLab {
         Self::build(prefix, rate, Some((vm, ram_mib)), false, &[], &[], src_env)
     }
 
+    /// The lab with the source daemon started with `src_env` (test hooks) and the
+    /// destination's with extra `serve` arguments.
+    #[allow(dead_code)] // used by some of the test binaries that include this module
+    pub fn with_source_env_and_destination_args(
+        prefix: &str,
+        rate: &str,
+        src_env: &[(&str, &str)],
+        dst_args: &[&str],
+    ) -> Self {
+        let args: Vec<String> = dst_args.iter().map(|a| a.to_string()).collect();
+        Self::build(prefix, rate, None, false, &[], &args, src_env)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn build(
         prefix: &str,

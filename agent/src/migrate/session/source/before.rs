@@ -24,8 +24,8 @@ use crate::migrate::session::timeline::now_ms;
 
 /// Test hook: `STAGE:MS` holds the source for MS milliseconds (at most 10 minutes) at
 /// STAGE, so a test can kill a daemon there: `released` (agile released the shared swap
-/// device and said so) or `paused` (QEMU paused the guest at pre-switchover). Never set in
-/// production.
+/// device and said so), `paused` (QEMU paused the guest at pre-switchover) or `journaled`
+/// (the journal is written, `migrate-continue` not sent). Never set in production.
 pub const HOLD_ENV: &str = "PAGEWISE_TEST_HOLD";
 
 /// Sleep as [`HOLD_ENV`] asks at `stage`, if it does.
@@ -159,6 +159,7 @@ impl SourceRun {
         // (`interrupted.rs`). Where each page is goes to disk first: a daemon restarted after
         // the switchover resumes the push from it (`restarted.rs`).
         journal(source)?;
+        hold_at("journaled", &self.request.vm);
         self.daemon.set_reattach(&self.request.vm, false);
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
         let info = qmp.wait_status(&["completed"], QEMU_STEP_TIMEOUT)?;

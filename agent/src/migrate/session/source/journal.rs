@@ -88,6 +88,11 @@ pub struct Header {
     pub max_bandwidth: u64,
     /// The source QEMU's QMP socket (told to quit once the migration is over).
     pub qmp: Option<PathBuf>,
+    /// The source QEMU's pid and start time (clock ticks after boot, `/proc/PID/stat`):
+    /// while that process lives, a restarted source asks it whether the switchover
+    /// happened.
+    pub qemu_pid: Option<i32>,
+    pub qemu_start: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

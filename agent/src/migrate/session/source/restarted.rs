@@ -55,8 +55,59 @@ pub enum RestartError {
         #[source]
         source: swapdev::SwapError,
     },
+    #[error(
+        "the switchover never happened: the source QEMU (pid {pid}) still runs and its \
+         migration is {status:?}; the guest is this host's"
+    )]
+    NotSwitchedOver { pid: i32, status: String },
+    #[error(
+        "the source QEMU (pid {pid}) still runs and does not answer on QMP: whether the \
+         switchover happened is unknown"
+    )]
+    QemuUnreachable {
+        pid: i32,
+        #[source]
+        source: crate::migrate::qmp::QmpError,
+    },
+    #[error(
+        "the destination finished, but says its QEMU does not run: the guest's RAM file stays \
+         here ({report})"
+    )]
+    DestinationNotRunning { report: String },
     #[error("the push")]
     Source(#[from] SourceError),
+}
+
+/// Clock ticks after boot at which process `pid` started (field 22 of /proc/PID/stat).
+pub(super) fn started_at(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything: count from the last.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the guest left this host: a source QEMU that still lives says so itself (its
+/// migration `completed`); one that is gone ended with its daemon after the switchover was
+/// set in motion (the destination then decides: it refuses a session it does not run).
+fn switchover_happened(h: &journal::Header) -> Result<(), RestartError> {
+    let (Some(pid), Some(start)) = (h.qemu_pid, h.qemu_start) else {
+        return Ok(());
+    };
+    if started_at(pid) != Some(start) {
+        return Ok(());
+    }
+    let asked = h
+        .qmp
+        .as_deref()
+        .ok_or(crate::migrate::qmp::QmpError::Closed)
+        .and_then(|path| Qmp::connect(path, Duration::from_secs(5)))
+        .and_then(|mut qmp| qmp.execute("query-migrate", json!({})));
+    let info = asked.map_err(|source| RestartError::QemuUnreachable { pid, source })?;
+    let status = info["status"].as_str().unwrap_or("none").to_string();
+    if status != "completed" {
+        return Err(RestartError::NotSwitchedOver { pid, status });
+    }
+    Ok(())
 }
 
 /// Where a restarted source reads pages: the map the journal holds.
@@ -252,8 +303,13 @@ impl Restarted {
             }
             Ok(Err(e)) => {
                 let text = pager::error_chain(&e);
-                if matches!(e, RestartError::Source(SourceError::Refused(_))) {
-                    // Not a migration the destination runs: nothing here is its.
+                if matches!(
+                    e,
+                    RestartError::Source(SourceError::Refused(_))
+                        | RestartError::NotSwitchedOver { .. }
+                        | RestartError::DestinationNotRunning { .. }
+                ) {
+                    // Not a migration to resume: nothing here is touched.
                     tracing::warn!(vm, "{text}: the journal is removed, nothing else");
                     self.forget();
                 } else {
@@ -290,6 +346,7 @@ impl Restarted {
             s.restarted = true;
             s.status = Phase::PostcopyPaused;
         });
+        switchover_happened(h)?;
         let source: Arc<dyn PushSource> = Arc::new(JournaledPages::open(
             &self.journal,
             &self.engine.config.host_id,
@@ -312,6 +369,11 @@ impl Restarted {
             source.clone(),
             held,
         )?;
+        if report.get("qemu_running") == Some(&serde_json::Value::Bool(false)) {
+            return Err(RestartError::DestinationNotRunning {
+                report: report.to_string(),
+            });
+        }
         pusher.release(&*source, report)?;
         // The source keeps nothing of the VM: its RAM file goes, a QEMU left over quits.
         if let Some(qmp) = &h.qmp {
@@ -366,6 +428,8 @@ impl SourceRun {
                 handed_over_device: self.handed_over.as_ref().map(|(spec, _)| spec.clone()),
                 max_bandwidth: self.request.max_bandwidth.unwrap_or(0),
                 qmp: Some(qmp.to_path_buf()),
+                qemu_pid: Some(self.vm.peer.pid),
+                qemu_start: started_at(self.vm.peer.pid),
             },
             map: source.snapshot_map().map_err(SourceError::Memory)?,
         };
@@ -381,5 +445,87 @@ impl SourceRun {
             tracing::warn!(vm = %self.request.vm, error = %pager::error_chain(&e),
                 "removing the migration journal");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_start_time_is_read_and_a_gone_process_has_none() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let start = started_at(me).expect("this process's start time");
+        assert_eq!(started_at(me), Some(start), "stable");
+        assert!(started_at(1).is_some_and(|init| init <= start));
+        assert_eq!(started_at(i32::MAX), None);
+    }
+
+    #[test]
+    fn a_journal_without_a_live_qemu_leaves_the_choice_to_the_destination() {
+        let header = |pid, start| journal::Header {
+            vm: "vm1".into(),
+            session: "00".repeat(16),
+            to: "127.0.0.1:1".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            wire_version: 1,
+            mode: "postcopy".into(),
+            page_size: 4096,
+            pages: 1,
+            memory_file: "/nonexistent".into(),
+            own_device: None,
+            handed_over_device: None,
+            max_bandwidth: 0,
+            qmp: Some("/nonexistent.qmp".into()),
+            qemu_pid: pid,
+            qemu_start: start,
+        };
+        assert!(switchover_happened(&header(None, None)).is_ok());
+        assert!(switchover_happened(&header(Some(i32::MAX), Some(1))).is_ok());
+        // This process "is" the QEMU, alive, with a start time that does not match: another
+        // process took the pid.
+        let me = i32::try_from(std::process::id()).unwrap();
+        let start = started_at(me).unwrap();
+        assert!(switchover_happened(&header(Some(me), Some(start + 1))).is_ok());
+        // Alive, and its QMP socket does not answer: unknown, not resumed.
+        let e = switchover_happened(&header(Some(me), Some(start))).unwrap_err();
+        assert!(
+            matches!(e, RestartError::QemuUnreachable { pid, .. } if pid == me),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_journaled_page_is_read_from_where_the_journal_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let mut bytes = vec![0u8; 4 * 4096];
+        bytes[..4096].fill(7);
+        bytes[4096..8192].fill(9);
+        std::fs::write(&path, &bytes).unwrap();
+        let pages = JournaledPages {
+            // Memory (data), Memory (its bytes are ignored: freed), Zero, Shared.
+            map: vec![0, 3, 4, 5],
+            page_size: 4096,
+            memory: File::open(&path).unwrap(),
+            own: None,
+            handed_over: None,
+        };
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(
+            pages.read_for_push(0, &mut buf).unwrap(),
+            SourcePage::Data
+        ));
+        assert!(buf.iter().all(|b| *b == 7));
+        assert!(matches!(
+            pages.read_for_push(1, &mut buf).unwrap(),
+            SourcePage::Freed
+        ));
+        assert!(matches!(
+            pages.read_for_push(2, &mut buf).unwrap(),
+            SourcePage::Zero
+        ));
+        assert!(pages.read_for_push(3, &mut buf).is_err(), "shared");
+        assert!(pages.read_for_push(4, &mut buf).is_err(), "beyond the map");
     }
 }

@@ -16,6 +16,8 @@ fn tiny() -> Journal {
             handed_over_device: None,
             max_bandwidth: 0,
             qmp: Some("/run/vm1.qmp".into()),
+            qemu_pid: Some(4242),
+            qemu_start: Some(987654),
         },
         map: vec![0, 1, 2, 3, 4, 5],
     }
@@ -52,13 +54,15 @@ fn the_layout_is_pinned() {
         header: Header {
             own_device: None,
             qmp: None,
+            qemu_pid: None,
+            qemu_start: None,
             pages: 3,
             ..tiny().header
         },
         map: vec![0, 4, 3],
     };
     let bytes = j.encode();
-    let header = br#"{"vm":"vm1","session":"000102030405060708090a0b0c0d0e0f","to":"10.0.0.2:7000","addr":"10.0.0.2:7000","wire_version":1,"mode":"postcopy","page_size":4096,"pages":3,"memory_file":"/dev/shm/vm1.ram","own_device":null,"handed_over_device":null,"max_bandwidth":0,"qmp":null}"#;
+    let header = br#"{"vm":"vm1","session":"000102030405060708090a0b0c0d0e0f","to":"10.0.0.2:7000","addr":"10.0.0.2:7000","wire_version":1,"mode":"postcopy","page_size":4096,"pages":3,"memory_file":"/dev/shm/vm1.ram","own_device":null,"handed_over_device":null,"max_bandwidth":0,"qmp":null,"qemu_pid":null,"qemu_start":null}"#;
     let mut want = b"PWMJRNL1".to_vec();
     want.extend_from_slice(&(header.len() as u32).to_le_bytes());
     want.extend_from_slice(header);
@@ -67,7 +71,7 @@ fn the_layout_is_pinned() {
     let crc = crc32c::crc32c(&want);
     want.extend_from_slice(&crc.to_le_bytes());
     assert_eq!(bytes, want);
-    assert_eq!(&bytes[..12], b"PWMJRNL1\x0d\x01\x00\x00");
+    assert_eq!(&bytes[..12], b"PWMJRNL1\x2f\x01\x00\x00");
 }
 
 #[test]
