@@ -36,6 +36,10 @@
 //!                                         <-  Ack{first, count} ... (pages it holds), Ready
 //!   push: the pages not acked ... Done    ->  waiting faults asked again on the new urgent
 //! ```
+//! A source daemon killed after the switchover does the same when it starts again, from the
+//! journal it wrote right before `migrate-continue` (`source/journal.rs`,
+//! `source/restarted.rs`): the guest's RAM file and swap devices still hold every page the
+//! destination lacks.
 
 mod dest_qemu;
 pub mod destination;

@@ -1,0 +1,31 @@
+//! The source's migration journal decoder (`agent/src/migrate/session/source/journal.rs`,
+//! which a restarted daemon reads from disk): any input either fails with an error or is a
+//! journal that encodes and decodes back to itself, with one known place per page. The
+//! heap held is bounded by the input (the page map's declared size cannot exceed what lz4
+//! could pack into the bytes given).
+#![no_main]
+
+use agent::migrate::session::source::journal::Journal;
+use libfuzzer_sys::fuzz_target;
+use pagewise_fuzz::{peak_during, Counting};
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fuzz_target!(|data: &[u8]| {
+    let (decoded, peak) = peak_during(|| Journal::decode(data));
+    assert!(
+        peak <= 300 * data.len() + 65536,
+        "{peak} bytes held for {} bytes",
+        data.len()
+    );
+    let Ok(journal) = decoded else {
+        return;
+    };
+    assert_eq!(journal.map.len() as u64, journal.header.pages);
+    let again = Journal::decode(&journal.encode()).expect("an encoded journal decodes");
+    assert_eq!(again, journal);
+    for p in 0..journal.header.pages.min(64) {
+        let _ = journal.place(p);
+    }
+});
