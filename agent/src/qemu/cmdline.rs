@@ -256,6 +256,16 @@ pub fn check(argv: &[String]) -> Result<GuestRam, CmdlineError> {
     })
 }
 
+/// The command line of process `pid` (`/proc/PID/cmdline`), one string per argument.
+pub fn of_process(pid: i32) -> std::io::Result<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,13 +71,8 @@ pub fn settle_in_background(vm: String, pid: i32) {
 /// Cancel the pagewise-driven QEMU migration of the VMM with pid `pid`, once it waits at
 /// `pre-switchover`.
 pub fn settle(pid: i32) -> Result<Settled, SettleError> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+    let argv = crate::qemu::cmdline::of_process(pid)
         .map_err(|source| SettleError::Cmdline { pid, source })?;
-    let argv: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
     let Some(path) = crate::qemu::dest::qmp_socket(&argv) else {
         return Ok(Settled::NotOurs);
     };

@@ -212,13 +212,7 @@ fn connect(config: &EngineConfig, to: &str, addr: SocketAddr) -> Result<Link, So
 
 /// The QEMU command line of process `pid`.
 fn cmdline_of(pid: i32) -> Result<Vec<String>, SourceError> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map_err(|source| SourceError::Cmdline { pid, source })?;
-    Ok(raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect())
+    crate::qemu::cmdline::of_process(pid).map_err(|source| SourceError::Cmdline { pid, source })
 }
 
 /// `path` as process `pid` names it, absolute (a relative one is under its working
