@@ -2,7 +2,9 @@
 //! which a restarted daemon reads from disk): any input either fails with an error or is a
 //! journal that encodes and decodes back to itself, with one known place per page. The
 //! heap held is bounded by the input (the page map's declared size cannot exceed what lz4
-//! could pack into the bytes given).
+//! could pack into the bytes given). The first byte chooses whether the rest is taken as it
+//! is or with its last four bytes replaced by the right checksum, so the fuzzer reaches the
+//! header and the page map behind the crc32c.
 #![no_main]
 
 use agent::migrate::session::source::journal::Journal;
@@ -12,7 +14,19 @@ use pagewise_fuzz::{peak_during, Counting};
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(|input: &[u8]| {
+    let [ctl, data @ ..] = input else {
+        return;
+    };
+    let sealed: Vec<u8>;
+    let data = if ctl & 1 == 1 && data.len() >= 4 {
+        let body = data.len() - 4;
+        let crc = crc32c::crc32c(&data[..body]);
+        sealed = [&data[..body], &crc.to_le_bytes()[..]].concat();
+        &sealed[..]
+    } else {
+        data
+    };
     let (decoded, peak) = peak_during(|| Journal::decode(data));
     assert!(
         peak <= 300 * data.len() + 65536,

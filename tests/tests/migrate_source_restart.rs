@@ -28,12 +28,28 @@ const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mi
 
 #[test]
 fn a_source_daemon_restarted_after_the_switchover_finishes_the_migration() {
+    restart_mid_push("pwmrst", "postcopy", 1000);
+}
+
+/// Agile: the cold pages are in the shared device the destination reads; the restarted
+/// source pushes the pages the guest wrote lately from its RAM file.
+#[test]
+fn a_source_daemon_restarted_after_an_agile_switchover_finishes_the_migration() {
+    restart_mid_push("pwmrsa", "agile", 100);
+}
+
+/// Migrate a verifying guest evicted to 64M in `mode` on a 20 Mbit/s link, kill -9 the
+/// source daemon once `pushed` pages were pushed, start it again.
+fn restart_mid_push(prefix: &str, mode: &str, pushed: u64) {
     let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
-    let mut lab = MigrationLab::up("pwmrst", "20mbit");
-    let mut guest = lab.start_verifying_guest(256, GUEST, Some("64M"));
+    let (mut lab, mut guest) =
+        MigrationLab::with_verifying_guest(prefix, "20mbit", mode, 256, GUEST, "64M");
+    if mode != "agile" {
+        eprintln!("evicted before the migration: {}", lab.evict("vm1", "64M"));
+    }
     let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
     let mut migrate = lab
-        .migrate_command(&to, "vm1", "postcopy", &[])
+        .migrate_command(&to, "vm1", mode, &[])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -45,7 +61,7 @@ fn a_source_daemon_restarted_after_the_switchover_finishes_the_migration() {
         "pushing",
         Duration::from_secs(120),
         || lab.logs(),
-        |s| s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > 1000,
+        |s| s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > pushed,
     );
     assert!(journal.exists(), "no journal at {}", journal.display());
     let census = pushing["census"].clone();
