@@ -158,7 +158,9 @@ impl SourceRun {
         // a restarted daemon cancels the QEMU migration left waiting at pre-switchover
         // (`interrupted.rs`). Where each page is goes to disk first: a daemon restarted after
         // the switchover resumes the push from it (`restarted.rs`).
+        let journaling = Instant::now();
         journal(source)?;
+        let journaled = journaling.elapsed();
         hold_at("journaled", &self.request.vm);
         self.daemon.set_reattach(&self.request.vm, false);
         qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
@@ -170,6 +172,7 @@ impl SourceRun {
             final_set = last.len(),
             final_sent_ms = final_sent.as_millis() as u64,
             ready_ms = ready.as_millis() as u64,
+            journal_ms = journaled.as_millis() as u64,
             downtime_ms = downtime,
             "switchover"
         );
