@@ -37,9 +37,9 @@ mod before;
 pub mod journal;
 mod push;
 mod restarted;
+mod resume;
 
 pub(super) use restarted::resume_journaled;
-mod resume;
 
 /// Longest wait for the destination's answer to `Switchover`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -328,11 +328,7 @@ impl Restarted {
     }
 
     fn forget(&self) {
-        let dir = journal::dir_of(&self.engine.config.swapdev_dir);
-        if let Err(e) = journal::remove(&dir, &self.journal.header.vm) {
-            tracing::warn!(vm = %self.journal.header.vm, error = %pager::error_chain(&e),
-                "removing the migration journal");
-        }
+        remove_journal_of(&self.engine.config.swapdev_dir, &self.journal.header.vm);
     }
 
     fn resume(&self) -> Result<(), RestartError> {
@@ -440,11 +436,15 @@ impl SourceRun {
 
     /// The migration is over (or will not be resumed): its journal goes.
     pub(super) fn remove_journal(&self) {
-        let dir = journal::dir_of(&self.config.swapdev_dir);
-        if let Err(e) = journal::remove(&dir, &self.request.vm) {
-            tracing::warn!(vm = %self.request.vm, error = %pager::error_chain(&e),
-                "removing the migration journal");
-        }
+        remove_journal_of(&self.config.swapdev_dir, &self.request.vm);
+    }
+}
+
+/// Remove `vm`'s journal from this host's `swapdev_dir` (a failure is logged: a journal
+/// left behind is refused by the destination when a restart tries it).
+fn remove_journal_of(swapdev_dir: &Path, vm: &str) {
+    if let Err(e) = journal::remove(&journal::dir_of(swapdev_dir), vm) {
+        tracing::warn!(vm, error = %pager::error_chain(&e), "removing the migration journal");
     }
 }
 
