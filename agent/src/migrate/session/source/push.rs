@@ -57,44 +57,34 @@ impl Pusher {
     /// died with an earlier daemon).
     pub fn push_until_report(
         &self,
-        links: Option<(Link, Link)>,
+        mut links: Option<(Link, Link)>,
         version: u16,
         session: [u8; 16],
         source: Arc<dyn PushSource>,
         held: Arc<Held>,
     ) -> Result<Value, SourceError> {
-        let (mut links, mut resumed) = match links {
-            Some(pair) => (pair, None),
-            None => {
-                let why = "the source daemon was restarted after the switchover";
-                match self.reconnect(session, version, why, &held)? {
+        // Before any cut: what the pre-copy left current there; after one (or a restart):
+        // what the destination says it holds.
+        let mut resumed = None;
+        let mut why = "the source daemon was restarted after the switchover".to_string();
+        loop {
+            let (urgent, bulk) = match links.take() {
+                Some(pair) => pair,
+                None => match self.reconnect(session, version, &why, &held)? {
                     super::resume::Reconnected::Links { urgent, bulk, sent } => {
-                        ((urgent, bulk), Some(sent))
+                        resumed = Some(sent);
+                        (urgent, bulk)
                     }
                     super::resume::Reconnected::Finished(report) => return Ok(report),
-                }
-            }
-        };
-        // Before any cut: what the pre-copy left current there; after one: what the
-        // destination says it holds.
-        loop {
+                },
+            };
             let first = resumed.is_none();
             let sent = resumed
                 .take()
                 .unwrap_or_else(|| Arc::new(SentPages::new(self.pages)));
-            let (urgent, bulk) = links;
             match self.serve_and_push(urgent, bulk, version, &source, &held, sent, first) {
                 Ok(report) => return Ok(report),
-                Err(e) if e.link_broke() => {
-                    let why = pager::error_chain(&e);
-                    match self.reconnect(session, version, &why, &held)? {
-                        super::resume::Reconnected::Links { urgent, bulk, sent } => {
-                            links = (urgent, bulk);
-                            resumed = Some(sent);
-                        }
-                        super::resume::Reconnected::Finished(report) => return Ok(report),
-                    }
-                }
+                Err(e) if e.link_broke() => why = pager::error_chain(&e),
                 Err(e) => return Err(e),
             }
         }
