@@ -64,8 +64,8 @@ fn balloon_free_page_reporting_skips_freed_pages() {
         RAM_MIB,
         &format!(
             "memverify.mib=64 memverify.hot_mib=8 memverify.hot_rate_mibs=4 \
-             memverify.verify_secs=5 memverify.duration_secs=50 \
-             memverify.free_mib={FREE_MIB} memverify.free_after_secs=20"
+             memverify.verify_secs=5 memverify.duration_secs=80 \
+             memverify.free_mib={FREE_MIB} memverify.free_after_secs=45"
         ),
         &[
             "-device".into(),
@@ -85,7 +85,10 @@ fn balloon_free_page_reporting_skips_freed_pages() {
     let removed_before = settled_removed(&vm, Duration::from_secs(3), Duration::from_secs(30));
 
     // 2. Evict down to 32 MiB: most of the free buffer goes to the swap device (victims are
-    //    taken coldest first; the buffer's last-touched pages may stay resident).
+    //    taken coldest first; the buffer's last-touched pages may stay resident). The buffer
+    //    is read back 45 s after its fill: time for the settle and the eviction on a loaded
+    //    machine (at 20 s a CI run once saw half the evicted pages faulted back before the
+    //    census below).
     let report1 = vm.evict(&["--target-rss", "32M"]);
     let after_evict = vm.stats();
     // Pages in state Evicted (stored data); `zero_pages` also counts never-touched pages.
