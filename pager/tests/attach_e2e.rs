@@ -320,3 +320,102 @@ fn a_restarted_vmm_reattaches_at_once_under_the_same_name() {
     }
     daemon.shutdown();
 }
+
+/// A migration destination restarted after the switchover prepares the VM for its VMM's
+/// re-attach (`Daemon::prepare_reattach`): a new VMM cannot take it; the re-attach gets the
+/// prepared routes with states rebuilt from the memory file and the swap device, and a page
+/// routed to a source not installed yet waits for it.
+#[test]
+fn a_vm_prepared_for_reattach_is_taken_only_by_a_reattach_with_its_routes() {
+    use pager::route::Route;
+    use pager::server::protocol::{LayoutSpec, PrepareSpec, RegionSpec, RouteRange};
+    let dir = tempfile::tempdir().unwrap();
+    let device = dir.path().join("shm.swap");
+    create_swapdev(&device);
+    let image = dir.path().join("image.raw");
+    std::fs::write(&image, vec![0xab; PAGES * PAGE]).unwrap();
+    let (daemon, _, sock) = start_daemon(dir.path(), "none");
+    daemon
+        .prepare_reattach(PrepareSpec {
+            vm: "shm".into(),
+            layout: LayoutSpec {
+                page_size: PAGE as u64,
+                regions: vec![RegionSpec {
+                    offset: 0,
+                    size: (PAGES * PAGE) as u64,
+                }],
+            },
+            swapdev: Some(device.display().to_string()),
+            states: vec![],
+            // Page 4 (not on the device) comes from a source installed later.
+            routes: vec![RouteRange {
+                first_page: 4,
+                count: 1,
+                route: Route::Local,
+            }],
+        })
+        .unwrap();
+    let guest = ShmemGuest::new();
+    // What the gone pager placed: page 9 (not on the device) is in the memory file.
+    nix::sys::uio::pwrite(&guest.file, &[0x77; PAGE], (9 * PAGE) as i64).unwrap();
+    let request = |reattach| AttachRequest {
+        vm: "shm".into(),
+        regions: vec![GuestRegionUffdMapping {
+            base_host_virt_addr: guest.map.as_ptr() as u64,
+            size: PAGES * PAGE,
+            offset: 0,
+            page_size: PAGE,
+            page_size_kib: 0,
+        }],
+        memory_file: true,
+        uffd_features: 0,
+        modes: vec!["missing".into(), "wp".into()],
+        reattach,
+        served_by: None,
+    };
+    let attach = |reattach| {
+        let conn = UnixStream::connect(&sock).unwrap();
+        send_request(
+            &conn,
+            &request(reattach),
+            guest.uffd.as_raw_fd(),
+            Some(guest.file.as_raw_fd()),
+        )
+        .unwrap();
+        (recv_reply(&conn).unwrap(), conn)
+    };
+    let (fresh, _) = attach(false);
+    assert!(!fresh.ok, "{fresh:?}");
+    let why = fresh.error.unwrap_or_default();
+    assert!(why.contains("waits for its own VMM"), "{why}");
+
+    let (back, _conn) = attach(true);
+    assert!(back.ok, "{back:?}");
+    assert!(back.reattach, "a pager restarted again could take it too");
+    assert_eq!(&guest.map[9 * PAGE..10 * PAGE], &[0x77; PAGE][..]);
+    assert_eq!(
+        &guest.map[3 * PAGE..4 * PAGE],
+        &page_content(3).unwrap()[..]
+    );
+    assert_eq!(&guest.map[14 * PAGE..15 * PAGE], &[0; PAGE][..]);
+    // Page 4 waits for its source.
+    let addr = guest.map.as_ptr() as usize + 4 * PAGE;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: the guest mapping outlives the test's wait below (joined through `rx`).
+        let b = unsafe { std::ptr::read_volatile(addr as *const u8) };
+        let _ = tx.send(b);
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "page 4 was served before its source was installed"
+    );
+    let source = pager::source::image::ImageFileSource::open(&image, PAGE, PAGES as u64).unwrap();
+    daemon
+        .controller("shm")
+        .unwrap()
+        .install_source(Route::Local, Box::new(source))
+        .unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0xab);
+    daemon.shutdown();
+}

@@ -126,6 +126,8 @@ pub enum StartError {
     Spawn(#[source] std::io::Error),
     #[error("VM {vm:?} is prepared for an incoming migration: a re-attach cannot take it (its pages are partly on the other host)")]
     ReattachPrepared { vm: String },
+    #[error("VM {vm:?} waits for its own VMM to attach again (a migration destination restarted after the switchover): a new VMM cannot take it")]
+    PreparedForReattach { vm: String },
     #[error("re-attach of VM {vm:?}: its pager served it from {was}, this one would from {now} (the pages stored there would read as missing)")]
     ReattachOtherStore {
         vm: String,

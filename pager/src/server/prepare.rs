@@ -141,6 +141,10 @@ pub struct PreparedVm {
     pub source_key: String,
     pub states: Vec<StateRange>,
     pub routes: Vec<RouteRange>,
+    /// Waits for a VMM that attaches *again* (a migration destination restarted after the
+    /// switchover: its QEMU waited for it): only a re-attach takes it, its page states
+    /// rebuilt from the memory file and the swap device, its routes from here.
+    pub for_reattach: bool,
 }
 
 /// Check a layout spec: page size, alignment, overlap; returns regions by offset and pages.
@@ -440,6 +444,7 @@ mod tests {
             pages: 8,
             swapdev: None,
             source_key: "k".into(),
+            for_reattach: false,
             states: vec![sr(0, 2, PageState::Zero)],
             routes: vec![RouteRange {
                 first_page: 6,

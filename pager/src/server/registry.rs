@@ -116,8 +116,14 @@ impl Daemon {
     ) -> Result<Started, StartError> {
         let name = a.name.clone();
         let prepared = self.prepared_lock().get(&name).cloned();
-        if a.reattach && prepared.is_some() {
-            return Err(StartError::ReattachPrepared { vm: name });
+        match &prepared {
+            Some(p) if a.reattach && !p.for_reattach => {
+                return Err(StartError::ReattachPrepared { vm: name })
+            }
+            Some(p) if !a.reattach && p.for_reattach => {
+                return Err(StartError::PreparedForReattach { vm: name })
+            }
+            _ => {}
         }
         if let Some(p) = &prepared {
             p.check_layout(&a.layout)
@@ -250,7 +256,9 @@ impl Daemon {
                 pending.remove(&name);
             }
         }
-        let reattach = prepared.is_none();
+        // A VM prepared for its VMM's re-attach goes on with a migration a journal
+        // describes: a pager restarted again would do the same.
+        let reattach = prepared.as_ref().is_none_or(|p| p.for_reattach);
         let woken = a.reattach.then(|| vm.clone());
         vms.insert(
             name,
@@ -400,6 +408,17 @@ impl Daemon {
     /// Register an incoming VM (`prepare`): checked now (name, layout, ranges, store), applied
     /// when its VMM attaches.
     pub fn prepare(&self, spec: PrepareSpec) -> Result<Response, PrepareError> {
+        self.prepare_for(spec, false)
+    }
+
+    /// [`Self::prepare`] for a VM whose VMM waits to attach again (its pager was restarted
+    /// after a migration's switchover, with pages still routed elsewhere): only that VMM's
+    /// re-attach takes it.
+    pub fn prepare_reattach(&self, spec: PrepareSpec) -> Result<Response, PrepareError> {
+        self.prepare_for(spec, true)
+    }
+
+    fn prepare_for(&self, spec: PrepareSpec, for_reattach: bool) -> Result<Response, PrepareError> {
         let vm = spec.vm;
         if !valid_vm_name(&vm) {
             return Err(PrepareError::BadName(vm));
@@ -457,6 +476,7 @@ impl Daemon {
                 source_key: source_key.clone(),
                 states: spec.states,
                 routes: spec.routes,
+                for_reattach,
             }),
         );
         Ok(Response::Prepared {

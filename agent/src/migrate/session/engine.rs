@@ -211,6 +211,7 @@ impl Engine {
         });
         daemon.set_migration(engine.clone());
         super::source::resume_journaled(&engine);
+        super::incoming::resume_journaled(&engine);
         engine
     }
 

@@ -21,8 +21,12 @@ use crate::migrate::link::Link;
 use crate::migrate::message::{write_message, Message, Mode, Setup, WireError};
 use crate::migrate::remote::{RemoteError, RemoteSource};
 
+pub mod journal;
 mod receive;
 mod recover;
+mod restarted;
+
+pub(super) use restarted::resume_journaled;
 
 /// Longest silence on the bulk channel before the switchover.
 const PRECOPY_IDLE: Duration = Duration::from_secs(300);
@@ -110,6 +114,8 @@ pub enum IncomingError {
     Push(#[from] BulkError),
     #[error("the VM left the daemon")]
     Gone,
+    #[error("writing the journal a restarted destination would go on from")]
+    Journal(#[source] journal::JournalError),
     #[error(
         "the link to the source broke and it did not come back within {waited_s} s: {missing} \
          pages only the source holds are lost (the first: {first:?})"
@@ -141,6 +147,10 @@ pub(super) struct Incoming {
     prepared: bool,
     /// An earlier swap device of the VM's name, renamed aside (and its original path).
     set_aside: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The guest's memory file, its QEMU's QMP socket and its own swap device here.
+    mem_path: std::path::PathBuf,
+    qmp_path: std::path::PathBuf,
+    device: std::path::PathBuf,
 }
 
 impl Incoming {
@@ -177,6 +187,10 @@ impl Incoming {
             .and_then(|vm| super::timeline::sample_destination(self.job.clone(), vm));
         self.receive_precopy(bulk, version)?;
         self.switch_over(urgent, version)?;
+        // From here a pager restarted on this host goes on with the migration (the journal
+        // says where each absent page is), so the VM's QEMU waits for one if this one dies.
+        self.write_journal(version)?;
+        self.daemon.set_reattach(&self.setup.vm, true);
         write_message(bulk, &Message::Ready)?;
         self.ready = true;
         self.job.update(|s| s.status = Phase::PostcopyActive);
@@ -186,10 +200,20 @@ impl Incoming {
             .controller(&self.setup.vm)
             .ok_or(IncomingError::Gone)?;
         let received = self.receive_pushed(bulk, version, &controller)?;
-        // Every page is here: the source's pages need no route any more, and a pager
-        // restarted on this host could serve the VM (its QEMU may wait for one).
+        self.complete(bulk, received, &controller)
+    }
+
+    /// Every page is here: the source's pages need no route any more, the journal goes, and
+    /// the source gets the report.
+    fn complete(
+        &mut self,
+        bulk: &mut Link,
+        received: Received,
+        controller: &pager::fault_loop::LoopController,
+    ) -> Result<(), IncomingError> {
         let _ = controller.remove_source(Route::Remote);
         self.daemon.set_reattach(&self.setup.vm, true);
+        self.remove_journal();
         let report = self.report(received);
         write_message(bulk, &Message::Report(report.to_string()))?;
         self.job.update(|s| s.destination = Some(report));
@@ -234,6 +258,8 @@ impl Incoming {
             .create_new(true)
             .open(&dest.mem_path)
             .map_err(file_err("the memory file", &dest.mem_path))?;
+        self.mem_path = dest.mem_path.clone();
+        self.qmp_path = qmp.clone();
         self.made.push(dest.mem_path.clone());
         memory
             .set_len(bytes)
@@ -241,6 +267,7 @@ impl Incoming {
         self.memory = Some(memory);
         let device = cfg.swapdev_dir.join(format!("{vm}.swap"));
         self.create_swapdev(&device)?;
+        self.device = device.clone();
         self.prepared = true;
         self.daemon.prepare(pager::server::protocol::PrepareSpec {
             vm: vm.clone(),
@@ -360,6 +387,9 @@ impl Incoming {
             acquired: false,
             prepared: false,
             set_aside: None,
+            mem_path: Default::default(),
+            qmp_path: Default::default(),
+            device: Default::default(),
         }
     }
 
@@ -466,13 +496,14 @@ impl Incoming {
         let vm = self.daemon.vm(&self.setup.vm);
         let m = vm.as_ref().map(|v| v.metrics.snapshot());
         let routed = vm.as_ref().map(|v| v.routes.census());
-        let running = self
-            .qemu
-            .as_mut()
-            .map(|q| q.wait_running(Duration::from_secs(30)));
+        let running = match self.qemu.as_mut() {
+            Some(q) => Some(q.wait_running(Duration::from_secs(30)).is_ok()),
+            // A restarted destination asks the QEMU its predecessor started.
+            None => self.running_by_qmp(),
+        };
         json!({
-            "qemu_pid": self.qemu.as_ref().map(|q| q.pid()),
-            "qemu_running": running.map(|r| r.is_ok()),
+            "qemu_pid": self.qemu.as_ref().map(|q| q.pid()).or(self.job.snapshot().dest_qemu_pid.map(|p| p as u32)),
+            "qemu_running": running,
             "dest_paths": self.job.snapshot().dest_paths,
             "pages_pushed_placed": received.placed,
             "pages_resent": self.job.resent.load(std::sync::atomic::Ordering::Relaxed),

@@ -40,12 +40,17 @@
 //! journal it wrote right before `migrate-continue` (`source/journal.rs`,
 //! `source/restarted.rs`): the guest's RAM file and swap devices still hold every page the
 //! destination lacks.
+//! A destination daemon killed after the switchover takes its QEMU (which waits for a pager)
+//! and the source's `Resume` back when it starts again, from the journal it wrote right
+//! before `Ready` (`incoming/journal.rs`, `incoming/restarted.rs`): the memory file holds
+//! every page placed, the journal each absent page's route.
 
 mod dest_qemu;
 pub mod destination;
 pub mod engine;
-mod incoming;
+pub mod incoming;
 pub mod interrupted;
+pub mod journal;
 mod pages;
 pub mod recovery;
 pub mod source;

@@ -70,11 +70,21 @@ impl Incoming {
         // Faults on the source's pages park until a new remote source is installed.
         controller.remove_source(Route::Remote)?;
         self.job.link_cut();
-        let timeout = self.engine.config.recover_timeout;
         tracing::warn!(vm = %self.setup.vm, "post-copy paused: the link to the source broke ({}); \
             faults on pages still on the source wait; waiting up to {} s for it to reconnect",
-            pager::error_chain(why), timeout.as_secs());
-        let deadline = paused + timeout;
+            pager::error_chain(why), self.engine.config.recover_timeout.as_secs());
+        self.wait_for_source(paused, version, controller)
+    }
+
+    /// Paused since `paused`: take the source's new connections (any number of attempts)
+    /// until the recovery deadline.
+    pub(super) fn wait_for_source(
+        &mut self,
+        paused: Instant,
+        version: u16,
+        controller: &LoopController,
+    ) -> Result<Link, IncomingError> {
+        let deadline = paused + self.engine.config.recover_timeout;
         loop {
             let Some(offer) = self.job.recovery.wait_offer(deadline) else {
                 return Err(self.source_lost(paused));

@@ -5,30 +5,19 @@
 //! swap devices still hold every page the destination lacks, and the journal says which of
 //! them holds each page (the page-state and route tables died with the daemon).
 //!
-//! # Layout (little-endian)
-//! ```text
-//! "PWMJRNL1"                 8 bytes
-//! header length              u32, at most MAX_HEADER
-//! header                     JSON (Header)
-//! map length                 u32, at most MAX_MAP
-//! map                        lz4 block with its size prepended (u32): one Where per page
-//! crc32c                     u32, of every byte before it
-//! ```
+//! The framing is [`crate::migrate::session::journal`]'s, with magic `"PWMJRNL1"`, file
+//! `VM.journal` and one [`Where`] per page.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::migrate::session::journal::{dir_of, session_hex, write, JournalError};
+use crate::migrate::session::journal::{Common, Found, Kind};
+#[cfg(test)]
+use crate::migrate::session::journal::{MAX_HEADER, MAX_PAGES};
+
 pub const MAGIC: &[u8; 8] = b"PWMJRNL1";
-/// Longest header the decoder accepts.
-pub const MAX_HEADER: u32 = 64 << 10;
-/// Most guest pages a journal may describe (4 TiB of 4 KiB pages).
-pub const MAX_PAGES: u64 = 1 << 30;
-/// Longest compressed map the decoder accepts (lz4's worst case for MAX_PAGES, and a bit).
-pub const MAX_MAP: u32 = (MAX_PAGES + MAX_PAGES / 255 + 64) as u32;
-/// The suffix of a journal's file name.
-const SUFFIX: &str = ".journal";
 
 /// Where one page's current copy is on the source host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,100 +84,27 @@ pub struct Header {
     pub qemu_start: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Journal {
-    pub header: Header,
-    /// One [`Where`] byte per page.
-    pub map: Vec<u8>,
-}
+/// The source's journal.
+pub type Journal = crate::migrate::session::journal::Journal<Header>;
 
-#[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    #[error("the journal is {len} bytes, shorter than its fixed fields")]
-    TooShort { len: usize },
-    #[error("not a pagewise migration journal (magic {0:02x?})")]
-    BadMagic([u8; 8]),
-    #[error("the journal's {what} is {len} bytes, over the {max} allowed")]
-    TooLong {
-        what: &'static str,
-        len: u64,
-        max: u64,
-    },
-    #[error("the journal ends inside its {what}")]
-    Truncated { what: &'static str },
-    #[error("the journal's checksum is {stored:#010x}, its bytes sum to {computed:#010x}")]
-    Checksum { stored: u32, computed: u32 },
-    #[error("the journal has {0} bytes after its checksum")]
-    Trailing(usize),
-    #[error("the journal's header")]
-    Header(#[source] serde_json::Error),
-    #[error("the journal's session {0:?} is not 32 hex digits")]
-    Session(String),
-    #[error("the journal's page size {0} is not 4 KiB, 2 MiB or 1 GiB")]
-    PageSize(u32),
-    #[error("the journal describes {0} pages, over the {MAX_PAGES} allowed")]
-    TooManyPages(u64),
-    #[error("the journal's page map does not decompress")]
-    Map(#[source] lz4_flex::block::DecompressError),
-    #[error("the journal's page map of {len} bytes cannot hold {pages} pages")]
-    MapBlock { len: usize, pages: u64 },
-    #[error("the journal's page map says {got} pages, the header {pages}")]
-    MapSize { got: u64, pages: u64 },
-    #[error("the journal's page map holds {value} for page {page}, which names no place")]
-    BadWhere { page: u64, value: u8 },
-    #[error("the journal's mode {0:?} is not precopy, postcopy or agile")]
-    Mode(String),
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], JournalError> {
-    if bytes.len() < n {
-        return Err(JournalError::Truncated { what });
+impl Kind for Header {
+    const MAGIC: &'static [u8; 8] = MAGIC;
+    const SUFFIX: &'static str = ".journal";
+    fn common(&self) -> Common<'_> {
+        Common {
+            vm: &self.vm,
+            session: &self.session,
+            page_size: self.page_size,
+            pages: self.pages,
+            mode: &self.mode,
+        }
     }
-    let (head, rest) = bytes.split_at(n);
-    *bytes = rest;
-    Ok(head)
-}
-
-fn take_u32(bytes: &mut &[u8], what: &'static str) -> Result<u32, JournalError> {
-    let b = take(bytes, 4, what)?;
-    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-/// The 16 bytes of a session id written as 32 hex digits.
-pub fn session_hex(session: &[u8; 16]) -> String {
-    session.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn session_bytes(hex: &str) -> Option<[u8; 16]> {
-    if hex.len() != 32 || !hex.is_ascii() {
-        return None;
+    fn valid_entry(b: u8) -> bool {
+        Where::from_byte(b).is_some()
     }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 impl Journal {
-    /// The migration's session id.
-    pub fn session(&self) -> [u8; 16] {
-        // (`decode` checked it; a journal built in memory is the source's own.)
-        session_bytes(&self.header.session).unwrap_or_default()
-    }
-
-    pub fn mode(&self) -> Result<crate::migrate::message::Mode, JournalError> {
-        crate::migrate::session::engine::mode_of(&self.header.mode)
-            .ok_or_else(|| JournalError::Mode(self.header.mode.clone()))
-    }
-
     /// Where page `p` is (`Where::Zero` beyond the map).
     pub fn place(&self, p: u64) -> Where {
         usize::try_from(p)
@@ -197,190 +113,17 @@ impl Journal {
             .and_then(|b| Where::from_byte(*b))
             .unwrap_or(Where::Zero)
     }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&self.header).unwrap_or_default();
-        let map = lz4_flex::block::compress_prepend_size(&self.map);
-        let mut out = Vec::with_capacity(24 + header.len() + map.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&(map.len() as u32).to_le_bytes());
-        out.extend_from_slice(&map);
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
-    }
-
-    /// Parse and check a journal: every length is bounded before it is used.
-    pub fn decode(bytes: &[u8]) -> Result<Self, JournalError> {
-        if bytes.len() < MAGIC.len() + 12 {
-            return Err(JournalError::TooShort { len: bytes.len() });
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        let mut rest = body;
-        let magic = take(&mut rest, 8, "magic")?;
-        if magic != MAGIC {
-            let mut m = [0u8; 8];
-            m.copy_from_slice(magic);
-            return Err(JournalError::BadMagic(m));
-        }
-        let header_len = take_u32(&mut rest, "header length")?;
-        if header_len > MAX_HEADER {
-            return Err(JournalError::TooLong {
-                what: "header",
-                len: header_len.into(),
-                max: MAX_HEADER.into(),
-            });
-        }
-        let header = take(&mut rest, header_len as usize, "header")?;
-        let map_len = take_u32(&mut rest, "map length")?;
-        if map_len > MAX_MAP {
-            return Err(JournalError::TooLong {
-                what: "page map",
-                len: map_len.into(),
-                max: MAX_MAP.into(),
-            });
-        }
-        let map = take(&mut rest, map_len as usize, "page map")?;
-        if !rest.is_empty() {
-            // The last four bytes were taken as the checksum, so this is a length field
-            // that did not reach the end.
-            return Err(JournalError::Trailing(rest.len()));
-        }
-        let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-        let computed = crc32c::crc32c(body);
-        if stored != computed {
-            return Err(JournalError::Checksum { stored, computed });
-        }
-        let header: Header = serde_json::from_slice(header).map_err(JournalError::Header)?;
-        if session_bytes(&header.session).is_none() {
-            return Err(JournalError::Session(header.session));
-        }
-        if ![4096, 2 << 20, 1 << 30].contains(&header.page_size) {
-            return Err(JournalError::PageSize(header.page_size));
-        }
-        if header.pages > MAX_PAGES {
-            return Err(JournalError::TooManyPages(header.pages));
-        }
-        if map.len() < 4 {
-            return Err(JournalError::Truncated { what: "page map" });
-        }
-        let said = u64::from(u32::from_le_bytes([map[0], map[1], map[2], map[3]]));
-        if said != header.pages {
-            return Err(JournalError::MapSize {
-                got: said,
-                pages: header.pages,
-            });
-        }
-        // lz4 packs at most 255 bytes into one: a size beyond that is a lie, refused before
-        // it allocates.
-        if said > (map.len() as u64).saturating_mul(255) {
-            return Err(JournalError::MapBlock {
-                len: map.len(),
-                pages: said,
-            });
-        }
-        let map = lz4_flex::block::decompress_size_prepended(map).map_err(JournalError::Map)?;
-        if map.len() as u64 != header.pages {
-            return Err(JournalError::MapSize {
-                got: map.len() as u64,
-                pages: header.pages,
-            });
-        }
-        if let Some(i) = map.iter().position(|b| Where::from_byte(*b).is_none()) {
-            return Err(JournalError::BadWhere {
-                page: i as u64,
-                value: map[i],
-            });
-        }
-        let journal = Journal { header, map };
-        journal.mode()?;
-        Ok(journal)
-    }
 }
 
-/// Where the journals of this host's migrations live.
-pub fn dir_of(migrate_dir: &Path) -> PathBuf {
-    migrate_dir.join("journal")
-}
-
-/// The journal file of `vm` in `dir`: VM names that are not plain file names are spelled
-/// in hex.
-pub fn path_of(dir: &Path, vm: &str) -> PathBuf {
-    let plain = !vm.is_empty()
-        && !vm.starts_with('.')
-        && vm
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    let name = if plain {
-        vm.to_string()
-    } else {
-        format!(
-            "x-{}",
-            vm.bytes().map(|b| format!("{b:02x}")).collect::<String>()
-        )
-    };
-    dir.join(format!("{name}{SUFFIX}"))
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
-    let path = path.to_path_buf();
-    move |source| JournalError::Io { op, path, source }
-}
-
-/// Write `journal` to `dir` durably: a temporary file, synced, renamed over the old one,
-/// the directory synced.
-pub fn write(dir: &Path, journal: &Journal) -> Result<PathBuf, JournalError> {
-    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    let path = path_of(dir, &journal.header.vm);
-    let tmp = path.with_extension("journal.tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        f.write_all(&journal.encode())
-            .map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing", dir))?;
-    Ok(path)
-}
-
-/// Remove `vm`'s journal (gone already is fine).
+/// Remove `vm`'s source journal from `dir` (gone already is fine).
 pub fn remove(dir: &Path, vm: &str) -> Result<(), JournalError> {
-    let path = path_of(dir, vm);
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io("removing", &path)(e)),
-    }
+    crate::migrate::session::journal::remove::<Header>(dir, vm)
 }
 
-/// Every journal in `dir`, each read and checked (a damaged one is its error, with its path).
-pub fn scan(dir: &Path) -> Vec<(PathBuf, Result<Journal, JournalError>)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<_> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.to_str().is_some_and(|s| s.ends_with(SUFFIX)))
-        .map(|p| {
-            let read = std::fs::read(&p)
-                .map_err(io("reading", &p))
-                .and_then(|b| Journal::decode(&b));
-            (p, read)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+/// Every source journal in `dir`, each read and checked (a damaged one is its error, with
+/// its path).
+pub fn scan(dir: &Path) -> Vec<Found<Header>> {
+    crate::migrate::session::journal::scan(dir)
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ pub enum RestartError {
 }
 
 /// Clock ticks after boot at which process `pid` started (field 22 of /proc/PID/stat).
-pub(super) fn started_at(pid: i32) -> Option<u64> {
+pub(in crate::migrate::session) fn started_at(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold anything: count from the last.
     let rest = &stat[stat.rfind(')')? + 1..];

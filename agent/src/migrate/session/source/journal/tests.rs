@@ -118,7 +118,7 @@ fn checked_contents_are_refused_by_name() {
     let header = |h: &Header| serde_json::to_vec(h).unwrap();
     let e = Journal::decode(&with_header(&header(&good.header), &[0, 1, 2, 3, 4, 9]));
     assert!(
-        matches!(e, Err(JournalError::BadWhere { page: 5, value: 9 })),
+        matches!(e, Err(JournalError::BadEntry { page: 5, value: 9 })),
         "{e:?}"
     );
     let e = Journal::decode(&with_header(&header(&good.header), &[0, 1]));
