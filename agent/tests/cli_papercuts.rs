@@ -1,6 +1,7 @@
 //! Papercuts a new user hits, run against the real binary: size arguments take K/M/G
 //! suffixes (`swapdev create --size 512M`, `--page-size 2M`), and `serve` refuses to start
-//! with a named swap device it cannot open, naming the option and the device.
+//! with a named swap device it cannot open, naming the option and the device, or beside an
+//! incoming migration's journal without the migration engine.
 
 use std::process::Command;
 
@@ -80,6 +81,30 @@ fn serve_refuses_a_named_device_it_cannot_open() {
     );
     assert!(
         text.contains("--vm fc1") && text.contains("not a usable swap device"),
+        "{text}"
+    );
+}
+
+/// A destination daemon killed after a switchover left a journal: a daemon started without
+/// the migration engine (no `--psk-file`) would serve that VM's re-attach as an ordinary VM
+/// (the pages still on the source reading as zeros), so it refuses to start and says why.
+#[test]
+fn serve_without_the_migration_engine_refuses_an_incoming_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("pager.sock");
+    let journals = dir.path().join("journal");
+    std::fs::create_dir(&journals).unwrap();
+    std::fs::write(journals.join("vm1.incoming"), b"PWDJRNL1").unwrap();
+    let (ok, text) = pagewise(&[
+        "serve",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--swapdev-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!ok, "serve started beside an incoming journal: {text}");
+    assert!(
+        text.contains("vm1.incoming") && text.contains("--psk-file"),
         "{text}"
     );
 }

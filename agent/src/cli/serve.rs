@@ -132,6 +132,7 @@ fn start_migration(
     host_id: String,
 ) -> Result<Option<std::thread::JoinHandle<()>>> {
     let Some(psk_file) = &args.psk_file else {
+        refuse_journaled_without_engine(args)?;
         return Ok(None);
     };
     let psk = agent::migrate::auth::Psk::from_file(psk_file)
@@ -182,6 +183,27 @@ fn start_migration(
     };
     eprintln!("pagewise serve: migration endpoint on {addr}{tls}");
     Ok(Some(engine.listen(listener)))
+}
+
+/// A destination killed after a switchover left a journal: only the migration engine can
+/// take that VM's QEMU back (without it the re-attach would be served as an ordinary VM and
+/// the pages still on the source would read as zeros), so a daemon without it refuses to
+/// start.
+fn refuse_journaled_without_engine(args: &ServeArgs) -> Result<()> {
+    let Some(dir) = &args.swapdev_dir else {
+        return Ok(());
+    };
+    let dir = agent::migrate::session::journal::dir_of(dir);
+    let found = agent::migrate::session::incoming::journal::scan(&dir);
+    if let Some((path, _)) = found.first() {
+        bail!(
+            "{} holds the journal of an incoming migration past its switchover: start with \
+             --psk-file (and --migrate-listen) to go on with it; without the migration engine \
+             its QEMU's re-attach would read the pages still on the source as zeros",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Guest RAM of incoming VMs must be on tmpfs or hugetlbfs (userfaultfd serves those).
