@@ -8,24 +8,16 @@
 
 use agent::migrate::session::incoming::journal::Journal;
 use libfuzzer_sys::fuzz_target;
-use pagewise_fuzz::{peak_during, Counting};
+use pagewise_fuzz::{peak_during, resealed, Counting};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
 fuzz_target!(|input: &[u8]| {
-    let [ctl, data @ ..] = input else {
+    let Some(data) = resealed(input) else {
         return;
     };
-    let sealed: Vec<u8>;
-    let data = if ctl & 1 == 1 && data.len() >= 4 {
-        let body = data.len() - 4;
-        let crc = crc32c::crc32c(&data[..body]);
-        sealed = [&data[..body], &crc.to_le_bytes()[..]].concat();
-        &sealed[..]
-    } else {
-        data
-    };
+    let data = &data[..];
     let (decoded, peak) = peak_during(|| Journal::decode(data));
     assert!(
         peak <= 300 * data.len() + 65536,

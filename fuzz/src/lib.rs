@@ -9,6 +9,21 @@ use std::io::{Read, Write};
 
 pub mod attach;
 
+/// What a journal target decodes: the input's first byte chooses whether the rest is taken
+/// as it is (odd: no) or with its last four bytes replaced by the crc32c of the bytes before
+/// them, so the fuzzer reaches what the checksum guards. None for an empty input.
+pub fn resealed(input: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let [ctl, data @ ..] = input else {
+        return None;
+    };
+    if ctl & 1 == 1 && data.len() >= 4 {
+        let body = data.len() - 4;
+        let crc = crc32c::crc32c(&data[..body]);
+        return Some([&data[..body], &crc.to_le_bytes()[..]].concat().into());
+    }
+    Some(data.into())
+}
+
 /// The system allocator, counting the bytes the current thread holds while a
 /// [`peak_during`] measures it. Install it in a target with
 /// `#[global_allocator] static A: pagewise_fuzz::Counting = pagewise_fuzz::Counting;`.

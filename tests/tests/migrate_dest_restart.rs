@@ -12,18 +12,15 @@ mod migration_lab;
 mod qemu_lab;
 mod twohost;
 
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use migration_lab::{dest_path, migration_status, wait_status, MigrationLab};
+use migration_lab::pushing::pushing;
+use migration_lab::{dest_path, migration_status, wait_status};
 use qemu_lab::assert_memverify_passed;
 
 /// One lab at a time: two TCG guests on two cores would starve the timing these rely on.
 static ONE_LAB: Mutex<()> = Mutex::new(());
-
-const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mibs=4 \
-                     memverify.verify_secs=4 memverify.duration_secs=150";
 
 #[test]
 fn a_destination_daemon_restarted_after_the_switchover_finishes_the_migration() {
@@ -41,27 +38,9 @@ fn a_destination_daemon_restarted_after_an_agile_switchover_finishes_the_migrati
 /// once `pushed` pages were pushed, start it again.
 fn restart_mid_push(prefix: &str, mode: &str, pushed: u64) {
     let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut lab, guest) =
-        MigrationLab::with_verifying_guest(prefix, "20mbit", mode, 256, GUEST, "64M");
-    if mode != "agile" {
-        eprintln!("evicted before the migration: {}", lab.evict("vm1", "64M"));
-    }
-    let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
-    let mut migrate = lab
-        .migrate_command(&to, "vm1", mode, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pagewise migrate");
+    let (mut lab, guest, mut migrate, _) = pushing(prefix, mode, pushed);
     let (src, dst) = (lab.src.socket.clone(), lab.dst.socket.clone());
     let journal = lab.dst.dir.join("journal").join("vm1.incoming");
-    wait_status(
-        &src,
-        "pushing",
-        Duration::from_secs(120),
-        || lab.logs(),
-        |s| s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > pushed,
-    );
     let before = migration_status(&dst, "vm1");
     assert_eq!(before["status"], "postcopy-active", "{before}");
     let qemu_pid = before["dest_qemu_pid"].as_u64().expect("dest_qemu_pid");

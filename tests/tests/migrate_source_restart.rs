@@ -17,14 +17,12 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use migration_lab::pushing::{pushing, GUEST};
 use migration_lab::{dest_path, migration_status, wait_status, MigrationLab};
 use qemu_lab::assert_memverify_passed;
 
 /// One lab at a time: two TCG guests on two cores would starve the timing these rely on.
 static ONE_LAB: Mutex<()> = Mutex::new(());
-
-const GUEST: &str = "memverify.mib=96 memverify.hot_mib=16 memverify.hot_rate_mibs=4 \
-                     memverify.verify_secs=4 memverify.duration_secs=150";
 
 #[test]
 fn a_source_daemon_restarted_after_the_switchover_finishes_the_migration() {
@@ -42,27 +40,9 @@ fn a_source_daemon_restarted_after_an_agile_switchover_finishes_the_migration() 
 /// source daemon once `pushed` pages were pushed, start it again.
 fn restart_mid_push(prefix: &str, mode: &str, pushed: u64) {
     let _one = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut lab, mut guest) =
-        MigrationLab::with_verifying_guest(prefix, "20mbit", mode, 256, GUEST, "64M");
-    if mode != "agile" {
-        eprintln!("evicted before the migration: {}", lab.evict("vm1", "64M"));
-    }
-    let to = format!("{}:{}", migration_lab::DST_IP, migration_lab::PORT);
-    let mut migrate = lab
-        .migrate_command(&to, "vm1", mode, &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pagewise migrate");
+    let (mut lab, mut guest, mut migrate, pushing) = pushing(prefix, mode, pushed);
     let (src, dst) = (lab.src.socket.clone(), lab.dst.socket.clone());
     let journal = lab.src.dir.join("journal").join("vm1.journal");
-    let pushing = wait_status(
-        &src,
-        "pushing",
-        Duration::from_secs(120),
-        || lab.logs(),
-        |s| s["status"] == "postcopy-active" && s["pages_pushed"].as_u64().unwrap_or(0) > pushed,
-    );
     assert!(journal.exists(), "no journal at {}", journal.display());
     let census = pushing["census"].clone();
     assert!(

@@ -375,7 +375,20 @@ impl Scratch {
             std::thread::sleep(Duration::from_millis(20));
         }
         if args.iter().any(|a| a == "--metrics-addr") {
-            let body = get_metrics(port).map_err(|e| failed(&format!("/metrics: {e}")))?;
+            // The endpoint is bound after the socket (a loaded machine showed the gap): a
+            // refused connection is tried again until the deadline.
+            let body = loop {
+                match get_metrics(port) {
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused
+                            && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    other => break other,
+                }
+            }
+            .map_err(|e| failed(&format!("/metrics: {e}")))?;
             if !(body.contains("application/openmetrics-text") && body.ends_with("# EOF\n")) {
                 return Err(failed(&format!("/metrics answered {body:?}")));
             }

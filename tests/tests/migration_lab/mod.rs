@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod pki;
+pub mod pushing;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
