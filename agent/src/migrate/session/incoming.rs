@@ -534,6 +534,8 @@ impl Incoming {
         for f in self.made.drain(..) {
             let _ = std::fs::remove_file(f);
         }
+        // Written right before `Ready`: a failure after it leaves nothing to go on with.
+        self.remove_journal();
         if self.acquired {
             // The shared device came to this host for a VM that is not here after all: hand
             // it back (unowned; this host wrote nothing to it) and forget it.
