@@ -31,17 +31,6 @@ pub enum Mode {
     Agile = 2,
 }
 
-impl Mode {
-    /// The name `pagewise migrate --mode` takes (and the JSON one).
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Precopy => "precopy",
-            Mode::Postcopy => "postcopy",
-            Mode::Agile => "agile",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub min_version: u16,

@@ -4,6 +4,10 @@
 
 pub mod pki;
 pub mod pushing;
+mod status;
+
+#[allow(unused_imports)] // each test file uses a different subset
+pub use status::{migration_status, wait_status};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -555,49 +559,5 @@ pub fn wait_done(serial: &Path, limit: Duration, logs: impl Fn() -> String) -> S
             logs()
         );
         std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// `vm`'s migration status from the daemon whose socket is `socket` (Null if it has none).
-pub fn migration_status(socket: &Path, vm: &str) -> serde_json::Value {
-    let Ok(mut client) =
-        pager::server::ControlClient::connect(&pager::conventions::default_stats_socket(socket))
-    else {
-        return serde_json::Value::Null;
-    };
-    match client.call(&pager::server::protocol::Request::MigrateStatus { vm: vm.into() }) {
-        Ok(pager::server::protocol::Response::Migration(v)) => v,
-        _ => serde_json::Value::Null,
-    }
-}
-
-/// Poll VM vm1's migration status on `socket` until `done` says so (its last status), or
-/// panic after `limit` naming `what` (with `logs`).
-pub fn wait_status(
-    socket: &Path,
-    what: &str,
-    limit: Duration,
-    logs: impl Fn() -> String,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = std::time::Instant::now();
-    loop {
-        let s = migration_status(socket, "vm1");
-        if done(&s) {
-            eprintln!(
-                "{what} after {:.1}s: status {} link_cuts {} recoveries {}",
-                start.elapsed().as_secs_f64(),
-                s["status"],
-                s["link_cuts"],
-                s["recoveries"]
-            );
-            return s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "not {what} within {limit:?}: {s}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }

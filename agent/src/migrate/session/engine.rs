@@ -189,6 +189,17 @@ pub struct Engine {
     handed_over: Mutex<HashMap<String, (String, super::pages::SharedDevice)>>,
 }
 
+impl Mode {
+    /// The name `pagewise migrate --mode` takes (and the JSON one); [`mode_of`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Agile => "agile",
+        }
+    }
+}
+
 pub(super) fn mode_of(name: &str) -> Option<Mode> {
     match name {
         "precopy" => Some(Mode::Precopy),
