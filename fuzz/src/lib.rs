@@ -24,6 +24,28 @@ pub fn resealed(input: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     Some(data.into())
 }
 
+/// What both journal targets check: the [`resealed`] input decodes with a heap of at most
+/// 300 x its size + 64 KiB (a declared size beyond what lz4 could pack into the bytes given
+/// is refused before it allocates), and a journal it accepts encodes and decodes back to
+/// itself. Returns the accepted journal. Needs [`Counting`] as the target's allocator.
+pub fn journal_round_trip<J: PartialEq + std::fmt::Debug, E: std::fmt::Debug>(
+    input: &[u8],
+    decode: impl Fn(&[u8]) -> Result<J, E>,
+    encode: impl Fn(&J) -> Vec<u8>,
+) -> Option<J> {
+    let data = resealed(input)?;
+    let (decoded, peak) = peak_during(|| decode(&data));
+    assert!(
+        peak <= 300 * data.len() + 65536,
+        "{peak} bytes held for {} bytes",
+        data.len()
+    );
+    let journal = decoded.ok()?;
+    let again = decode(&encode(&journal)).expect("an encoded journal decodes");
+    assert_eq!(again, journal);
+    Some(journal)
+}
+
 /// The system allocator, counting the bytes the current thread holds while a
 /// [`peak_during`] measures it. Install it in a target with
 /// `#[global_allocator] static A: pagewise_fuzz::Counting = pagewise_fuzz::Counting;`.

@@ -177,6 +177,25 @@ struct ShmemGuest {
 }
 
 impl ShmemGuest {
+    /// The pagewise handshake for this guest as VM `vm`, with its memory file.
+    fn request(&self, vm: &str, reattach: bool) -> AttachRequest {
+        AttachRequest {
+            vm: vm.into(),
+            regions: vec![GuestRegionUffdMapping {
+                base_host_virt_addr: self.map.as_ptr() as u64,
+                size: PAGES * PAGE,
+                offset: 0,
+                page_size: PAGE,
+                page_size_kib: 0,
+            }],
+            memory_file: true,
+            uffd_features: 0,
+            modes: vec!["missing".into(), "wp".into()],
+            reattach,
+            served_by: None,
+        }
+    }
+
     fn new() -> Self {
         let fd = nix::sys::memfd::memfd_create(c"guest", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .unwrap();
@@ -220,21 +239,7 @@ fn shmem_guest_with_memory_file_served_while_bad_clients_are_refused() {
     .unwrap();
 
     let guest = ShmemGuest::new();
-    let req = AttachRequest {
-        vm: "shm".into(),
-        regions: vec![GuestRegionUffdMapping {
-            base_host_virt_addr: guest.map.as_ptr() as u64,
-            size: PAGES * PAGE,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }],
-        memory_file: true,
-        uffd_features: 0,
-        modes: vec!["missing".into(), "wp".into()],
-        reattach: false,
-        served_by: None,
-    };
+    let req = guest.request("shm", false);
     let conn = UnixStream::connect(&sock).unwrap();
     let started = Instant::now();
     send_request(
@@ -358,26 +363,11 @@ fn a_vm_prepared_for_reattach_is_taken_only_by_a_reattach_with_its_routes() {
     let guest = ShmemGuest::new();
     // What the gone pager placed: page 9 (not on the device) is in the memory file.
     nix::sys::uio::pwrite(&guest.file, &[0x77; PAGE], (9 * PAGE) as i64).unwrap();
-    let request = |reattach| AttachRequest {
-        vm: "shm".into(),
-        regions: vec![GuestRegionUffdMapping {
-            base_host_virt_addr: guest.map.as_ptr() as u64,
-            size: PAGES * PAGE,
-            offset: 0,
-            page_size: PAGE,
-            page_size_kib: 0,
-        }],
-        memory_file: true,
-        uffd_features: 0,
-        modes: vec!["missing".into(), "wp".into()],
-        reattach,
-        served_by: None,
-    };
     let attach = |reattach| {
         let conn = UnixStream::connect(&sock).unwrap();
         send_request(
             &conn,
-            &request(reattach),
+            &guest.request("shm", reattach),
             guest.uffd.as_raw_fd(),
             Some(guest.file.as_raw_fd()),
         )
