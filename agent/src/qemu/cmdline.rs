@@ -266,9 +266,27 @@ pub fn of_process(pid: i32) -> std::io::Result<Vec<String>> {
         .collect())
 }
 
+/// Clock ticks after boot at which process `pid` started (field 22 of /proc/PID/stat): with
+/// the pid, it names one process (a pid is reused, a start time with it is not).
+pub fn started_at(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything: count from the last.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_start_time_is_read_and_a_gone_process_has_none() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let start = started_at(me).expect("this process's start time");
+        assert_eq!(started_at(me), Some(start), "stable");
+        assert!(started_at(1).is_some_and(|init| init <= start));
+        assert_eq!(started_at(i32::MAX), None);
+    }
 
     fn argv(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_string).collect()

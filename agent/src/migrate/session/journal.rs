@@ -311,6 +311,15 @@ pub fn remove<H: Kind>(dir: &Path, vm: &str) -> Result<(), JournalError> {
     }
 }
 
+/// Remove `vm`'s journal of kind `H` from the journal directory of `swapdev_dir`, logging a
+/// failure (the migration it described is over either way).
+pub fn remove_logged<H: Kind>(swapdev_dir: &Path, vm: &str) {
+    if let Err(e) = remove::<H>(&dir_of(swapdev_dir), vm) {
+        tracing::warn!(vm, journal = H::SUFFIX, error = %pager::error_chain(&e),
+            "removing the migration journal");
+    }
+}
+
 /// A journal file in `dir` read and checked (a damaged one is its error).
 pub type Found<H> = (PathBuf, Result<Journal<H>, JournalError>);
 

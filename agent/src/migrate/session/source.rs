@@ -39,7 +39,7 @@ mod push;
 mod restarted;
 mod resume;
 
-pub(super) use restarted::{resume_journaled, started_at};
+pub(super) use restarted::resume_journaled;
 
 /// Longest wait for the destination's answer to `Switchover`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -28,12 +28,12 @@ use pager::server::Daemon;
 
 use super::journal::{self, Journal};
 use super::{Incoming, IncomingError};
-use crate::migrate::message::Setup;
+use crate::migrate::message::{Mode, Setup};
 use crate::migrate::qmp::Qmp;
 use crate::migrate::session::engine::{Engine, Job, StartError};
 use crate::migrate::session::journal::{dir_of, session_hex};
-use crate::migrate::session::source::started_at;
 use crate::migrate::session::status::{Phase, Role};
+use crate::qemu::cmdline::started_at;
 
 /// How long a restarted destination waits for its QEMU to attach again (the attach library
 /// tries every 200 ms for `PAGEWISE_PAGER_WAIT_SECS`, 60 s unless set).
@@ -143,7 +143,7 @@ fn restart(engine: &Arc<Engine>, daemon: &Arc<Daemon>, j: Journal) -> Result<(),
     let (e, d, jb) = (engine.clone(), daemon.clone(), job.clone());
     let spawned = std::thread::Builder::new()
         .name(format!("migrate-in-{vm}-restarted"))
-        .spawn(move || run(&e, &d, j, &jb));
+        .spawn(move || run(&e, &d, j, mode, &jb));
     if let Err(e) = spawned {
         daemon.unprepare(&vm);
         job.finish(Phase::Failed, Some(format!("spawning its thread: {e}")));
@@ -152,11 +152,11 @@ fn restart(engine: &Arc<Engine>, daemon: &Arc<Daemon>, j: Journal) -> Result<(),
     Ok(())
 }
 
-/// The rest of the migration; the journal goes once it is over.
-fn run(engine: &Arc<Engine>, daemon: &Arc<Daemon>, j: Journal, job: &Arc<Job>) {
+/// The rest of the migration; the journal goes once it is over, either way.
+fn run(engine: &Arc<Engine>, daemon: &Arc<Daemon>, j: Journal, mode: Mode, job: &Arc<Job>) {
     let vm = j.header.vm.clone();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        go_on(engine, daemon, &j, job)
+        go_on(engine, daemon, &j, mode, job)
     }));
     let error = match outcome {
         Ok(Ok(())) => None,
@@ -181,15 +181,17 @@ fn run(engine: &Arc<Engine>, daemon: &Arc<Daemon>, j: Journal, job: &Arc<Job>) {
                 daemon.unprepare(&vm);
             }
             job.finish(Phase::Failed, Some(text));
+            // (A completed migration removed it in `complete`.)
+            remove_journal_of(engine, &vm);
         }
     }
-    remove_journal_of(engine, &vm);
 }
 
 fn go_on(
     engine: &Arc<Engine>,
     daemon: &Arc<Daemon>,
     j: &Journal,
+    mode: Mode,
     job: &Arc<Job>,
 ) -> Result<(), RestartError> {
     let h = &j.header;
@@ -216,7 +218,6 @@ fn go_on(
             path: h.memory_file.display().to_string(),
             source,
         })?;
-    let mode = j.mode().map_err(RestartError::Journal)?;
     let setup = Setup {
         vm: h.vm.clone(),
         mode,
@@ -295,7 +296,8 @@ impl Incoming {
 }
 
 fn remove_journal_of(engine: &Engine, vm: &str) {
-    if let Err(e) = journal::remove(&dir_of(&engine.config.swapdev_dir), vm) {
-        tracing::warn!(vm, error = %pager::error_chain(&e), "removing the incoming migration's journal");
-    }
+    crate::migrate::session::journal::remove_logged::<journal::Header>(
+        &engine.config.swapdev_dir,
+        vm,
+    );
 }

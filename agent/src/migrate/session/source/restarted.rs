@@ -27,6 +27,7 @@ use crate::migrate::qmp::Qmp;
 use crate::migrate::session::engine::{Engine, Job};
 use crate::migrate::session::pages::{PushSource, SourcePages};
 use crate::migrate::session::status::{Phase, Role};
+use crate::qemu::cmdline::started_at;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestartError {
@@ -76,14 +77,6 @@ pub enum RestartError {
     DestinationNotRunning { report: String },
     #[error("the push")]
     Source(#[from] SourceError),
-}
-
-/// Clock ticks after boot at which process `pid` started (field 22 of /proc/PID/stat).
-pub(in crate::migrate::session) fn started_at(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold anything: count from the last.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Whether the guest left this host: a source QEMU that still lives says so itself (its
@@ -440,26 +433,15 @@ impl SourceRun {
     }
 }
 
-/// Remove `vm`'s journal from this host's `swapdev_dir` (a failure is logged: a journal
-/// left behind is refused by the destination when a restart tries it).
+/// Remove `vm`'s source journal from this host's `swapdev_dir` (a failure is logged: a
+/// journal left behind is refused by the destination when a restart tries it).
 fn remove_journal_of(swapdev_dir: &Path, vm: &str) {
-    if let Err(e) = journal::remove(&journal::dir_of(swapdev_dir), vm) {
-        tracing::warn!(vm, error = %pager::error_chain(&e), "removing the migration journal");
-    }
+    crate::migrate::session::journal::remove_logged::<journal::Header>(swapdev_dir, vm);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_process_start_time_is_read_and_a_gone_process_has_none() {
-        let me = i32::try_from(std::process::id()).unwrap();
-        let start = started_at(me).expect("this process's start time");
-        assert_eq!(started_at(me), Some(start), "stable");
-        assert!(started_at(1).is_some_and(|init| init <= start));
-        assert_eq!(started_at(i32::MAX), None);
-    }
 
     #[test]
     fn a_journal_without_a_live_qemu_leaves_the_choice_to_the_destination() {
